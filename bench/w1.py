@@ -1,0 +1,196 @@
+"""W1 — performance statistics, as ../shared/BENCHMARKS.md defines it.
+
+Usage::
+
+    python -m bench.w1 --people 200000 [--runs 3] [--data DIR] [--seed 1]
+
+Generates (or reuses) the demo dataset, then for each of several runs times the four
+W1 queries through the engine (total epsilon = 1 per person) and the same four
+aggregations in plain Polars without privacy, and prints per-query and total median
+times, the DP / plain ratio, peak memory, and errors against the true (unbounded)
+answers split into bias (contribution bounding and clipping) and noise. It runs two
+settings: civicdp's own contribution bounds ("tuned") and the anchors' fixed 10 rows
+per person ("fixed-10").
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from queries.backend import AggregateRequest
+from queries.context import CELL
+from queries.engine import Engine, LocalDataset, Plan
+from queries.kinds.base import aligned, cell_positions
+
+WAIT_GRID = {"start": 0, "stop": 240, "step": 0.05}
+
+SETTINGS = {
+    # Q1 and Q4 choose their bound privately (10% of their loss); the mean and the quantiles
+    # use fixed public bounds chosen on synthetic data of another seed, not on this data.
+    "tuned": {
+        "Q1": {"aggregate": "count", "group_by": ["service_id"], "epsilon": 0.4, "contributions": "auto"},
+        "Q2": {"aggregate": "mean", "column": "duration_hours", "bounds": [0, 720],
+               "group_by": ["department"], "epsilon": 0.35, "contributions": 10},
+        "Q3": {"aggregate": "quantiles", "column": "waiting_minutes", "quantiles": [0.5, 0.9],
+               "candidates": WAIT_GRID, "group_by": ["channel"], "epsilon": 0.1, "contributions": 3},
+        "Q4": {"aggregate": "count", "group_by": ["channel", "request_time:hour"], "epsilon": 0.15,
+               "contributions": "auto"},
+    },
+    "fixed-10": {
+        "Q1": {"aggregate": "count", "group_by": ["service_id"], "epsilon": 0.25, "contributions": 10},
+        "Q2": {"aggregate": "mean", "column": "duration_hours", "bounds": [0, 720],
+               "group_by": ["department"], "epsilon": 0.25, "contributions": 10},
+        "Q3": {"aggregate": "quantiles", "column": "waiting_minutes", "quantiles": [0.5, 0.9],
+               "candidates": WAIT_GRID, "group_by": ["channel"], "epsilon": 0.25, "contributions": 10},
+        "Q4": {"aggregate": "count", "group_by": ["channel", "request_time:hour"], "epsilon": 0.25,
+               "contributions": 10},
+    },
+}
+
+
+def plain_polars(events: Path) -> dict[str, pl.DataFrame]:
+    """The four aggregations without privacy (the reference, and the true answers)."""
+    frame = pl.scan_parquet(events)
+    return {
+        "Q1": frame.group_by("service_id").len().collect(),
+        "Q2": frame.group_by("department").agg(pl.col("duration_hours").clip(0, 720).mean()).collect(),
+        "Q3": frame.filter(pl.col("waiting_minutes").is_not_null()).group_by("channel").agg(
+            pl.col("waiting_minutes").quantile(0.5, "nearest").alias("q0.5"),
+            pl.col("waiting_minutes").quantile(0.9, "nearest").alias("q0.9")).collect(),
+        "Q4": frame.group_by("channel", pl.col("request_time").dt.hour().cast(pl.Int64).alias("h")).len().collect(),
+    }
+
+
+def _truth(name: str, plain: pl.DataFrame) -> dict:
+    if name == "Q1":
+        return dict(zip(plain["service_id"], plain["len"]))
+    if name == "Q2":
+        return dict(zip(plain["department"], plain["duration_hours"]))
+    if name == "Q3":
+        return {(c, q): v for c, a, b in plain.iter_rows() for q, v in ((0.5, a), (0.9, b))}
+    return {(c, h): n for c, h, n in plain.iter_rows()}
+
+
+def _released(name: str, table: pl.DataFrame) -> dict:
+    if name == "Q3":
+        return {(c, q): v for c, q, v in table.select("channel", "quantile", "value").iter_rows()}
+    if name == "Q4":
+        return {(c, h): v for c, h, v in table.select("channel", "request_time:hour", "value").iter_rows()}
+    key = table.columns[0]
+    return dict(zip(table[key], table["value"]))
+
+
+def _bounded(engine: Engine, plan: Plan, name: str, contributions: int) -> dict:
+    """The exact answer on bounded data: what the noise is centred on."""
+    ctx = plan.context
+    request = AggregateRequest(ctx.dataset_dir, ctx.metadata, ctx.spec.table, contributions,
+                               ctx.filters, ctx.group_by, plan.kind.measure(ctx))
+    exact = engine.backend.aggregate(request)
+    if name == "Q3":
+        grid = np.asarray(plan.kind.grid(ctx))
+        pos = cell_positions(ctx, exact, 2 * len(grid) + 1)
+        out = {}
+        for cell, channel in enumerate(ctx.cells["channel"]):
+            cum = np.cumsum(pos[cell])
+            if cum[-1] == 0:
+                continue
+            for q in (0.5, 0.9):
+                index = int(np.searchsorted(cum, q * cum[-1]))
+                out[(channel, q)] = float(grid[min(index // 2, len(grid) - 1)])
+        return out
+    frame = aligned(ctx, exact, ["rows", "total"] if name == "Q2" else ["rows"])
+    keys = [g.name for g in ctx.group_by]
+    if name == "Q2":
+        measure = plan.kind.measure(ctx)
+        values = measure.offset + frame["total"].to_numpy() * measure.resolution / frame["rows"].to_numpy()
+        return dict(zip(frame[keys[0]], values))
+    if name == "Q4":
+        return {(c, h): n for c, h, n in frame.select(*keys, "rows").iter_rows()}
+    return dict(zip(frame[keys[0]], frame["rows"]))
+
+
+def errors(name: str, truth: dict, bounded: dict, released: dict) -> tuple[float, float, float]:
+    """(total, bias, noise): median relative errors for counts and means, MAE (minutes) for Q3."""
+    keys = [k for k in truth if k in released and released[k] is not None and (name != "Q3" or k in bounded)]
+    t = np.array([truth[k] for k in keys], dtype=float)
+    b = np.array([bounded.get(k, 0) for k in keys], dtype=float)
+    r = np.array([released[k] for k in keys], dtype=float)
+    if name == "Q3":
+        return float(np.mean(abs(r - t))), float(np.mean(abs(b - t))), float(np.mean(abs(r - b)))
+    safe = np.where(t == 0, 1, t)
+    return (float(np.median(abs(r - t) / safe)), float(np.median(abs(b - t) / safe)),
+            float(np.median(abs(r - b) / safe)))
+
+
+def run(data: Path, runs: int) -> None:
+    engine = Engine()
+    dataset = LocalDataset(data, engine)
+    events = data / dataset.metadata.tables["events"].path
+    started = time.perf_counter()
+    engine.backend.scan(data, dataset.metadata, "events")  # one-off ranking, cached beside the data
+    print(f"prepare (per-person ranking, once per table): {time.perf_counter() - started:.2f} s")
+    plain_times: list[float] = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        plain = plain_polars(events)
+        plain_times.append(time.perf_counter() - t)
+    plain_median = statistics.median(plain_times)
+    print(f"plain Polars, four aggregations: median {plain_median:.3f} s over {runs} runs")
+    for setting, specs in SETTINGS.items():
+        per_query: dict[str, list[float]] = {q: [] for q in specs}
+        totals, errs = [], {q: [] for q in specs}
+        chosen: dict[str, list[int]] = {q: [] for q in specs}
+        for _ in range(runs):
+            total = 0.0
+            for name, spec in specs.items():
+                t = time.perf_counter()
+                result = dataset.run(spec)
+                elapsed = time.perf_counter() - t
+                per_query[name].append(elapsed)
+                total += elapsed
+                chosen[name].append(result.contributions)
+                plan = engine.plan(spec, dataset.metadata, data)
+                errs[name].append(errors(name, _truth(name, plain[name]),
+                                         _bounded(engine, plan, name, result.contributions),
+                                         _released(name, result.table)))
+            totals.append(total)
+        eps = sum(s["epsilon"] for s in specs.values())
+        print(f"\n[{setting}] total epsilon = {eps:g}")
+        for name in specs:
+            e = np.median(np.array(errs[name]), axis=0)
+            unit = "min (MAE)" if name == "Q3" else "(median relative)"
+            print(f"  {name}: median {statistics.median(per_query[name]):.3f} s; bound L={chosen[name]}; "
+                  f"error {e[0]:.4f} {unit} = bias {e[1]:.4f} + noise {e[2]:.4f}")
+        dp_median = statistics.median(totals)
+        print(f"  all four: median {dp_median:.3f} s; plain {plain_median:.3f} s; "
+              f"ratio DP/plain = {dp_median / plain_median:.2f}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\npeak memory (RSS): {peak:.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--people", type=int, default=200_000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: bench/out/w1-PEOPLE)")
+    args = parser.parse_args()
+    data = args.data or Path("bench/out") / f"w1-{args.people}-{args.seed}"
+    if not (data / "metadata.json").exists():
+        from server.demo_data import generate  # the benchmark may use server; the engine does not
+
+        t = time.perf_counter()
+        summary = generate(args.people, data, seed=args.seed)
+        print(f"generated {summary.events:,} events for {args.people:,} people in {time.perf_counter() - t:.1f} s")
+    run(data, args.runs)
+
+
+if __name__ == "__main__":
+    main()

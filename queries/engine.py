@@ -1,0 +1,173 @@
+"""The engine: plan a spec (cost and accuracy, no data), then run it privately.
+
+Request flow inside the engine: validate the spec against the metadata → calibrate
+the kind's OpenDP mechanisms (the loss comes from their privacy maps) → if the
+contribution bound is "auto", choose it privately with part of the loss → ask the
+backend for exact bounded aggregates → add noise and attach intervals. ``plan`` and
+``estimate`` never read the data. Charging a budget is the caller's job (the server
+charges in the same transaction as the audit entry, before the answer leaves); the
+``before_release`` hook lets it run after the cost is fixed and before any noise is
+drawn or data read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import polars as pl
+
+from privacy.bounding import BOUND_SCORE_SENSITIVITY, bound_scores
+from privacy.loss import PrivacyLoss
+from privacy.mechanisms import NoisyMin
+from queries.backend import AggregateRequest, Backend
+from queries.context import EngineLimits, QueryContext, resolve
+from queries.errors import QueryError
+from queries.kinds import KINDS, Calibration, Kind
+from queries.metadata import DatasetMetadata, load_metadata
+from queries.polars_backend import PolarsBackend
+from queries.spec import QuerySpec, parse_spec
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated query with its mechanisms and exact cost, made without reading data."""
+
+    context: QueryContext
+    kind: Kind
+    calibration: Calibration  # for the fixed bound, or the reference bound when "auto"
+    selector: NoisyMin | None  # private choice of the bound, when "auto"
+    main_epsilon: float | None
+
+    @property
+    def loss(self) -> PrivacyLoss:
+        total = self.calibration.loss
+        return total + self.selector.loss if self.selector else total
+
+    @property
+    def spec(self) -> QuerySpec:
+        return self.context.spec
+
+
+@dataclass
+class Result:
+    """A private answer: one row per cell with value and interval, and what it cost."""
+
+    table: pl.DataFrame
+    loss: PrivacyLoss
+    contributions: int
+    confidence: float
+    mechanisms: list[dict[str, Any]]
+    spec: QuerySpec
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_pandas(self):  # noqa: ANN201 - pandas is optional at type level
+        frame = self.table.to_pandas()
+        frame.attrs.update({"epsilon": float(self.loss.epsilon), "delta": float(self.loss.delta),
+                            "contributions": self.contributions, "confidence": self.confidence})
+        return frame
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Cost and predicted accuracy of a spec, computed without touching data."""
+
+    loss: PrivacyLoss
+    contributions: int | str
+    confidence: float
+    mechanisms: list[dict[str, Any]]
+    accuracy: dict[str, Any]
+    notes: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.as_dict(), "contributions": self.contributions,
+                "confidence": self.confidence, "mechanisms": self.mechanisms,
+                "accuracy": self.accuracy, "notes": self.notes}
+
+
+class Engine:
+    """Plans and runs private queries over one backend."""
+
+    def __init__(self, backend: Backend | None = None, limits: EngineLimits | None = None) -> None:
+        self.backend = backend or PolarsBackend()
+        self.limits = limits or EngineLimits()
+
+    def plan(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path) -> Plan:
+        spec = parse_spec(spec)
+        ctx = resolve(spec, metadata, dataset_dir, self.limits)
+        kind = KINDS.get(spec.aggregate)
+        if kind is None:
+            raise QueryError("aggregate", f"unknown aggregate '{spec.aggregate}'", f"Use one of {sorted(KINDS)}")
+        kind.check(ctx)
+        selector, main_epsilon = None, spec.epsilon
+        contributions = ctx.contributions
+        if contributions is None:  # "auto": part of the loss chooses L privately
+            auto_epsilon = spec.epsilon * self.limits.auto_fraction  # type: ignore[operator]
+            main_epsilon = spec.epsilon - auto_epsilon  # type: ignore[operator]
+            selector = NoisyMin.for_epsilon(BOUND_SCORE_SENSITIVITY, auto_epsilon)
+            contributions = metadata.max_contributions  # reference for estimates only
+        calibration = kind.calibrate(ctx, contributions, main_epsilon)
+        return Plan(ctx, kind, calibration, selector, main_epsilon)
+
+    def estimate(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path) -> Estimate:
+        plan = self.plan(spec, metadata, dataset_dir)
+        notes = []
+        mechanisms = plan.calibration.describe()
+        if plan.selector is not None:
+            notes.append("contributions are chosen privately at run time; the accuracy shown is for "
+                         f"the dataset's default bound of {plan.calibration.contributions} rows per person")
+            mechanisms.append({"role": "contribution bound", "mechanism": plan.selector.name,
+                               "scale": plan.selector.scale, "sensitivity": plan.selector.sensitivity,
+                               "epsilon": float(plan.selector.loss.epsilon)})
+        return Estimate(plan.loss, "auto" if plan.selector else plan.calibration.contributions,
+                        plan.spec.confidence, mechanisms, plan.kind.predicted(plan.context, plan.calibration),
+                        notes)
+
+    def run(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path,
+            before_release: Callable[[Plan], None] | None = None) -> Result:
+        started = time.perf_counter()
+        plan = self.plan(spec, metadata, dataset_dir)
+        if before_release is not None:
+            before_release(plan)  # e.g. charge the budget; raising stops here, before any noise
+        ctx, calibration, notes = plan.context, plan.calibration, []
+        mechanisms = calibration.describe()
+        if plan.selector is not None:
+            bound = self._choose_bound(plan)
+            calibration = plan.kind.calibrate(ctx, bound, plan.main_epsilon)
+            mechanisms = calibration.describe() + [{
+                "role": "contribution bound", "mechanism": plan.selector.name,
+                "scale": plan.selector.scale, "sensitivity": plan.selector.sensitivity,
+                "epsilon": float(plan.selector.loss.epsilon), "chosen": bound}]
+            notes.append(f"contribution bound chosen privately: {bound} rows per person")
+        request = AggregateRequest(ctx.dataset_dir, ctx.metadata, ctx.spec.table, calibration.contributions,
+                                   ctx.filters, ctx.group_by, plan.kind.measure(ctx))
+        exact = self.backend.aggregate(request)
+        table = plan.kind.release(ctx, calibration, exact)
+        return Result(table, plan.loss, calibration.contributions, ctx.spec.confidence, mechanisms,
+                      ctx.spec, notes, time.perf_counter() - started)
+
+    def _choose_bound(self, plan: Plan) -> int:
+        ctx = plan.context
+        limit = ctx.metadata.max_contributions_limit
+        profile = self.backend.contribution_profile(ctx.dataset_dir, ctx.metadata, ctx.spec.table, limit + 1)
+        # About n_cells / epsilon people above L balances truncation bias against noise.
+        target = ctx.n_cells / plan.main_epsilon  # type: ignore[operator]
+        return plan.selector.release(bound_scores(profile, target).tolist()) + 1  # type: ignore[union-attr]
+
+
+class LocalDataset:
+    """A dataset folder (Parquet files plus metadata.json) queried in-process."""
+
+    def __init__(self, path: Path, engine: Engine | None = None) -> None:
+        self.path = Path(path)
+        self.metadata = load_metadata(self.path)
+        self.engine = engine or Engine()
+
+    def estimate(self, spec: Any) -> Estimate:
+        return self.engine.estimate(spec, self.metadata, self.path)
+
+    def run(self, spec: Any) -> Result:
+        return self.engine.run(spec, self.metadata, self.path)

@@ -1,0 +1,180 @@
+"""The data owner's declaration of a dataset: privacy unit, bounds and public keys.
+
+Metadata is public and comes from the data steward, never from the analyst and
+never from the data. It names the privacy-unit column, the maximum number of rows
+a query may keep per person by default (``max_contributions``), and for every
+column its type and either a public key set or public clipping bounds. Time columns
+have public bounds from which the keys of their buckets (hour, weekday, day, ISO
+week, month) are derived.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from queries.errors import MetadataError
+
+ColumnType = Literal["int", "float", "str", "datetime", "bool"]
+TIME_BUCKETS = ("hour", "weekday", "day", "week", "month")
+MAX_BUCKET_KEYS = 100_000
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ColumnMeta(_Strict):
+    """Declaration of one column."""
+
+    type: ColumnType
+    identifier: bool = False
+    keys: tuple[int | str | bool, ...] | None = None
+    bounds: tuple[float, float] | tuple[datetime, datetime] | None = None
+    nullable: bool = False
+    resolution: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ColumnMeta:
+        if self.keys is not None:
+            if len(self.keys) == 0:
+                raise ValueError("keys must not be empty: list the public values or remove 'keys'")
+            if len(set(self.keys)) != len(self.keys):
+                raise ValueError("keys must be unique")
+        if self.bounds is not None:
+            lo, hi = self.bounds
+            if isinstance(lo, float) and not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError("bounds must be finite numbers")
+            if not lo < hi:
+                raise ValueError(f"bounds must be increasing, got [{lo}, {hi}]")
+        if self.type == "datetime" and self.bounds is None:
+            raise ValueError("a datetime column needs public 'bounds' [start, end]")
+        return self
+
+    @property
+    def public(self) -> bool:
+        """Whether the column may be grouped by or filtered on."""
+        return self.keys is not None or self.type == "datetime"
+
+    @property
+    def value_resolution(self) -> float:
+        """Granularity to which clipped values are rounded before private sums."""
+        if self.resolution is not None:
+            return self.resolution
+        lo, hi = self.bounds  # type: ignore[misc]
+        span = float(hi) - float(lo)
+        return 10.0 ** math.floor(math.log10(span / 1e6))
+
+
+class TableMeta(_Strict):
+    path: str
+    columns: dict[str, ColumnMeta]
+    privacy_unit_via: dict[str, str] | None = None
+
+
+class DatasetMetadata(_Strict):
+    """The whole public declaration of a dataset."""
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    version: str = Field(min_length=1, max_length=100)
+    description: str = ""
+    privacy_unit: str
+    max_contributions: int = Field(ge=1, le=100_000)
+    max_contributions_limit: int = Field(default=1000, ge=1, le=100_000)
+    tables: dict[str, TableMeta]
+    catalogue: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetMetadata:
+        if not self.tables:
+            raise ValueError("declare at least one table")
+        for tname, table in self.tables.items():
+            via = table.privacy_unit_via
+            if via is None:
+                if self.privacy_unit not in table.columns:
+                    raise ValueError(
+                        f"table '{tname}' has no privacy-unit column '{self.privacy_unit}': "
+                        "add it to its columns or declare privacy_unit_via"
+                    )
+            else:
+                other = self.tables.get(via.get("table", ""))
+                on = via.get("on", "")
+                if other is None or on not in other.columns or on not in table.columns:
+                    raise ValueError(
+                        f"table '{tname}': privacy_unit_via must name another table and a column "
+                        "present in both, e.g. {\"table\": \"events\", \"on\": \"event_id\"}"
+                    )
+        if self.max_contributions > self.max_contributions_limit:
+            raise ValueError("max_contributions must not exceed max_contributions_limit")
+        return self
+
+    def table(self, name: str) -> TableMeta:
+        return self.tables[name]
+
+
+def parse_metadata(raw: dict[str, Any]) -> DatasetMetadata:
+    """Validate a metadata document, with errors that name the field and the fix."""
+    try:
+        return DatasetMetadata.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "metadata"
+        raise MetadataError(where, first["msg"], "Correct the dataset's metadata.json") from None
+
+
+def load_metadata(path: Path) -> DatasetMetadata:
+    """Read ``metadata.json`` (or a dataset folder holding one)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metadata.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MetadataError("metadata", f"no metadata file at {path}",
+                            "Point to a dataset folder with a metadata.json") from None
+    except json.JSONDecodeError as exc:
+        raise MetadataError("metadata", f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})",
+                            "Fix the JSON syntax") from None
+    if not isinstance(raw, dict):
+        raise MetadataError("metadata", "the document must be a JSON object")
+    return parse_metadata(raw)
+
+
+def bucket_keys(column: ColumnMeta, bucket: str) -> list[int | str]:
+    """Public keys of a time bucket, derived from the column's declared bounds."""
+    if bucket == "hour":
+        return list(range(24))
+    if bucket == "weekday":
+        return list(range(1, 8))
+    start, end = column.bounds  # type: ignore[misc]
+    first, last = _as_datetime(start).date(), (_as_datetime(end) - timedelta(microseconds=1)).date()
+    if bucket == "day":
+        keys = [str(first + timedelta(days=i)) for i in range((last - first).days + 1)]
+    elif bucket == "week":
+        monday = first - timedelta(days=first.weekday())
+        keys = []
+        while monday <= last:
+            iso = monday.isocalendar()
+            keys.append(f"{iso.year}-W{iso.week:02d}")
+            monday += timedelta(days=7)
+    elif bucket == "month":
+        keys, cursor = [], date(first.year, first.month, 1)
+        while cursor <= last:
+            keys.append(f"{cursor.year}-{cursor.month:02d}")
+            cursor = date(cursor.year + cursor.month // 12, cursor.month % 12 + 1, 1)
+    else:
+        raise ValueError(bucket)
+    if len(keys) > MAX_BUCKET_KEYS:
+        raise MetadataError("bounds", f"the time range gives more than {MAX_BUCKET_KEYS} {bucket} keys")
+    return keys
+
+
+def _as_datetime(value: object) -> datetime:
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=None)
+    return datetime.fromisoformat(str(value))
