@@ -43,17 +43,32 @@ def quantile_scores(below: np.ndarray, above: np.ndarray, alpha: float) -> np.nd
     return np.abs((den - num) * below.astype(np.int64) - num * above.astype(np.int64))
 
 
-def bound_scores(people_with_at_least: np.ndarray, target_above: float) -> np.ndarray:
-    """Scores of candidate bounds ``L = 1..R`` (lower is better) for a private choice of L.
+def bound_candidates(limit: int) -> list[int]:
+    """Public candidate bounds: every L up to 16, then about 12% apart up to ``limit``.
+
+    A short, geometric list keeps the selection sharp: with hundreds of candidates in
+    a flat tail, their combined weight could outvote the best one at small epsilon.
+    """
+    candidates = set(range(1, min(limit, 16) + 1))
+    value = 16.0
+    while value < limit:
+        value *= 1.12
+        candidates.add(min(limit, round(value)))
+    return sorted(candidates)
+
+
+def bound_scores(people_with_at_least: np.ndarray, candidates: list[int], target_above: float) -> np.ndarray:
+    """Scores of candidate bounds L (lower is better) for a private choice of L.
 
     ``people_with_at_least[r - 1]`` is the number of people with at least r rows, for
-    r = 1..R+1. Candidate L scores ``|#people with more than L rows - target_above|``;
-    one person changes every score by at most 1. Choosing L so that about
+    r = 1..max(candidates)+1. Candidate L scores ``|#people with more than L rows -
+    target_above|`` (in quarter-person units, to keep scores integral); one person
+    changes every score by at most one person. Choosing L so that about
     ``target_above`` people exceed it balances the rows lost to truncation (bias)
     against noise that grows with L.
     """
-    exceed = people_with_at_least[1:].astype(np.int64)
-    return np.abs(exceed * 4 - round(target_above * 4))  # quarter units keep scores integral
+    exceed = people_with_at_least[np.asarray(candidates)].astype(np.int64)  # index L is r = L + 1
+    return np.abs(exceed * 4 - round(target_above * 4))
 
 
 #: Sensitivity of :func:`bound_scores` (scores are in quarter-person units).

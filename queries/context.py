@@ -16,7 +16,7 @@ import polars as pl
 
 from queries.backend import GroupKey, RowFilter
 from queries.errors import QueryError
-from queries.metadata import TIME_BUCKETS, ColumnMeta, DatasetMetadata, TableMeta, bucket_keys
+from queries.metadata import TIME_BUCKETS, ColumnMeta, DatasetMetadata, TableMeta, bucket_keys, bucket_keys_between
 from queries.spec import Filter, QuerySpec
 
 #: Cells (combinations of group keys) one query may release.
@@ -64,7 +64,8 @@ def resolve(spec: QuerySpec, metadata: DatasetMetadata, dataset_dir: Path,
                          f"Use one of {sorted(metadata.tables)}")
     table = metadata.tables[spec.table]
     column = _value_column(spec, metadata, table)
-    group_by = tuple(_group_key(i, text, table) for i, text in enumerate(spec.group_by))
+    filters = tuple(_row_filter(i, f, table) for i, f in enumerate(spec.filters))
+    group_by = _restrict(tuple(_group_key(i, text, table) for i, text in enumerate(spec.group_by)), filters)
     names = [g.name for g in group_by]
     if len(set(names)) != len(names):
         raise QueryError("group_by", "the same grouping appears twice", "List each grouping once")
@@ -76,7 +77,7 @@ def resolve(spec: QuerySpec, metadata: DatasetMetadata, dataset_dir: Path,
     return QueryContext(
         spec=spec, metadata=metadata, dataset_dir=Path(dataset_dir), table=table, column=column,
         group_by=group_by,
-        filters=tuple(_row_filter(i, f, table) for i, f in enumerate(spec.filters)),
+        filters=filters,
         cells=_cells(group_by), contributions=_contributions(spec, metadata),
         alpha=1 - spec.confidence,
     )
@@ -178,7 +179,24 @@ def _time_range(field: str, column: str, meta: ColumnMeta, spec_filter: Filter) 
     if (start and start >= hi) or (end and end <= lo):
         raise QueryError(field, f"the time range lies outside the dataset's period {lo} to {hi}",
                          "Choose a range inside the dataset's period")
-    return RowFilter(column, None, start=start, end=end)
+    # Clamp to the declared period, so bucket keys of the range are finite and public.
+    return RowFilter(column, None, start=max(start or lo, lo), end=min(end or hi, hi))
+
+
+def _restrict(group_by: tuple[GroupKey, ...], filters: tuple[RowFilter, ...]) -> tuple[GroupKey, ...]:
+    """Group keys that a filter on the same column excludes are not released at all."""
+    restricted = []
+    for group in group_by:
+        keys = group.keys
+        for row_filter in filters:
+            if (row_filter.column, row_filter.bucket) == (group.column, group.bucket) and row_filter.values:
+                keys = tuple(k for k in keys if k in row_filter.values)
+            if (row_filter.column == group.column and group.bucket in ("day", "week", "month")
+                    and row_filter.values is None):
+                inside = set(bucket_keys_between(group.bucket, row_filter.start, row_filter.end))
+                keys = tuple(k for k in keys if k in inside)
+        restricted.append(GroupKey(group.column, group.bucket, keys))  # type: ignore[arg-type]
+    return tuple(restricted)
 
 
 def _cells(group_by: tuple[GroupKey, ...]) -> pl.DataFrame:

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import polars as pl
 
-from privacy.bounding import BOUND_SCORE_SENSITIVITY, bound_scores
+from privacy.bounding import BOUND_SCORE_SENSITIVITY, bound_candidates, bound_scores
 from privacy.loss import PrivacyLoss
 from privacy.mechanisms import NoisyMin
 from queries.backend import AggregateRequest, Backend
@@ -151,11 +151,13 @@ class Engine:
 
     def _choose_bound(self, plan: Plan) -> int:
         ctx = plan.context
-        limit = ctx.metadata.max_contributions_limit
-        profile = self.backend.contribution_profile(ctx.dataset_dir, ctx.metadata, ctx.spec.table, limit + 1)
+        candidates = bound_candidates(ctx.metadata.max_contributions_limit)
+        profile = self.backend.contribution_profile(ctx.dataset_dir, ctx.metadata, ctx.spec.table,
+                                                    candidates[-1] + 1)
         # About n_cells / epsilon people above L balances truncation bias against noise.
         target = ctx.n_cells / plan.main_epsilon  # type: ignore[operator]
-        return plan.selector.release(bound_scores(profile, target).tolist()) + 1  # type: ignore[union-attr]
+        scores = bound_scores(profile, candidates, target)
+        return candidates[plan.selector.release(scores.tolist())]  # type: ignore[union-attr]
 
 
 class LocalDataset:

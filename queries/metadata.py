@@ -152,7 +152,18 @@ def bucket_keys(column: ColumnMeta, bucket: str) -> list[int | str]:
     if bucket == "weekday":
         return list(range(1, 8))
     start, end = column.bounds  # type: ignore[misc]
+    return bucket_keys_between(bucket, _as_datetime(start), _as_datetime(end))
+
+
+def bucket_keys_between(bucket: str, start: datetime | None, end: datetime | None) -> list[str]:
+    """Keys of the day, week or month buckets that meet the time range [start, end)."""
+    if start is None:
+        start = datetime(1, 1, 1)
+    if end is None:
+        end = datetime(9999, 12, 31)
     first, last = _as_datetime(start).date(), (_as_datetime(end) - timedelta(microseconds=1)).date()
+    if (last - first).days > MAX_BUCKET_KEYS:
+        raise MetadataError("bounds", f"the time range gives more than {MAX_BUCKET_KEYS} day keys")
     if bucket == "day":
         keys = [str(first + timedelta(days=i)) for i in range((last - first).days + 1)]
     elif bucket == "week":

@@ -1,0 +1,141 @@
+"""The ``civicdp`` command line: demo data, local queries and estimates, the tour.
+
+Every command reports bad input as a one-line error and exit status 2, never a
+stack trace.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from privacy.errors import PrivacyError
+from queries.context import EngineLimits
+from queries.engine import Engine, LocalDataset, Result
+from queries.errors import QueryError
+from server.settings import Settings
+
+app = typer.Typer(help="civicdp: differentially private statistics on public-service use.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _engine() -> Engine:
+    settings = Settings()
+    return Engine(limits=EngineLimits(max_epsilon=settings.max_epsilon, auto_fraction=settings.auto_fraction))
+
+
+def _load(dataset: Path, spec_path: Path) -> tuple[LocalDataset, Any]:
+    try:
+        spec = json.loads(spec_path.read_text())
+    except FileNotFoundError:
+        _fail(f"no query spec file at {spec_path}")
+    except json.JSONDecodeError as exc:
+        _fail(f"{spec_path} is not valid JSON ({exc.msg} at line {exc.lineno}); write the query as a JSON object")
+    return LocalDataset(dataset, _engine()), spec
+
+
+@app.command("demo-data")
+def demo_data(
+    people: Annotated[int, typer.Option(min=1, max=50_000_000, help="How many people to simulate")] = 200_000,
+    out: Annotated[Path, typer.Option(help="Folder to write the dataset into")] = Path("data/demo"),
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same data)")] = 0,
+) -> None:
+    """Write a realistic synthetic dataset (events, catalogue, steps, planted bundles, metadata)."""
+    from server.demo_data import generate
+
+    summary = generate(people, out, seed=seed)
+    console.print(f"wrote {summary.events:,} events of {summary.people:,} people and {summary.steps:,} "
+                  f"processing steps to {out} in {summary.seconds:.1f} s")
+
+
+@app.command()
+def query(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder holding metadata.json")],
+    spec: Annotated[Path, typer.Argument(help="Query spec, a JSON file")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON")] = False,
+) -> None:
+    """Run one query locally and print the private answer with its intervals."""
+    try:
+        local, raw = _load(dataset, spec)
+        result = local.run(raw)
+    except (QueryError, PrivacyError) as exc:
+        _fail(str(exc))
+    if as_json:
+        console.print_json(json.dumps(result_json(result)))
+    else:
+        print_result(result)
+
+
+@app.command()
+def estimate(
+    dataset: Annotated[Path, typer.Argument(help="Dataset folder holding metadata.json")],
+    spec: Annotated[Path, typer.Argument(help="Query spec, a JSON file")],
+) -> None:
+    """Print a query's privacy cost and predicted accuracy without reading any data."""
+    try:
+        local, raw = _load(dataset, spec)
+        console.print_json(json.dumps(local.estimate(raw).as_dict()))
+    except (QueryError, PrivacyError) as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def tour(
+    data: Annotated[Path, typer.Option(help="Demo dataset folder (created if missing)")] = Path("data/demo"),
+    people: Annotated[int, typer.Option(min=1000, help="People to simulate if the dataset is missing")] = 200_000,
+) -> None:
+    """Ask the four W1 questions of the demo data and show each private answer."""
+    from server.tour import run_tour
+
+    run_tour(data, people, _engine(), console)
+
+
+def result_json(result: Result) -> dict[str, Any]:
+    return {
+        "table": result.table.to_dicts(),
+        "loss": result.loss.as_dict(),
+        "contributions": result.contributions,
+        "confidence": result.confidence,
+        "mechanisms": result.mechanisms,
+        "notes": result.notes,
+    }
+
+
+def print_result(result: Result, title: str = "", limit: int = 40) -> None:
+    table = Table(title=title or None, title_justify="left")
+    for column in result.table.columns:
+        table.add_column(column, justify="right" if column in ("value", "ci_low", "ci_high") else "left")
+    for row in result.table.head(limit).iter_rows():
+        table.add_row(*(_fmt(v) for v in row))
+    console.print(table)
+    if result.table.height > limit:
+        console.print(f"... {result.table.height - limit} more rows (use --json for all)")
+    console.print(f"privacy loss spent: {result.loss}; at most {result.contributions} rows per person; "
+                  f"intervals at {result.confidence:.0%} confidence (they describe the noise)")
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()

@@ -1,0 +1,46 @@
+"""``civicdp tour``: the four W1 questions asked of the demo data through the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from queries.engine import Engine, LocalDataset
+
+W1 = [
+    ("Q1: how many requests did each service receive?",
+     {"aggregate": "count", "group_by": ["service_id"], "epsilon": 0.4, "contributions": "auto"}),
+    ("Q2: how long does each department take on average (hours, clipped to [0, 720])?",
+     {"aggregate": "mean", "column": "duration_hours", "bounds": [0, 720], "group_by": ["department"],
+      "epsilon": 0.35, "contributions": 10}),
+    ("Q3: median and 90th percentile of waiting minutes per channel",
+     {"aggregate": "quantiles", "column": "waiting_minutes", "quantiles": [0.5, 0.9],
+      "candidates": {"start": 0, "stop": 240, "step": 0.05}, "group_by": ["channel"],
+      "filters": [{"column": "channel", "op": "in", "values": ["counter", "kiosk"]}],
+      "epsilon": 0.1, "contributions": 3}),
+    ("Q4: requests per channel and hour of day",
+     {"aggregate": "count", "group_by": ["channel", "request_time:hour"], "epsilon": 0.15,
+      "contributions": "auto"}),
+]
+
+
+def run_tour(data: Path, people: int, engine: Engine, console: Console) -> None:
+    from server.cli import print_result
+    from server.demo_data import generate
+
+    if not (data / "metadata.json").exists():
+        console.print(f"generating demo data for {people:,} people in {data} ...")
+        summary = generate(people, data, seed=0)
+        console.print(f"  {summary.events:,} events in {summary.seconds:.1f} s")
+    dataset = LocalDataset(data, engine)
+    total = None
+    for title, spec in W1:
+        estimate = dataset.estimate(spec)
+        console.rule(title)
+        console.print(f"estimate (free, reads no data): loss {estimate.loss}, accuracy {estimate.accuracy}")
+        result = dataset.run(spec)
+        print_result(result, limit=12)
+        total = result.loss if total is None else total + result.loss
+    console.rule()
+    console.print(f"total privacy loss of the tour: {total} (pure differential privacy, per person)")
