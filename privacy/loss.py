@@ -25,7 +25,9 @@ def _exact(value: object, name: str) -> Fraction:
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidLoss(f"{name} must be finite, got {value}", value=value)
     try:
-        exact = Fraction(value)
+        # A float is read as the decimal it prints as (its shortest repr), so the loss
+        # a person typed as 0.1 is exactly 1/10 and 0.1 + 0.1 + 0.1 == 0.3.
+        exact = Fraction(repr(value)) if isinstance(value, float) else Fraction(value)
     except (ValueError, ZeroDivisionError) as exc:
         raise InvalidLoss(f"{name} must be a number, got {value!r}", value=value) from exc
     return exact

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import lru_cache
 from typing import Sequence
 
@@ -45,7 +44,7 @@ _INT_VECTOR = dp.vector_domain(dp.atom_domain(T="i64"))
 def _loss(epsilon: float) -> PrivacyLoss:
     if not math.isfinite(epsilon) or epsilon <= 0:
         raise InvalidLoss(f"OpenDP reported an unusable privacy loss {epsilon}")
-    return PrivacyLoss(Fraction(epsilon))
+    return PrivacyLoss(epsilon)
 
 
 @lru_cache(maxsize=256)
@@ -75,14 +74,23 @@ class LaplaceVector:
     @classmethod
     def for_epsilon(cls, sensitivity: int, epsilon: float) -> LaplaceVector:
         """The least-noise mechanism whose OpenDP privacy map stays within ``epsilon``."""
+        _check_epsilon(epsilon)
         scale = _fit_scale(lambda s: _laplace(s).map(sensitivity), sensitivity / epsilon, epsilon)
         return cls(sensitivity, scale)
 
     @classmethod
     def for_accuracy(cls, sensitivity: int, accuracy: float, alpha: float) -> LaplaceVector:
         """The mechanism whose (1 - alpha) error bound per cell is at most ``accuracy``."""
-        scale = dp.accuracy_to_discrete_laplacian_scale(float(accuracy), float(alpha))
-        return cls(sensitivity, _check_scale(scale))
+        if not (math.isfinite(accuracy) and accuracy >= 1 and 0 < alpha < 1):
+            # Noise on integers cannot promise less than one unit.
+            raise InvalidLoss(f"a target accuracy must be at least one unit of the answer, got {accuracy}")
+        scale = _check_scale(dp.accuracy_to_discrete_laplacian_scale(float(accuracy), float(alpha)))
+        # The two conversions round; shrink the scale until the stated accuracy meets the target.
+        for _ in range(64):
+            if dp.discrete_laplacian_scale_to_accuracy(scale, float(alpha)) <= accuracy:
+                return cls(sensitivity, scale)
+            scale = math.nextafter(scale, 0.0) * (1 - 1e-12)
+        raise InvalidLoss(f"could not calibrate noise for accuracy {accuracy}")
 
     @property
     def loss(self) -> PrivacyLoss:
@@ -90,7 +98,15 @@ class LaplaceVector:
 
     def accuracy(self, alpha: float) -> float:
         """Half-width that the noise exceeds with probability at most ``alpha``."""
-        return float(dp.discrete_laplacian_scale_to_accuracy(self.scale, alpha))
+        half = float(dp.discrete_laplacian_scale_to_accuracy(self.scale, alpha))
+        if not math.isfinite(half) or half <= 0:
+            # OpenDP gives -inf when the noise is almost surely 0; |noise| >= 1 is then rarer
+            # than alpha, so one unit is a true (conservative) half-width.
+            tail = 2 * math.exp(-1 / self.scale) / (1 + math.exp(-1 / self.scale))
+            if tail > alpha:
+                raise InvalidLoss(f"no finite accuracy for scale {self.scale} at alpha {alpha}")
+            return 1.0
+        return half
 
     def release(self, values: Sequence[int]) -> list[int]:
         return list(_laplace(_check_scale(self.scale))([int(v) for v in values]))
@@ -110,6 +126,7 @@ class NoisyMin:
 
     @classmethod
     def for_epsilon(cls, sensitivity: int, epsilon: float) -> NoisyMin:
+        _check_epsilon(epsilon)
         start = 2 * sensitivity / epsilon
         scale = _fit_scale(lambda s: _noisy_min(s).map(sensitivity), start, epsilon)
         return cls(sensitivity, scale)
@@ -134,10 +151,14 @@ class NoisyMin:
     name = "exponential mechanism (permute-and-flip)"
 
 
+def _check_epsilon(epsilon: float) -> None:
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) \
+            or epsilon <= 0:
+        raise InvalidLoss(f"epsilon must be finite and positive, got {epsilon!r}")
+
+
 def _fit_scale(epsilon_of, start: float, epsilon: float) -> float:
     """Smallest scale near ``start`` whose privacy map is at most ``epsilon``."""
-    if not math.isfinite(epsilon) or epsilon <= 0:
-        raise InvalidLoss(f"epsilon must be finite and positive, got {epsilon}")
     scale = _check_scale(start)
     # OpenDP rounds its map conservatively; nudge the scale up until it fits.
     for _ in range(64):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
@@ -144,6 +144,9 @@ def _row_filter(index: int, spec_filter: Filter, table: TableMeta) -> RowFilter:
     else:
         keys = meta.keys or ()
     if spec_filter.op == "between":
+        if bucket is not None:
+            raise QueryError(field, f"'between' applies to the time column itself, not its {bucket} bucket",
+                             f"Filter '{column}' with 'between', or '{spec_filter.column}' with 'eq'/'in'")
         return _time_range(field, column, meta, spec_filter)
     values = (spec_filter.value,) if spec_filter.op == "eq" else spec_filter.values
     if spec_filter.op == "eq" and spec_filter.value is None:
@@ -153,12 +156,23 @@ def _row_filter(index: int, spec_filter: Filter, table: TableMeta) -> RowFilter:
                          "Add \"values\": [...]")
     if not keys:
         raise QueryError(field, f"'{column}' is a time column", "Filter it with op 'between'")
-    unknown = [v for v in values if v not in keys]
+    unknown = [v for v in values if not any(_same_key(v, k) for k in keys)]
     if unknown:
         shown = list(keys)[:12]
         raise QueryError(f"{field}.value", f"{unknown[0]!r} is not a public key of '{spec_filter.column}'",
                          f"Use one of {shown}{' ...' if len(keys) > 12 else ''}")
     return RowFilter(column, bucket, values=tuple(values))
+
+
+def _same_key(value: object, key: object) -> bool:
+    """Equal and of the same kind: True is not the key 1, nor "1" the key 1."""
+    return type(value) is type(key) and value == key
+
+
+def _naive_utc(moment: datetime | None) -> datetime | None:
+    if moment is None or moment.tzinfo is None:
+        return moment
+    return moment.astimezone(timezone.utc).replace(tzinfo=None)
 
 
 def _time_range(field: str, column: str, meta: ColumnMeta, spec_filter: Filter) -> RowFilter:
@@ -169,8 +183,8 @@ def _time_range(field: str, column: str, meta: ColumnMeta, spec_filter: Filter) 
     if start is None and end is None:
         raise QueryError(field, "a time range needs a start, an end, or both",
                          'Add "start" and/or "end" as ISO dates')
-    start = start.replace(tzinfo=None) if start else None
-    end = end.replace(tzinfo=None) if end else None
+    # Stored times are naive UTC; an aware bound is converted, not just stripped.
+    start, end = _naive_utc(start), _naive_utc(end)
     lo, hi = (datetime.fromisoformat(str(b)) if not isinstance(b, datetime) else b.replace(tzinfo=None)
               for b in meta.bounds)  # type: ignore[union-attr]
     if start and end and start >= end:

@@ -110,7 +110,12 @@ class Engine:
             selector = NoisyMin.for_epsilon(BOUND_SCORE_SENSITIVITY, auto_epsilon)
             contributions = metadata.max_contributions  # reference for estimates only
         calibration = kind.calibrate(ctx, contributions, main_epsilon)
-        return Plan(ctx, kind, calibration, selector, main_epsilon)
+        plan = Plan(ctx, kind, calibration, selector, main_epsilon)
+        if plan.loss.epsilon > self.limits.max_epsilon:
+            raise QueryError("accuracy", f"meeting this accuracy would cost epsilon {float(plan.loss.epsilon):.4g}, "
+                             f"above the maximum {self.limits.max_epsilon} per query",
+                             "Ask for a wider accuracy, fewer contributions per person, or coarser groups")
+        return plan
 
     def estimate(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path) -> Estimate:
         plan = self.plan(spec, metadata, dataset_dir)

@@ -18,7 +18,7 @@ import math
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from queries.errors import QueryError
 
@@ -70,6 +70,14 @@ class QuerySpec(_Strict):
     accuracy: float | None = None
     confidence: float = Field(default=0.95)
     contributions: int | Literal["auto"] | None = None
+    intervals: bool = True  # quantiles: spend part of the loss on value intervals
+
+    @field_validator("epsilon", "accuracy", "confidence", "contributions", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true or false")
+        return value
 
     def canonical(self) -> str:
         """Canonical JSON (sorted keys, defaults included): equal questions, equal text."""

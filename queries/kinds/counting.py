@@ -21,6 +21,9 @@ from queries.kinds.base import Calibration, Kind, aligned, cell_positions, outpu
 def _counting_mechanism(ctx: QueryContext, contributions: int, epsilon: float | None) -> LaplaceVector:
     if epsilon is not None:
         return LaplaceVector.for_epsilon(contributions, epsilon)
+    if ctx.spec.accuracy < 1:  # type: ignore[operator]
+        raise QueryError("accuracy", f"counts are whole numbers, so a half-width below 1 ({ctx.spec.accuracy}) "
+                         "cannot be promised", "Ask for an accuracy of at least 1")
     return LaplaceVector.for_accuracy(contributions, ctx.spec.accuracy, ctx.alpha)  # type: ignore[arg-type]
 
 

@@ -67,6 +67,9 @@ class Sum(Kind):
         if epsilon is not None:
             mechanism = LaplaceVector.for_epsilon(sensitivity, epsilon)
         else:
+            if ctx.spec.accuracy < resolution:  # type: ignore[operator]
+                raise QueryError("accuracy", f"below the column's resolution {resolution:g}",
+                                 f"Ask for an accuracy of at least {resolution:g}")
             mechanism = LaplaceVector.for_accuracy(sensitivity, ctx.spec.accuracy / resolution, ctx.alpha)
         return Calibration(contributions, {"sums": mechanism})
 
