@@ -24,7 +24,7 @@ from privacy.loss import PrivacyLoss
 from privacy.mechanisms import NoisyMin
 from queries.backend import AggregateRequest, Backend
 from queries.context import EngineLimits, QueryContext, resolve
-from queries.errors import QueryError
+from queries.errors import DatasetUnavailable, QueryError
 from queries.kinds import KINDS, Calibration, Kind
 from queries.metadata import DatasetMetadata, load_metadata
 from queries.polars_backend import PolarsBackend
@@ -149,20 +149,36 @@ class Engine:
             notes.append(f"contribution bound chosen privately: {bound} rows per person")
         request = AggregateRequest(ctx.dataset_dir, ctx.metadata, ctx.spec.table, calibration.contributions,
                                    ctx.filters, ctx.group_by, plan.kind.measure(ctx))
-        exact = self.backend.aggregate(request)
+        exact = self._aggregate(request)
         table = plan.kind.release(ctx, calibration, exact)
         return Result(table, plan.loss, calibration.contributions, ctx.spec.confidence, mechanisms,
                       ctx.spec, notes, time.perf_counter() - started)
 
+    def _aggregate(self, request: AggregateRequest) -> pl.DataFrame:
+        try:
+            return self.backend.aggregate(request)
+        except (OSError, pl.exceptions.PolarsError):
+            # The library's message is not shown: it could quote values from the data.
+            raise _unavailable(request.table) from None
+
     def _choose_bound(self, plan: Plan) -> int:
         ctx = plan.context
         candidates = bound_candidates(ctx.metadata.max_contributions_limit)
-        profile = self.backend.contribution_profile(ctx.dataset_dir, ctx.metadata, ctx.spec.table,
-                                                    candidates[-1] + 1)
+        try:
+            profile = self.backend.contribution_profile(ctx.dataset_dir, ctx.metadata, ctx.spec.table,
+                                                        candidates[-1] + 1)
+        except (OSError, pl.exceptions.PolarsError):
+            raise _unavailable(ctx.spec.table) from None
         # About n_cells / epsilon people above L balances truncation bias against noise.
         target = ctx.n_cells / plan.main_epsilon  # type: ignore[operator]
         scores = bound_scores(profile, candidates, target)
         return candidates[plan.selector.release(scores.tolist())]  # type: ignore[union-attr]
+
+
+def _unavailable(table: str) -> DatasetUnavailable:
+    return DatasetUnavailable("table", f"the data files of table '{table}' are missing, unreadable, or "
+                              "do not have the columns and types its metadata declares",
+                              "Ask the data steward to check the dataset's files against metadata.json")
 
 
 class LocalDataset:

@@ -3,7 +3,8 @@
 Tree::
 
     QueryError            an invalid query spec (names the field and the fix)
-    └── MetadataError     an invalid dataset metadata declaration
+    ├── MetadataError     an invalid dataset metadata declaration
+    └── DatasetUnavailable the dataset's files are missing, unreadable or unlike their metadata
 
 Messages depend only on the spec and the public metadata, never on the data.
 """
@@ -27,3 +28,7 @@ class QueryError(ValueError):
 
 class MetadataError(QueryError):
     """Dataset metadata that cannot be accepted."""
+
+
+class DatasetUnavailable(QueryError):
+    """The dataset's data files cannot be read as their metadata declares."""
