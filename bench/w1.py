@@ -35,17 +35,18 @@ WAITING_CHANNELS = {"column": "channel", "op": "in", "values": ["counter", "kios
 
 SETTINGS = {
     # Q1 and Q4 choose their bound privately (10% of their loss); the mean and the quantiles
-    # use fixed public bounds chosen on synthetic data of another seed, not on this data.
+    # use fixed public bounds. Bounds and the split of epsilon were tuned on demo data of
+    # seed 7; the benchmark's default data is seed 1.
     # Q3 asks for point estimates only ("intervals": false); value intervals would take 46%
     # of its loss (see the quantiles kind), and the anchors report no quantile intervals.
     "tuned": {
-        "Q1": {"aggregate": "count", "group_by": ["service_id"], "epsilon": 0.4, "contributions": "auto"},
+        "Q1": {"aggregate": "count", "group_by": ["service_id"], "epsilon": 0.3, "contributions": "auto"},
         "Q2": {"aggregate": "mean", "column": "duration_hours", "bounds": [0, 720],
-               "group_by": ["department"], "epsilon": 0.35, "contributions": 10},
+               "group_by": ["department"], "epsilon": 0.45, "contributions": 10},
         "Q3": {"aggregate": "quantiles", "column": "waiting_minutes", "quantiles": [0.5, 0.9],
                "candidates": WAIT_GRID, "group_by": ["channel"], "filters": [WAITING_CHANNELS],
-               "epsilon": 0.1, "contributions": 3, "intervals": False},
-        "Q4": {"aggregate": "count", "group_by": ["channel", "request_time:hour"], "epsilon": 0.15,
+               "epsilon": 0.15, "contributions": 3, "intervals": False},
+        "Q4": {"aggregate": "count", "group_by": ["channel", "request_time:hour"], "epsilon": 0.1,
                "contributions": "auto"},
     },
     "fixed-10": {

@@ -1,11 +1,16 @@
 """The embedded backend: Polars over Parquet, lazily.
 
 Contribution bounding uses a per-table rank column: each row's position, within its
-person, in a random order given by a keyed hash of the row's own content. Keeping
-rows with rank <= L keeps at most L rows per person, and which rows are kept depends
-only on that person's rows, so adding or removing one person changes nothing else
-(the truncation is stable). The rank is computed once per table file and cached as
-a Parquet file next to the data (or in ``cache_dir``), so each query only filters.
+person, in a random order given by a hash of the row's own content. Keeping rows
+with rank <= L keeps at most L rows per person, and which rows are kept depends only
+on that person's rows, so adding or removing one person changes nothing else (the
+truncation is stable). The rank is computed once per table file and cached as a
+Parquet file next to the data (or in ``cache_dir``).
+
+Rows are filtered before they are bounded: a query about kiosk visits keeps up to L
+of each person's kiosk visits (with a value), not whichever of their rows came first.
+Without filters or missing values the cached rank is used as it is (a plain filter,
+the fast path); otherwise the kept rows are re-ranked in the same random order.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ class PolarsBackend:
     def _ranked_path(self, dataset_dir: Path, metadata: DatasetMetadata, table: str) -> Path:
         source = self._source(dataset_dir, metadata, table)
         stat = source.stat()
-        key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{metadata.privacy_unit}|v1"
+        key = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{metadata.privacy_unit}|v2"
         digest = hashlib.sha256(key.encode()).hexdigest()[:20]
         cache = self.cache_dir or Path(dataset_dir) / ".civicdp-cache"
         path = cache / f"{table}-{digest}.parquet"
@@ -59,14 +64,11 @@ class PolarsBackend:
             owner = pl.scan_parquet(self._source(dataset_dir, metadata, via["table"]))
             units = owner.select(pl.col(via["on"]), pl.col(metadata.privacy_unit).alias(UNIT))
             frame = frame.join(units, on=via["on"], how="inner")
-        else:
-            frame = frame.with_columns(pl.col(metadata.privacy_unit).alias(UNIT))
+        unit = _unit_column(metadata, table)
         columns = list(meta.columns)
-        # events: [..., UNIT]; the order within a person comes from the row's own content
+        # rows: [columns..., (UNIT)]; the order within a person comes from the row's own content
         order = pl.struct(columns).hash(seed=_HASH_SEED)
-        return frame.with_columns(
-            order.rank("ordinal").over(UNIT).cast(pl.UInt32).alias(RANK)
-        ).drop(UNIT)
+        return frame.with_columns(order.rank("ordinal").over(unit).cast(pl.UInt32).alias(RANK))
 
     def scan(self, dataset_dir: Path, metadata: DatasetMetadata, table: str) -> pl.LazyFrame:
         return pl.scan_parquet(self._ranked_path(dataset_dir, metadata, table))
@@ -89,14 +91,19 @@ class PolarsBackend:
     def aggregate(self, request: AggregateRequest) -> pl.DataFrame:
         meta = request.metadata.tables[request.table]
         frame = self.scan(request.dataset_dir, request.metadata, request.table)
-        # Bound first: keep at most L rows per person, then filter (a stable order of steps).
-        frame = frame.filter(pl.col(RANK) <= request.contributions)
-        for row_filter in request.filters:
-            frame = frame.filter(_filter_expr(row_filter))
-        groups = [_group_expr(g, meta.columns[g.column].type) for g in request.group_by]
         measure = request.measure
+        conditions = [_filter_expr(f) for f in request.filters]
+        if measure.column is not None and meta.columns[measure.column].nullable:
+            conditions.append(pl.col(measure.column).is_not_null())
+        rank = pl.col(RANK)
+        if conditions:
+            # Filter, then bound: re-rank the remaining rows of each person in the same order.
+            frame = frame.filter(pl.all_horizontal(conditions))
+            rank = rank.rank("ordinal").over(_unit_column(request.metadata, request.table))
+        frame = frame.filter(rank <= request.contributions)
         if measure.column is not None:
             frame = frame.filter(pl.col(measure.column).is_not_null())
+        groups = [_group_expr(g, meta.columns[g.column].type) for g in request.group_by]
         if measure.kind == "rows":
             aggs = [pl.len().cast(pl.Int64).alias("rows")]
         elif measure.kind == "sum":
@@ -116,6 +123,10 @@ class PolarsBackend:
         else:
             out = frame.select(aggs).collect()
         return _format_groups(out, request.group_by)
+
+
+def _unit_column(metadata: DatasetMetadata, table: str) -> str:
+    return UNIT if metadata.tables[table].privacy_unit_via else metadata.privacy_unit
 
 
 def _filter_expr(row_filter: RowFilter) -> pl.Expr:
