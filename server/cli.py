@@ -18,11 +18,17 @@ from privacy.errors import PrivacyError
 from queries.context import EngineLimits
 from queries.engine import Engine, LocalDataset, Result
 from queries.errors import QueryError
+from server.cli_admin import accounts, budgets, datasets, keys, roles
 from server.settings import Settings
 
 app = typer.Typer(help="civicdp: differentially private statistics on public-service use.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console()
+console = Console(soft_wrap=True)
+app.add_typer(accounts, name="accounts")
+app.add_typer(keys, name="keys")
+app.add_typer(roles, name="roles")
+app.add_typer(datasets, name="datasets")
+app.add_typer(budgets, name="budgets")
 
 
 def _fail(message: str) -> None:
@@ -99,6 +105,34 @@ def tour(
     from server.tour import run_tour
 
     run_tour(data, people, _engine(), console)
+
+
+@app.command()
+def serve() -> None:
+    """Start the HTTP server on existing state (CIVICDP_DATA_DIR, or DATABASE_URL for PostgreSQL)."""
+    import uvicorn
+
+    from server.main import create_app
+
+    settings = Settings()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command()
+def demo(
+    data: Annotated[Path, typer.Option(help="Demo dataset folder (created if missing)")] = Path("data/demo"),
+    people: Annotated[int, typer.Option(min=1000, help="People to simulate if the dataset is missing")] = 200_000,
+    serve_too: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the server afterwards")] = True,
+) -> None:
+    """Set up the demo (data, accounts for every role, fresh keys), print examples, and serve."""
+    from queries.metadata import load_metadata
+    from server.demo_server import prepare_demo, print_welcome
+
+    settings = Settings()
+    keys = prepare_demo(settings, data, people, console)
+    print_welcome(console, settings, keys, load_metadata(data).name)
+    if serve_too:
+        serve()
 
 
 def result_json(result: Result) -> dict[str, Any]:

@@ -1,10 +1,14 @@
-"""One settings object for civicdp, read from ``CIVICDP_``-prefixed environment variables."""
+"""One settings object for civicdp, read from ``CIVICDP_``-prefixed environment variables.
+
+``DATABASE_URL`` (no prefix, the common convention) puts the server state in
+PostgreSQL instead of the embedded SQLite file.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -14,6 +18,27 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CIVICDP_", extra="ignore")
 
     data_dir: Path = Field(default=Path("data"), description="Where datasets and server state live")
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "CIVICDP_DATABASE_URL"),
+        description="SQLAlchemy URL of the state database (default: SQLite in data_dir)")
     max_epsilon: float = Field(default=10.0, gt=0, description="Largest privacy loss one query may ask")
     auto_fraction: float = Field(default=0.1, gt=0, lt=1,
                                  description="Share of a query's loss spent choosing its contribution bound")
+    host: str = Field(default="127.0.0.1", description="Address the server listens on")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port the server listens on")
+    secret_file: Path | None = Field(
+        default=None, description="File holding the server's key-hashing secret (default: data_dir/server.secret)")
+    analyst_month_epsilon: float = Field(default=1.0, gt=0, description="Default analyst x dataset x month cap")
+    agency_month_epsilon: float = Field(default=2.0, gt=0, description="Default agency x dataset x month cap")
+    dataset_month_epsilon: float = Field(default=3.0, gt=0, description="Default dataset x month cap")
+    dataset_lifetime_epsilon: float = Field(default=4.0, gt=0, description="Default dataset lifetime cap")
+
+    @property
+    def state_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'civicdp.db').resolve()}"
+
+    @property
+    def secret_path(self) -> Path:
+        return self.secret_file or self.data_dir / "server.secret"

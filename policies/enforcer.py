@@ -1,0 +1,291 @@
+"""The policy store: Casbin decides who may do what, in which agency, on which object, up to which epsilon.
+
+:class:`PolicyStore` wraps a ``casbin.SyncedEnforcer`` built from ``model.conf`` (package
+data next to this module) and an optional storage adapter handed in by the server
+(``sqlalchemy_adapter.Adapter(engine)``; without one the rules live in memory). Every
+rule has the six fields ``subject-or-role, agency, object, action, cap, effect`` —
+exactly the adapter's ``v0..v5``; :meth:`PolicyStore.check_arity` refuses, at
+start-up and after every load, a model or stored rule of another width, because the
+adapter silently cuts longer rules. Requests are denied by default: an unknown
+action, an object never registered (see :mod:`policies.objects`), a subject without
+a matching grant, or an epsilon that is not a finite number above 0 is refused with a
+reason in plain words, and a deny rule always beats an allow rule. :meth:`check`
+returns a :class:`Decision` carrying the rule that decided, for the audit entry.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+
+import casbin
+from casbin.core_enforcer import EnforceContext
+from casbin.persist.adapter import Adapter
+
+from policies.actions import QUERY_ACTIONS, Action, Role
+from policies.caps import NO_CAP, epsilon_within, format_cap, parse_epsilon
+from policies.catalog import CatalogMixin
+from policies.errors import InvalidRuleValue, RuleArityMismatch
+from policies.objects import WILDCARD, validate_name
+
+#: The SQLAlchemy adapter stores a rule in columns v0..v5 and silently drops the rest.
+MAX_FIELDS = 6
+ALLOW, DENY = "allow", "deny"
+MODEL_TEXT = resources.files("policies").joinpath("model.conf").read_text(encoding="utf-8")
+#: Evaluates matcher m2 (allow rules, caps ignored): only to explain a refusal.
+_UNCAPPED = EnforceContext(rtype="r", ptype="p", etype="e", mtype="m2")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to one authorisation request.
+
+    ``rule`` is the rule that decided: the allow rule that matched, the deny rule that
+    forbade, or the allow rule whose per-query cap was exceeded; ``None`` when no rule
+    applies. ``rules`` holds every deciding rule (one per object for ``check_all``).
+    """
+
+    allowed: bool
+    rule: list[str] | None
+    reason: str
+    rules: list[list[str]] = field(default_factory=list)
+
+
+def _show(rule: Sequence[str]) -> str:
+    return "[" + ", ".join(rule) + "]"
+
+
+class PolicyStore(CatalogMixin):
+    """Rules, grants and object groups, and the enforcement of them."""
+
+    def __init__(self, adapter: Adapter | None = None, *, model_text: str = MODEL_TEXT) -> None:
+        self._adapter = adapter
+        self._enforcer = casbin.SyncedEnforcer(casbin.Enforcer.new_model(text=model_text), adapter)
+        self._enforcer.add_function("epsilon_within", epsilon_within)
+        self._lock = threading.RLock()
+        self._objects: frozenset[str] | None = None
+        self.check_arity()
+
+    # -- start-up and persistence ---------------------------------------------------------
+
+    def check_arity(self) -> None:
+        """Raise :class:`RuleArityMismatch` unless every definition and rule fits 6 fields exactly as defined."""
+        model = self._enforcer.get_model()
+        for sec in ("p", "g"):
+            for ptype, assertion in model[sec].items():
+                width = len(assertion.tokens)
+                if width > MAX_FIELDS:
+                    raise RuleArityMismatch(
+                        f"The model defines {ptype} with {width} fields, but the policy storage keeps at most "
+                        f"{MAX_FIELDS} (v0..v5) and would silently cut the rest; shorten the definition.",
+                        ptype=ptype, expected=MAX_FIELDS, found=width)
+                for rule in assertion.policy:
+                    if len(rule) != width:
+                        raise RuleArityMismatch(
+                            f"The stored {ptype} rule {_show(rule)} has {len(rule)} fields but the model defines "
+                            f"{width}; fix or remove it before starting (at most {MAX_FIELDS} fields are stored).",
+                            ptype=ptype, expected=width, found=len(rule))
+
+    def save(self) -> None:
+        """Write every rule to the adapter (replacing what it holds); nothing without an adapter.
+
+        Changes are already saved one by one as they are made; this is for a bulk rewrite.
+        """
+        if self._adapter is not None:
+            self._enforcer.save_policy()
+
+    def load(self) -> None:
+        """Reload every rule from the adapter (e.g. after another process changed them), then check arity."""
+        if self._adapter is not None:
+            with self._lock:
+                self._enforcer.load_policy()
+                self._objects = None
+        self.check_arity()
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def check(self, subject: str, agency: str, obj: str, action: Action | str,
+              epsilon: float | None = None) -> Decision:
+        """May ``subject``, acting in ``agency``, do ``action`` on ``obj`` (spending ``epsilon``)?
+
+        Query actions need the epsilon the query would spend; it must be a finite number
+        above 0 and within the cap of the rule that allows it.
+        """
+        try:
+            act = Action(action)
+        except ValueError:
+            return Decision(False, None, f"unknown action {action!r}")
+        if act in QUERY_ACTIONS and epsilon is None:
+            return Decision(False, None, f"{act} needs the epsilon the query would spend")
+        if epsilon is not None and parse_epsilon(epsilon) is None:
+            return Decision(False, None,
+                            f"the requested epsilon {epsilon!r} is not a finite number greater than 0")
+        if subject == WILDCARD or subject in Role._value2member_map_:
+            return Decision(False, None, f"{subject!r} is not a subject: roles and '*' are granted, they do not ask")
+        if obj not in self._known_objects():
+            # Also keeps Casbin's role managers from growing with every unknown name a request makes up.
+            return Decision(False, None, f"{obj!r} is not a registered object")
+        request = (subject, agency, obj, act.value, "" if epsilon is None else epsilon)
+        allowed, rule = self._enforce(*request)
+        if allowed:
+            return Decision(True, list(rule), f"rule {_show(rule)} allows {subject!r} to {act} on {obj!r} "
+                                              f"in agency {agency!r}", [list(rule)])
+        if rule:  # with "deny overrides", a refusal with a matched rule is a deny rule
+            return Decision(False, list(rule), f"rule {_show(rule)} forbids {subject!r} to {act} on {obj!r} "
+                                               f"in agency {agency!r}", [list(rule)])
+        _, capped = self._enforce(_UNCAPPED, *request)
+        if capped:
+            cap = capped[4]
+            reason = (f"the per-query cap {cap} is below the requested epsilon {epsilon}" if epsilon is not None
+                      else f"the per-query cap {cap} applies but no epsilon was given")
+            return Decision(False, list(capped), f"{reason} (rule {_show(capped)}, {act} on {obj!r})",
+                            [list(capped)])
+        return Decision(False, None, f"no rule allows {subject!r} ({self._describe_roles(subject)}) to {act} "
+                                     f"on {obj!r} in agency {agency!r}")
+
+    def _enforce(self, *request: object) -> tuple[bool, list[str]]:
+        # One decision at a time: Casbin evaluates matchers by parsing them with Python's
+        # ast module, and CPython 3.11 can fail ("AST constructor recursion depth
+        # mismatch") when threads parse at once. A decision takes under a millisecond.
+        with self._lock:
+            return self._enforcer.enforce_ex(*request)  # type: ignore[no-any-return]
+
+    def check_all(self, subject: str, agency: str, objects: Iterable[str], action: Action | str,
+                  epsilon: float | None = None) -> Decision:
+        """:meth:`check` every object (the dataset, then each column a query reads).
+
+        Returns the first refusal, or an allowed decision whose ``rules`` lists the rule
+        that allowed each object. An empty list of objects is refused.
+        """
+        decisions: list[Decision] = []
+        for obj in objects:
+            decision = self.check(subject, agency, obj, action, epsilon)
+            if not decision.allowed:
+                return decision
+            decisions.append(decision)
+        if not decisions:
+            return Decision(False, None, "there is nothing to authorise: no object was named")
+        rules: list[list[str]] = []
+        for decision in decisions:
+            if decision.rule is not None and decision.rule not in rules:
+                rules.append(decision.rule)
+        return Decision(True, decisions[0].rule, "; ".join(d.reason for d in decisions), rules)
+
+    # -- grants ---------------------------------------------------------------------------
+
+    def grant(self, subject: str, role: Role | str, agency: str) -> bool:
+        """Give ``subject`` ``role`` in ``agency`` (``*``: every agency); False if already held."""
+        rule = [self._subject(subject), self._role(role), validate_name("agency", agency)]
+        return self._change(lambda: self._enforcer.add_named_grouping_policy("g", *rule))
+
+    def revoke(self, subject: str, role: Role | str, agency: str) -> bool:
+        """Take ``role`` in ``agency`` away from ``subject``; False if it was not held."""
+        rule = [subject, self._role(role), agency]
+        return self._change(lambda: self._enforcer.remove_named_grouping_policy("g", *rule))
+
+    def roles_of(self, subject: str) -> list[tuple[Role, str]]:
+        """The roles granted to ``subject`` directly, as ``(role, agency)`` pairs."""
+        rows = self._enforcer.get_filtered_named_grouping_policy("g", 0, subject)
+        return sorted((Role(row[1]), row[2]) for row in rows if row[1] in Role._value2member_map_)
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def allow(self, subject_or_role: str, agency: str, obj: str, action: Action | str,
+              cap: float | str = NO_CAP) -> bool:
+        """Add an allow rule (``cap``: the largest epsilon per query, ``*`` for none); False if present."""
+        validate_name("object", obj)
+        if obj == WILDCARD:
+            raise InvalidRuleValue("object", obj, "an allow rule must name an object or a group; "
+                                                  "'*' is only for deny rules")
+        return self._add(subject_or_role, agency, obj, action, format_cap(cap), ALLOW)
+
+    def deny(self, subject_or_role: str, agency: str, obj: str, action: Action | str,
+             cap: float | str = NO_CAP) -> bool:
+        """Add a deny rule, which beats every allow rule (``obj`` may be ``*``); False if present."""
+        if cap != NO_CAP:
+            raise InvalidRuleValue("cap", cap, "a deny rule refuses whatever epsilon is asked; leave the cap '*'")
+        return self._add(subject_or_role, agency, obj, action, NO_CAP, DENY)
+
+    def remove_rule(self, subject_or_role: str, agency: str, obj: str, action: Action | str,
+                    cap: float | str = NO_CAP, effect: str = ALLOW) -> bool:
+        """Remove one rule (``store.remove_rule(*rule)`` works on a row of :meth:`rules`); False if absent."""
+        try:
+            cap_field = format_cap(cap)
+        except InvalidRuleValue:
+            return False
+        rule = [subject_or_role, agency, obj, str(action), cap_field, effect]
+        return self._change(lambda: self._enforcer.remove_named_policy("p", *rule))
+
+    def rules(self) -> list[list[str]]:
+        """Every rule, as ``[subject_or_role, agency, object, action, cap, effect]``."""
+        return [list(rule) for rule in self._enforcer.get_named_policy("p")]
+
+    # -- object groups --------------------------------------------------------------------
+
+    def assign(self, obj: str, group: str, agency: str = WILDCARD) -> bool:
+        """Put ``obj`` in ``group`` for ``agency`` (``*``: every agency); False if already there."""
+        link = [validate_name("object", obj), validate_name("group", group), validate_name("agency", agency)]
+        if WILDCARD in (obj, group):
+            raise InvalidRuleValue("group link", link, "'*' alone is not an object or a group")
+        return self._change(lambda: self._enforcer.add_named_grouping_policy("g2", *link))
+
+    def unassign(self, obj: str, group: str, agency: str = WILDCARD) -> bool:
+        """Take ``obj`` out of ``group`` for ``agency``; False if it was not in it."""
+        return self._change(lambda: self._enforcer.remove_named_grouping_policy("g2", obj, group, agency))
+
+    def groups_of(self, obj: str, agency: str = WILDCARD) -> list[str]:
+        """The groups ``obj`` is assigned to directly, in exactly ``agency``."""
+        rows = self._enforcer.get_filtered_named_grouping_policy("g2", 0, obj)
+        return sorted(row[1] for row in rows if row[2] == agency)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _add(self, subject_or_role: str, agency: str, obj: str, action: Action | str, cap: str,
+             effect: str) -> bool:
+        try:
+            act = Action(action).value
+        except ValueError:
+            raise InvalidRuleValue("action", action, "not one of the actions in policies.actions") from None
+        if subject_or_role == WILDCARD:
+            raise InvalidRuleValue("subject or role", subject_or_role, "name an account or a role, not '*'")
+        rule = [validate_name("subject or role", subject_or_role), validate_name("agency", agency),
+                validate_name("object", obj), act, cap, effect]
+        return self._change(lambda: self._enforcer.add_named_policy("p", *rule))
+
+    def _change(self, mutate: Callable[[], bool]) -> bool:
+        with self._lock:
+            changed = bool(mutate())
+            self._objects = None
+            return changed
+
+    def _known_objects(self) -> frozenset[str]:
+        """Objects a request may name: group members and objects named by rules, but no bare group."""
+        with self._lock:
+            if self._objects is None:
+                links = self._enforcer.get_named_grouping_policy("g2")
+                members = {link[0] for link in links}
+                groups = {link[1] for link in links} - members
+                named = {rule[2] for rule in self._enforcer.get_named_policy("p")}
+                self._objects = frozenset((members | (named - groups)) - {WILDCARD})
+            return self._objects
+
+    def _describe_roles(self, subject: str) -> str:
+        held = self.roles_of(subject)
+        return ", ".join(f"{role} in {agency}" for role, agency in held) if held else "no roles"
+
+    @staticmethod
+    def _subject(subject: str) -> str:
+        validate_name("subject", subject)
+        if subject == WILDCARD or subject in Role._value2member_map_:
+            raise InvalidRuleValue("subject", subject, "a subject is an account (e.g. 'account:7'), "
+                                                       "not '*' or a role name")
+        return subject
+
+    @staticmethod
+    def _role(role: Role | str) -> str:
+        try:
+            return Role(role).value
+        except ValueError:
+            raise InvalidRuleValue("role", role, "not one of the roles in policies.actions") from None

@@ -1,0 +1,134 @@
+"""The analyst's Python client for a civicdp server.
+
+Example::
+
+    from queries.client import Client
+
+    client = Client("http://127.0.0.1:8000", api_key="cdp_...")
+    client.datasets()                                     # what you may query
+    client.estimate({"dataset": "civic-demo", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1})
+    frame = client.run({"dataset": "civic-demo", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1})
+    frame.attrs["epsilon"], frame.attrs["budgets"]        # loss charged, budget left
+
+Errors mirror the server's:
+
+    ClientError
+    ├── Unauthenticated    401: missing, unknown, expired or revoked key
+    ├── AccessDenied       403: a policy refused (``rule`` says which)
+    ├── NotFound           404
+    ├── BudgetExhausted    409: which scope, how much is left, when it renews
+    ├── InvalidQuery       422: which field and how to fix it
+    └── ServerUnavailable  503 and other server-side failures
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pandas as pd
+
+
+class ClientError(Exception):
+    """A request the server refused; ``body`` is the server's error document."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status = status
+        self.body = body
+        self.code = body.get("error", "error")
+        super().__init__(body.get("detail") or f"HTTP {status}")
+
+
+class Unauthenticated(ClientError):
+    pass
+
+
+class AccessDenied(ClientError):
+    @property
+    def rule(self) -> list[str] | None:
+        return self.body.get("rule")
+
+
+class NotFound(ClientError):
+    pass
+
+
+class BudgetExhausted(ClientError):
+    @property
+    def remaining(self) -> float | None:
+        """Epsilon left in the scope that refused."""
+        return self.body.get("remaining_epsilon")
+
+    @property
+    def renews_at(self) -> str | None:
+        return self.body.get("renews_at")
+
+
+class InvalidQuery(ClientError):
+    @property
+    def field(self) -> str | None:
+        return self.body.get("field")
+
+
+class ServerUnavailable(ClientError):
+    pass
+
+
+_ERRORS = {401: Unauthenticated, 403: AccessDenied, 404: NotFound, 409: BudgetExhausted, 422: InvalidQuery}
+
+
+class Client:
+    """A connection to a civicdp server with one API key."""
+
+    def __init__(self, url: str, api_key: str, *, timeout: float = 120.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._http = httpx.Client(base_url=url.rstrip("/") + "/v1", timeout=timeout, transport=transport,
+                                  headers={"Authorization": f"Bearer {api_key}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"error": "error", "detail": response.text}
+            raise _ERRORS.get(response.status_code, ServerUnavailable)(response.status_code, body)
+        return response.json()
+
+    def datasets(self) -> list[dict[str, Any]]:
+        """The datasets you may use, with their public metadata."""
+        return self._call("GET", "/datasets")
+
+    def estimate(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Cost and predicted accuracy of ``spec``; free, reads no data."""
+        return self._call("POST", "/queries/estimate", json=spec)
+
+    def run(self, spec: dict[str, Any]) -> pd.DataFrame:
+        """The private answer as a DataFrame (value, ci_low, ci_high per cell).
+
+        ``.attrs`` holds ``epsilon`` (the release's loss), ``charged`` (what this call
+        cost: 0 when the stored answer to an identical question was returned),
+        ``cached``, ``contributions``, ``confidence``, ``release_id`` and ``budgets``.
+        """
+        answer = self._call("POST", "/queries", json=spec)
+        frame = pd.DataFrame(answer["rows"], columns=answer["columns"])
+        frame.attrs.update({
+            "epsilon": answer["loss"]["epsilon"], "delta": answer["loss"]["delta"],
+            "charged": answer["charged"]["epsilon"], "cached": answer["cached"],
+            "contributions": answer["contributions"], "confidence": answer["confidence"],
+            "release_id": answer["release_id"], "budgets": answer["budgets"], "notes": answer["notes"],
+        })
+        return frame
+
+    def budgets(self, dataset: str | None = None) -> list[dict[str, Any]]:
+        """Your budgets: spent and remaining per scope."""
+        return self._call("GET", "/budgets", params={"dataset": dataset} if dataset else None)

@@ -1,0 +1,96 @@
+"""Domain errors mapped to HTTP responses, in one place.
+
+Every error body has the same shape: ``{"error": code, "detail": text, ...fields}``.
+Texts depend on the request and the public state (policies, budgets), never on the
+data: the same status and shape whether a filter matches 0 or 100,000 rows.
+
+Mapping::
+
+    AuthenticationFailed  -> 401 unauthenticated  (one text for every cause)
+    AccessDenied          -> 403 forbidden        (which rule or reason)
+    NotFound              -> 404 not_found
+    BudgetRefused         -> 409 budget_exhausted (scope, remaining, renews_at)
+    QueryError            -> 422 invalid_query    (field, problem, fix)
+    request validation    -> 422 invalid_request  (field, problem)
+    DatasetUnavailable    -> 503 dataset_unavailable
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from privacy.errors import InvalidLoss
+from queries.errors import DatasetUnavailable, QueryError
+from server.auth import AuthenticationFailed
+from server.ledger import BudgetRefused
+
+
+class AccessDenied(Exception):
+    """The policy store refused the request."""
+
+    def __init__(self, reason: str, rule: list[str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.rule = rule
+
+
+class NotFound(Exception):
+    """A named thing that does not exist (or that the caller may not see)."""
+
+
+class Conflict(Exception):
+    """A change that clashes with the current state (e.g. a name already taken)."""
+
+
+def _body(code: str, detail: str, **fields: Any) -> dict[str, Any]:
+    return {"error": code, "detail": detail, **fields}
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn domain errors into responses."""
+
+    @app.exception_handler(AuthenticationFailed)
+    async def _unauthenticated(_: Request, exc: AuthenticationFailed) -> JSONResponse:
+        # One text for every cause, so callers cannot probe which keys exist.
+        return JSONResponse(_body("unauthenticated", "A valid API key is required: send it as "
+                                  "'Authorization: Bearer <key>'. Keys that are unknown, expired "
+                                  "or revoked are refused."), status_code=401,
+                            headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(AccessDenied)
+    async def _forbidden(_: Request, exc: AccessDenied) -> JSONResponse:
+        return JSONResponse(_body("forbidden", exc.reason, rule=exc.rule), status_code=403)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse(_body("not_found", str(exc)), status_code=404)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse(_body("conflict", str(exc)), status_code=409)
+
+    @app.exception_handler(BudgetRefused)
+    async def _budget(_: Request, exc: BudgetRefused) -> JSONResponse:
+        return JSONResponse({**exc.as_dict(), **_body("budget_exhausted", str(exc))}, status_code=409)
+
+    @app.exception_handler(QueryError)
+    async def _invalid_query(_: Request, exc: QueryError) -> JSONResponse:
+        if isinstance(exc, DatasetUnavailable):
+            return JSONResponse(_body("dataset_unavailable", str(exc)), status_code=503)
+        return JSONResponse({**exc.as_dict(), **_body("invalid_query", str(exc))}, status_code=422)
+
+    @app.exception_handler(InvalidLoss)
+    async def _invalid_loss(_: Request, exc: InvalidLoss) -> JSONResponse:
+        return JSONResponse(_body("invalid_query", str(exc), field="epsilon", problem=str(exc),
+                                  fix="Give a finite privacy loss greater than 0"), status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse(_body("invalid_request", f"{where or 'request'}: {first.get('msg')}",
+                                  field=where, problem=str(first.get("msg"))), status_code=422)

@@ -1,0 +1,120 @@
+"""What the server stores (SQLModel): accounts, API keys, datasets, budgets, the
+ledger, releases and the record of governance changes.
+
+Amounts of privacy loss are integers in micro-epsilon (``privacy.loss.MICRO``), so
+sums are exact and a cap of 0.3 holds three charges of 0.1. HTTP schemas live in
+``server/schemas.py`` and never expose key hashes or table internals.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Account(SQLModel, table=True):
+    """A person or service that calls the API. Roles are granted per agency in the policy store."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=100)
+    agency: str = Field(index=True, max_length=100)
+    created_at: datetime = Field(default_factory=utcnow)
+    disabled: bool = False
+
+
+class ApiKey(SQLModel, table=True):
+    """An API key: a public lookup prefix and the HMAC-SHA256 of its secret, never the secret."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int = Field(foreign_key="account.id", index=True)
+    prefix: str = Field(index=True, unique=True, max_length=32)
+    secret_hash: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class Dataset(SQLModel, table=True):
+    """A registered dataset: where its Parquet files are and its public metadata."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=100)
+    version: str = Field(max_length=100)
+    path: str
+    metadata_json: str = Field(sa_column=Column(Text, nullable=False))
+    registered_at: datetime = Field(default_factory=utcnow)
+
+
+class BudgetCap(SQLModel, table=True):
+    """The cap of one kind of scope on one dataset, set by a steward.
+
+    ``subject`` is an account name (scope ``analyst``), an agency (scope ``agency``) or
+    ``*`` for the default of that kind; ``dataset`` and ``lifetime`` scopes use ``*``.
+    """
+
+    __table_args__ = (UniqueConstraint("dataset", "scope", "subject"),)
+    id: int | None = Field(default=None, primary_key=True)
+    dataset: str = Field(index=True, max_length=100)
+    scope: str = Field(max_length=20)  # analyst | agency | dataset | lifetime
+    subject: str = Field(max_length=100)
+    cap_micro: int = Field(sa_column=Column(BigInteger, nullable=False))
+
+
+class Budget(SQLModel, table=True):
+    """One scope's spending in one period: the row the conditional charge updates."""
+
+    __table_args__ = (UniqueConstraint("dataset", "scope", "subject", "period"),)
+    id: int | None = Field(default=None, primary_key=True)
+    dataset: str = Field(index=True, max_length=100)
+    scope: str = Field(max_length=20)
+    subject: str = Field(max_length=100)
+    period: str = Field(max_length=20)  # "2026-11" for monthly scopes, "lifetime"
+    cap_micro: int = Field(sa_column=Column(BigInteger, nullable=False))
+    spent_micro: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+
+
+class LedgerEntry(SQLModel, table=True):
+    """One charge against one budget row, written in the transaction that releases."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    budget_id: int = Field(foreign_key="budget.id", index=True)
+    release_id: int | None = Field(default=None, foreign_key="release.id", index=True)
+    account_id: int | None = Field(default=None, foreign_key="account.id")
+    amount_micro: int = Field(sa_column=Column(BigInteger, nullable=False))
+    spent_before_micro: int = Field(sa_column=Column(BigInteger, nullable=False))
+    spent_after_micro: int = Field(sa_column=Column(BigInteger, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Release(SQLModel, table=True):
+    """A released answer, stored so an identical question gets the same answer for free."""
+
+    __table_args__ = (UniqueConstraint("dataset", "dataset_version", "query_hash"),)
+    id: int | None = Field(default=None, primary_key=True)
+    dataset: str = Field(index=True, max_length=100)
+    dataset_version: str = Field(max_length=100)
+    query_hash: str = Field(max_length=64)
+    canonical_query: str = Field(sa_column=Column(Text, nullable=False))
+    loss_micro: int = Field(sa_column=Column(BigInteger, nullable=False))
+    result_json: str = Field(sa_column=Column(Text, nullable=False))
+    result_hash: str = Field(max_length=64)
+    account_id: int | None = Field(default=None, foreign_key="account.id")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ChangeRecord(SQLModel, table=True):
+    """A governance change or refusal, recorded with who made it (the audit log builds on this)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    account_id: int | None = Field(default=None, foreign_key="account.id")
+    action: str = Field(index=True, max_length=60)
+    target: str = Field(max_length=200)
+    decision: str = Field(default="allowed", max_length=20)
+    detail_json: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
+    created_at: datetime = Field(default_factory=utcnow)

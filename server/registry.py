@@ -1,0 +1,55 @@
+"""The dataset registry: which datasets the server serves, and their public metadata."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from sqlmodel import Session, select
+
+from queries.metadata import DatasetMetadata, load_metadata, parse_metadata
+from server.errors import Conflict, NotFound
+from server.models import Dataset
+
+
+def register(session: Session, folder: Path) -> Dataset:
+    """Register (or update to a new version) the dataset in ``folder``; metadata is validated."""
+    folder = Path(folder).resolve()
+    metadata = load_metadata(folder)
+    for table in metadata.tables.values():
+        if not (folder / table.path).exists():
+            raise NotFound(f"the dataset's table file {table.path} is not in {folder}")
+    row = session.exec(select(Dataset).where(Dataset.name == metadata.name)).first()
+    document = metadata.model_dump_json()
+    if row is None:
+        row = Dataset(name=metadata.name, version=metadata.version, path=str(folder), metadata_json=document)
+    elif row.version == metadata.version and row.metadata_json != document:
+        raise Conflict(f"dataset '{metadata.name}' version {metadata.version} is registered with other "
+                       "metadata; give the new metadata a new version")
+    else:
+        row.version, row.path, row.metadata_json = metadata.version, str(folder), document
+    session.add(row)
+    session.flush()
+    return row
+
+
+def get(session: Session, name: str) -> Dataset:
+    row = session.exec(select(Dataset).where(Dataset.name == name)).first()
+    if row is None:
+        raise NotFound(f"no dataset named '{name}'; list them with GET /v1/datasets")
+    return row
+
+
+def all_datasets(session: Session) -> list[Dataset]:
+    return list(session.exec(select(Dataset).order_by(Dataset.name)))
+
+
+@lru_cache(maxsize=64)
+def _parsed(document: str) -> DatasetMetadata:
+    return parse_metadata(json.loads(document))
+
+
+def metadata_of(row: Dataset) -> DatasetMetadata:
+    """The parsed metadata of a registered dataset (cached per version)."""
+    return _parsed(row.metadata_json)

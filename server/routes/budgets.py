@@ -1,0 +1,39 @@
+"""Budgets: your own remaining budget; every budget for stewards and oversight."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from policies.actions import Action
+from datetime import datetime, timezone
+
+from server import admin, ledger, registry
+from server.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
+from server.routes.common import errors
+from server.schemas import BudgetCapSet, BudgetOut
+
+router = APIRouter(prefix="/budgets", tags=["budgets"])
+
+
+@router.get("", response_model=list[BudgetOut], responses=errors(401, 403),
+            summary="Budgets: yours, or all of them (stewards and oversight, with `all=true`)")
+def list_budgets(caller: CurrentCaller, state: StateDep, session: ReadSession, dataset: str | None = None,
+                 all: bool = False) -> list[BudgetOut]:  # noqa: A002 - a query parameter name
+    if all:
+        authorize(state, caller, Action.BUDGET_READ_ALL, "server")
+        return [BudgetOut(**b.as_dict()) for b in ledger.budgets_for(session, dataset)]
+    authorize(state, caller, Action.BUDGET_READ_OWN, "server")
+    views = []
+    for name in [dataset] if dataset else [row.name for row in registry.all_datasets(session)]:
+        scopes = ledger.scopes_for(name, caller.name, caller.agency, datetime.now(timezone.utc))
+        # Your own scopes only: the analyst scope, and the shared ones you draw on.
+        views += [BudgetOut(**b.as_dict()) for b in ledger.statuses(session, name, scopes, defaults=state.caps)]
+    return views
+
+
+@router.put("/caps", response_model=BudgetCapSet, responses=errors(401, 403, 404, 422),
+            summary="Set a budget cap (stewards)")
+def set_cap(body: BudgetCapSet, caller: CurrentCaller, state: StateDep, session: WriteSession) -> BudgetCapSet:
+    authorize(state, caller, Action.BUDGET_MANAGE, "server")
+    admin.set_cap(session, caller, body.dataset, body.scope, body.subject, body.epsilon)
+    return body

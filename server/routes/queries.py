@@ -1,0 +1,31 @@
+"""Estimating and running queries."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body
+from starlette.concurrency import run_in_threadpool
+
+from queries.spec import QuerySpec
+from server.deps import CurrentCaller, StateDep
+from server.routes.common import errors
+from server.schemas import EstimateOut, QueryResultOut
+
+router = APIRouter(prefix="/queries", tags=["queries"])
+
+EXAMPLE = {"dataset": "civic-demo", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1}
+SpecBody = Annotated[QuerySpec, Body(description="A query spec", examples=[EXAMPLE])]
+
+
+@router.post("/estimate", response_model=EstimateOut, responses=errors(401, 403, 404, 422),
+             summary="Cost and predicted accuracy of a query, free and without reading data")
+async def estimate(spec: SpecBody, caller: CurrentCaller, state: StateDep) -> EstimateOut:
+    return await run_in_threadpool(state.queries.estimate, caller, spec)
+
+
+@router.post("", response_model=QueryResultOut, responses=errors(401, 403, 404, 409, 422, 503),
+             summary="Run a query: the private answer, charged to your budgets before it is returned")
+async def run(spec: SpecBody, caller: CurrentCaller, state: StateDep) -> QueryResultOut:
+    return await run_in_threadpool(state.queries.run, caller, spec)
+

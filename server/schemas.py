@@ -1,0 +1,133 @@
+"""HTTP schemas: what the API accepts and returns. Never key hashes or table internals."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from policies.actions import Role
+
+
+class Loss(BaseModel):
+    epsilon: float = Field(description="Privacy loss (pure differential privacy)")
+    delta: float = 0.0
+
+
+class BudgetOut(BaseModel):
+    dataset: str
+    scope: str = Field(description="analyst, agency, dataset (per period) or lifetime")
+    subject: str
+    period: str = Field(description="Calendar month (UTC) such as 2026-11, or 'lifetime'")
+    cap_epsilon: float
+    spent_epsilon: float
+    remaining_epsilon: float
+    cap_micro: int = Field(description="Exact amounts in micro-epsilon")
+    spent_micro: int
+    remaining_micro: int
+    renews_at: datetime | None = Field(default=None, description="When a monthly budget starts afresh")
+
+
+class DatasetOut(BaseModel):
+    name: str
+    version: str
+    description: str
+    privacy_unit: str
+    max_contributions: int
+    tables: dict[str, Any] = Field(description="Public metadata: columns, key sets and bounds")
+
+
+class EstimateOut(BaseModel):
+    dataset: str
+    loss: Loss
+    contributions: int | str
+    confidence: float
+    mechanisms: list[dict[str, Any]]
+    accuracy: dict[str, Any]
+    notes: list[str]
+    cached: bool = Field(description="An identical question was answered before: running it costs nothing")
+
+
+class QueryResultOut(BaseModel):
+    release_id: int
+    dataset: str
+    dataset_version: str
+    cached: bool = Field(description="The stored answer to an identical earlier question; nothing was charged")
+    charged: Loss = Field(description="What this request charged (zero when cached)")
+    loss: Loss = Field(description="The privacy loss of the release itself")
+    contributions: int
+    confidence: float
+    columns: list[str]
+    rows: list[dict[str, Any]] = Field(description="One row per cell: group keys, value, ci_low, ci_high")
+    mechanisms: list[dict[str, Any]]
+    notes: list[str]
+    budgets: list[BudgetOut] = Field(description="The caller's budgets on this dataset after the charge")
+
+
+class ReleaseOut(BaseModel):
+    id: int
+    dataset: str
+    dataset_version: str
+    query: dict[str, Any]
+    loss: Loss
+    result_hash: str
+    created_at: datetime
+
+
+class AccountCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
+    agency: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class AccountOut(BaseModel):
+    name: str
+    agency: str
+    disabled: bool
+    roles: list[dict[str, str]]
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    expires_in_days: int | None = Field(default=90, ge=1, le=3650)
+
+
+class KeyOut(BaseModel):
+    prefix: str
+    account: str
+    expires_at: datetime | None
+    api_key: str | None = Field(default=None, description="The secret key: shown once, at creation")
+
+
+class RoleGrant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Role
+    agency: str = Field(min_length=1, max_length=100, pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]*)$")
+
+
+class PolicyRule(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    subject: str = Field(min_length=1, max_length=100)
+    agency: str = Field(min_length=1, max_length=100)
+    object: str = Field(min_length=1, max_length=200)
+    action: str = Field(min_length=1, max_length=40)
+    cap: str = Field(default="*", max_length=20, pattern=r"^(\*|[0-9]+(\.[0-9]+)?)$")
+    effect: str = Field(default="allow", pattern=r"^(allow|deny)$")
+
+
+class DatasetRegister(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(min_length=1, max_length=1000, description="Folder with metadata.json and Parquet files, on the server")
+
+
+class BudgetCapSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dataset: str = Field(min_length=1, max_length=100)
+    scope: str = Field(pattern=r"^(analyst|agency|dataset|lifetime)$")
+    subject: str = Field(default="*", min_length=1, max_length=100)
+    epsilon: float = Field(gt=0, le=1000, allow_inf_nan=False)
+
+
+class Health(BaseModel):
+    status: str

@@ -1,0 +1,195 @@
+"""The request flow of a query, from an authenticated caller to a released answer.
+
+authorise (Casbin) -> validate and plan (cost known, no data read) -> a stored
+release of the identical question? return it, free -> pre-check the budgets ->
+compute the private answer -> in ONE transaction: store the release, charge every
+budget scope with a conditional update, record the use -> answer. If the charge is
+refused the transaction rolls back and the computed answer is discarded: nothing
+leaves without its charge and its record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import Engine as DbEngine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from policies.actions import Action
+from policies.enforcer import PolicyStore
+from queries.engine import Engine, Plan
+from queries.spec import QuerySpec, parse_spec
+from server import ledger, registry
+from server.db import reader, session_scope
+from server.errors import AccessDenied
+from server.models import Account, ChangeRecord, Release
+from server.schemas import BudgetOut, EstimateOut, Loss, QueryResultOut
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated account."""
+
+    account_id: int
+    name: str
+    agency: str
+
+    @property
+    def subject(self) -> str:
+        return subject_of(self.name)
+
+
+def subject_of(account_name: str) -> str:
+    return f"account:{account_name}"
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def record(session: Session, caller: Caller | None, action: str, target: str, decision: str = "allowed",
+           **detail: Any) -> None:
+    """Record a use, change or refusal (the audit log builds on these records)."""
+    session.add(ChangeRecord(account_id=caller.account_id if caller else None, action=action, target=target,
+                             decision=decision, detail_json=canonical_json(detail)))
+
+
+class QueryService:
+    """Estimates and runs queries for authenticated callers."""
+
+    def __init__(self, db: DbEngine, engine: Engine, policies: PolicyStore, caps: ledger.CapDefaults) -> None:
+        self.db = db
+        self.engine = engine
+        self.policies = policies
+        self.caps = caps
+
+    # -- shared steps ---------------------------------------------------------------
+
+    def _plan(self, raw: Any) -> tuple[QuerySpec, Plan, Any]:
+        spec = parse_spec(raw)
+        if spec.dataset is None:
+            from queries.errors import QueryError
+
+            raise QueryError("dataset", "name the dataset to query", 'Add "dataset": "<name>" to the query')
+        with Session(reader(self.db)) as session:
+            row = registry.get(session, spec.dataset)
+        metadata = registry.metadata_of(row)
+        plan = self.engine.plan(spec, metadata, Path(row.path))
+        return spec, plan, row
+
+    def authorise(self, caller: Caller, plan: Plan, action: Action) -> None:
+        spec = plan.spec
+        columns = {c for c in [spec.column, *(g.column for g in plan.context.group_by),
+                               *(f.column for f in plan.context.filters)] if c}
+        # The dataset first, so a deny rule on it blocks every query of its columns too.
+        objects = [f"dataset:{spec.dataset}", *(f"column:{spec.dataset}/{c}" for c in sorted(columns))]
+        decision = self.policies.check_all(caller.subject, caller.agency, objects, action,
+                                           plan.loss.as_dict()["epsilon"])
+        if not decision.allowed:
+            with session_scope(self.db) as session:
+                record(session, caller, action.value, str(spec.dataset), "denied", reason=decision.reason,
+                       query=json.loads(spec.canonical()))
+            raise AccessDenied(decision.reason, decision.rule)
+
+    @staticmethod
+    def _query_key(spec: QuerySpec) -> tuple[str, str]:
+        canonical = spec.canonical()
+        return canonical, sha256_text(canonical)
+
+    def _budgets(self, session: Session, caller: Caller, dataset: str) -> list[BudgetOut]:
+        scopes = ledger.scopes_for(dataset, caller.name, caller.agency, datetime.now(timezone.utc))
+        return [BudgetOut(**b.as_dict()) for b in ledger.statuses(session, dataset, scopes, defaults=self.caps)]
+
+    # -- estimate and run -------------------------------------------------------------
+
+    def estimate(self, caller: Caller, raw: Any) -> EstimateOut:
+        spec, plan, row = self._plan(raw)
+        self.authorise(caller, plan, Action.QUERY_ESTIMATE)
+        estimate = self.engine.estimate(spec, registry.metadata_of(row), Path(row.path))
+        _, query_hash = self._query_key(spec)
+        with Session(reader(self.db)) as session:
+            cached = self._stored(session, row.name, row.version, query_hash) is not None
+        return EstimateOut(dataset=row.name, loss=Loss(**estimate.loss.as_dict()),
+                           contributions=estimate.contributions, confidence=estimate.confidence,
+                           mechanisms=estimate.mechanisms, accuracy=estimate.accuracy, notes=estimate.notes,
+                           cached=cached)
+
+    def run(self, caller: Caller, raw: Any) -> QueryResultOut:
+        spec, plan, row = self._plan(raw)
+        self.authorise(caller, plan, Action.QUERY_RUN)
+        canonical, query_hash = self._query_key(spec)
+        with Session(reader(self.db)) as session:
+            stored = self._stored(session, row.name, row.version, query_hash)
+            if stored is None:
+                scopes = ledger.scopes_for(row.name, caller.name, caller.agency, datetime.now(timezone.utc))
+                ledger.precheck(session, row.name, scopes, plan.loss.micro_epsilon, defaults=self.caps)
+        if stored is not None:
+            return self._cached(caller, stored)
+        result = self.engine.run(spec, registry.metadata_of(row), Path(row.path))
+        body = {"columns": result.table.columns, "rows": result.table.to_dicts(),
+                "loss": result.loss.as_dict(), "contributions": result.contributions,
+                "confidence": result.confidence, "mechanisms": result.mechanisms, "notes": result.notes}
+        document = canonical_json(body)
+        try:
+            with session_scope(self.db) as session:
+                release = Release(dataset=row.name, dataset_version=row.version, query_hash=query_hash,
+                                  canonical_query=canonical, loss_micro=plan.loss.micro_epsilon,
+                                  result_json=document, result_hash=sha256_text(document),
+                                  account_id=caller.account_id)
+                session.add(release)
+                session.flush()
+                scopes = ledger.scopes_for(row.name, caller.name, caller.agency, datetime.now(timezone.utc))
+                ledger.charge(session, row.name, scopes, plan.loss.micro_epsilon, defaults=self.caps,
+                              account_id=caller.account_id, release_id=release.id)
+                record(session, caller, Action.QUERY_RUN.value, row.name, release_id=release.id,
+                       query_hash=query_hash, epsilon_micro=plan.loss.micro_epsilon,
+                       result_hash=release.result_hash)
+                budgets = self._budgets(session, caller, row.name)
+                release_id = release.id
+        except ledger.BudgetRefused as refused:
+            with session_scope(self.db) as session:
+                record(session, caller, Action.QUERY_RUN.value, row.name, "refused", reason=str(refused),
+                       query_hash=query_hash)
+            raise
+        except IntegrityError:
+            # The same question was released concurrently: answer with that release, free.
+            with Session(reader(self.db)) as session:
+                stored = self._stored(session, row.name, row.version, query_hash)
+            if stored is None:
+                raise
+            return self._cached(caller, stored)
+        return self._answer(release_id, row.name, row.version, body, cached=False, charged=body["loss"],
+                            budgets=budgets)
+
+    # -- stored releases -----------------------------------------------------------
+
+    @staticmethod
+    def _stored(session: Session, dataset: str, version: str, query_hash: str) -> Release | None:
+        return session.exec(select(Release).where(Release.dataset == dataset, Release.dataset_version == version,
+                                                  Release.query_hash == query_hash)).first()
+
+    def _cached(self, caller: Caller, stored: Release) -> QueryResultOut:
+        with session_scope(self.db) as session:
+            record(session, caller, Action.QUERY_RUN.value, stored.dataset, "cached", release_id=stored.id)
+            budgets = self._budgets(session, caller, stored.dataset)
+        return self._answer(stored.id, stored.dataset, stored.dataset_version, json.loads(stored.result_json),
+                            cached=True, charged={"epsilon": 0.0, "delta": 0.0}, budgets=budgets)
+
+    @staticmethod
+    def _answer(release_id: int | None, dataset: str, version: str, body: dict[str, Any], *, cached: bool,
+                charged: dict[str, float], budgets: list[BudgetOut]) -> QueryResultOut:
+        return QueryResultOut(release_id=release_id or 0, dataset=dataset, dataset_version=version, cached=cached,
+                              charged=Loss(**charged), loss=Loss(**body["loss"]),
+                              contributions=body["contributions"], confidence=body["confidence"],
+                              columns=body["columns"], rows=body["rows"], mechanisms=body["mechanisms"],
+                              notes=body["notes"], budgets=budgets)
