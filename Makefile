@@ -1,10 +1,10 @@
-# civicdp: `make demo` sets up and runs the tour; `make test` sets up and runs the suite.
+# civicdp: `make demo` sets up and starts the demo server; `make test` sets up and runs the suite.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo tour test test-fast bench clean
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml requirements.lock
 install: $(STAMP)
 
 demo: install
+	$(BIN)/civicdp demo --data data/demo
+
+tour: install
 	$(BIN)/civicdp tour --data data/demo
 
 test: install
@@ -26,6 +29,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python -m bench.w1 --people 200000
+	$(BIN)/python -m bench.w3 --people 200000
 
 clean:
 	rm -rf $(VENV) data/demo bench/out .pytest_cache .hypothesis

@@ -66,6 +66,9 @@ class PolicyStore(CatalogMixin):
         self._enforcer.add_function("epsilon_within", epsilon_within)
         self._lock = threading.RLock()
         self._objects: frozenset[str] | None = None
+        # Decisions are pure functions of the request and the rules: remember them until
+        # the rules change (every change clears this), so repeated requests cost a lookup.
+        self._decisions: dict[tuple[object, ...], tuple[bool, list[str]]] = {}
         self.check_arity()
 
     # -- start-up and persistence ---------------------------------------------------------
@@ -102,6 +105,7 @@ class PolicyStore(CatalogMixin):
             with self._lock:
                 self._enforcer.load_policy()
                 self._objects = None
+                self._decisions.clear()
         self.check_arity()
 
     # -- decisions ------------------------------------------------------------------------
@@ -150,7 +154,14 @@ class PolicyStore(CatalogMixin):
         # ast module, and CPython 3.11 can fail ("AST constructor recursion depth
         # mismatch") when threads parse at once. A decision takes under a millisecond.
         with self._lock:
-            return self._enforcer.enforce_ex(*request)  # type: ignore[no-any-return]
+            known = self._decisions.get(request)
+            if known is None:
+                allowed, rule = self._enforcer.enforce_ex(*request)
+                known = (bool(allowed), list(rule))
+                if len(self._decisions) > 100_000:  # bounded: requests can make up epsilons
+                    self._decisions.clear()
+                self._decisions[request] = known
+            return known[0], list(known[1])
 
     def check_all(self, subject: str, agency: str, objects: Iterable[str], action: Action | str,
                   epsilon: float | None = None) -> Decision:
@@ -258,6 +269,7 @@ class PolicyStore(CatalogMixin):
         with self._lock:
             changed = bool(mutate())
             self._objects = None
+            self._decisions.clear()
             return changed
 
     def _known_objects(self) -> frozenset[str]:

@@ -70,14 +70,14 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: 'Authorization: 
 def current_caller(state: StateDep,
                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
     presented = credentials.credentials if credentials else ""
-    with session_scope(state.db) as session:
-        try:
+    try:
+        with Session(reader(state.db)) as session:
             account = auth.verify_key(session, presented, state.secret, datetime.now(timezone.utc))
-        except auth.AuthenticationFailed as failure:
+            return Caller(account_id=account.id or 0, name=account.name, agency=account.agency)
+    except auth.AuthenticationFailed as failure:
+        with session_scope(state.db) as session:
             record(session, None, "auth.failed", "api", "denied", reason=failure.reason)
-            session.commit()
-            raise
-        return Caller(account_id=account.id or 0, name=account.name, agency=account.agency)
+        raise
 
 
 CurrentCaller = Annotated[Caller, Depends(current_caller)]

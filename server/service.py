@@ -24,6 +24,7 @@ from sqlmodel import Session, select
 from policies.actions import Action
 from policies.enforcer import PolicyStore
 from queries.engine import Engine, Plan
+from queries.errors import QueryError
 from queries.spec import QuerySpec, parse_spec
 from server import ledger, registry
 from server.db import reader, session_scope
@@ -72,19 +73,23 @@ class QueryService:
         self.engine = engine
         self.policies = policies
         self.caps = caps
+        self._plans: dict[tuple[str, ...], Plan] = {}
 
     # -- shared steps ---------------------------------------------------------------
 
     def _plan(self, raw: Any) -> tuple[QuerySpec, Plan, Any]:
         spec = parse_spec(raw)
         if spec.dataset is None:
-            from queries.errors import QueryError
-
             raise QueryError("dataset", "name the dataset to query", 'Add "dataset": "<name>" to the query')
         with Session(reader(self.db)) as session:
             row = registry.get(session, spec.dataset)
-        metadata = registry.metadata_of(row)
-        plan = self.engine.plan(spec, metadata, Path(row.path))
+        key = (spec.canonical(), row.name, row.version, row.path)
+        plan = self._plans.get(key)
+        if plan is None:  # planning is a pure function of the spec and the metadata
+            plan = self.engine.plan(spec, registry.metadata_of(row), Path(row.path))
+            if len(self._plans) >= 1024:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
         return spec, plan, row
 
     def authorise(self, caller: Caller, plan: Plan, action: Action) -> None:
