@@ -77,8 +77,8 @@ class PrivacyLoss:
         return math.ceil(self.epsilon * MICRO)
 
     def as_dict(self) -> dict[str, float]:
-        """Display form: 12 significant digits, so 0.39999999999964 shows as 0.4."""
-        return {"epsilon": float(f"{float(self.epsilon):.12g}"), "delta": float(f"{float(self.delta):.12g}")}
+        """Display form: 10 significant digits, so 0.39999999999964 shows as 0.4."""
+        return {"epsilon": float(f"{float(self.epsilon):.10g}"), "delta": float(f"{float(self.delta):.10g}")}
 
     def __str__(self) -> str:
         if self.delta:

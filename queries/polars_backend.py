@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,9 @@ class PolarsBackend:
 
     def __init__(self, cache_dir: Path | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._profiles: dict[tuple[str, int], np.ndarray] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
 
     # -- reading ---------------------------------------------------------------
 
@@ -50,13 +55,26 @@ class PolarsBackend:
         digest = hashlib.sha256(key.encode()).hexdigest()[:20]
         cache = self.cache_dir or Path(dataset_dir) / ".civicdp-cache"
         path = cache / f"{table}-{digest}.parquet"
-        if not path.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            ranked = self._rank(dataset_dir, metadata, table)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            ranked.sink_parquet(tmp, statistics=True)
-            tmp.replace(path)  # atomic: concurrent readers never see half a file
+        if path.exists():
+            return path
+        with self._lock_for(path):  # one writer per file in this process; others wait for it
+            if not path.exists():
+                cache.mkdir(parents=True, exist_ok=True)
+                # A name of its own per writer (other processes may be writing too), then an
+                # atomic rename: readers never see half a file.
+                handle, tmp = tempfile.mkstemp(dir=cache, prefix=f".{table}-", suffix=".tmp")
+                os.close(handle)
+                try:
+                    self._rank(dataset_dir, metadata, table).sink_parquet(tmp, statistics=True)
+                    os.replace(tmp, path)
+                finally:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
         return path
+
+    def _lock_for(self, path: Path) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(str(path), threading.Lock())
 
     def _rank(self, dataset_dir: Path, metadata: DatasetMetadata, table: str) -> pl.LazyFrame:
         meta = metadata.tables[table]
@@ -81,6 +99,14 @@ class PolarsBackend:
 
     def contribution_profile(self, dataset_dir: Path, metadata: DatasetMetadata, table: str,
                              limit: int) -> np.ndarray:
+        # The exact profile of a table file never changes; the private choice made from it
+        # draws fresh noise every time, so remembering the profile costs no privacy.
+        key = (str(self._ranked_path(dataset_dir, metadata, table)), limit)
+        if key not in self._profiles:
+            self._profiles[key] = self._profile(dataset_dir, metadata, table, limit)
+        return self._profiles[key].copy()
+
+    def _profile(self, dataset_dir: Path, metadata: DatasetMetadata, table: str, limit: int) -> np.ndarray:
         counts = (
             self.scan(dataset_dir, metadata, table)
             .filter(pl.col(RANK) <= limit)

@@ -11,7 +11,7 @@ Mapping::
     NotFound              -> 404 not_found
     BudgetRefused         -> 409 budget_exhausted (scope, remaining, renews_at)
     QueryError            -> 422 invalid_query    (field, problem, fix)
-    request validation    -> 422 invalid_request  (field, problem)
+    request validation    -> 422 invalid_request  (field, problem; also a body that is not JSON text)
     DatasetUnavailable    -> 503 dataset_unavailable
 """
 
@@ -20,9 +20,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from policies.errors import PolicyError
 from privacy.errors import InvalidLoss
 from queries.errors import DatasetUnavailable, QueryError
 from server.auth import AuthenticationFailed
@@ -87,6 +90,19 @@ def install(app: FastAPI) -> None:
     async def _invalid_loss(_: Request, exc: InvalidLoss) -> JSONResponse:
         return JSONResponse(_body("invalid_query", str(exc), field="epsilon", problem=str(exc),
                                   fix="Give a finite privacy loss greater than 0"), status_code=422)
+
+    @app.exception_handler(PolicyError)
+    async def _invalid_rule(_: Request, exc: PolicyError) -> JSONResponse:
+        return JSONResponse(_body("invalid_request", str(exc)), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400:
+            # FastAPI's "There was an error parsing the body" (bytes that are not UTF-8 JSON
+            # text): an invalid request like any other, with the shape and status of one.
+            return JSONResponse(_body("invalid_request", f"body: {exc.detail}", field="body",
+                                      problem="the request body is not JSON text"), status_code=422)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
+from queries.errors import QueryError
 from queries.metadata import DatasetMetadata, load_metadata, parse_metadata
 from server.errors import Conflict, NotFound
 from server.models import Dataset
@@ -15,11 +16,17 @@ from server.models import Dataset
 
 def register(session: Session, folder: Path) -> Dataset:
     """Register (or update to a new version) the dataset in ``folder``; metadata is validated."""
-    folder = Path(folder).resolve()
-    metadata = load_metadata(folder)
-    for table in metadata.tables.values():
-        if not (folder / table.path).exists():
-            raise NotFound(f"the dataset's table file {table.path} is not in {folder}")
+    try:
+        folder = Path(folder).resolve()
+        metadata = load_metadata(folder)
+        missing = [t.path for t in metadata.tables.values() if not (folder / t.path).exists()]
+    except QueryError:
+        raise  # metadata.json is missing or invalid: the error names the field and the fix
+    except (OSError, ValueError) as exc:  # a name too long or with a NUL byte, a folder the server may not read
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise NotFound(f"cannot read a dataset folder at {str(folder)[:200]!r}: {reason}") from None
+    if missing:
+        raise NotFound(f"the dataset's table file {missing[0]} is not in {folder}")
     row = session.exec(select(Dataset).where(Dataset.name == metadata.name)).first()
     document = metadata.model_dump_json()
     if row is None:

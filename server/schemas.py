@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from policies.actions import Role
+from policies.actions import Action, Role
 
 
 class Loss(BaseModel):
@@ -111,7 +111,7 @@ class PolicyRule(BaseModel):
     subject: str = Field(min_length=1, max_length=100)
     agency: str = Field(min_length=1, max_length=100)
     object: str = Field(min_length=1, max_length=200)
-    action: str = Field(min_length=1, max_length=40)
+    action: Action
     cap: str = Field(default="*", max_length=20, pattern=r"^(\*|[0-9]+(\.[0-9]+)?)$")
     effect: str = Field(default="allow", pattern=r"^(allow|deny)$")
 

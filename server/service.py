@@ -133,11 +133,18 @@ class QueryService:
         spec, plan, row = self._plan(raw)
         self.authorise(caller, plan, Action.QUERY_RUN)
         canonical, query_hash = self._query_key(spec)
+        early_refusal: ledger.BudgetRefused | None = None
         with Session(reader(self.db)) as session:
             stored = self._stored(session, row.name, row.version, query_hash)
             if stored is None:
                 scopes = ledger.scopes_for(row.name, caller.name, caller.agency, datetime.now(timezone.utc))
-                ledger.precheck(session, row.name, scopes, plan.loss.micro_epsilon, defaults=self.caps)
+                try:
+                    ledger.precheck(session, row.name, scopes, plan.loss.micro_epsilon, defaults=self.caps)
+                except ledger.BudgetRefused as refused:
+                    early_refusal = refused
+        if early_refusal is not None:  # recorded like a refusal at charge time (outside the read)
+            self._record_refusal(caller, row.name, early_refusal, query_hash)
+            raise early_refusal
         if stored is not None:
             return self._cached(caller, stored)
         result = self.engine.run(spec, registry.metadata_of(row), Path(row.path))
@@ -162,9 +169,7 @@ class QueryService:
                 budgets = self._budgets(session, caller, row.name)
                 release_id = release.id
         except ledger.BudgetRefused as refused:
-            with session_scope(self.db) as session:
-                record(session, caller, Action.QUERY_RUN.value, row.name, "refused", reason=str(refused),
-                       query_hash=query_hash)
+            self._record_refusal(caller, row.name, refused, query_hash)
             raise
         except IntegrityError:
             # The same question was released concurrently: answer with that release, free.
@@ -175,6 +180,11 @@ class QueryService:
             return self._cached(caller, stored)
         return self._answer(release_id, row.name, row.version, body, cached=False, charged=body["loss"],
                             budgets=budgets)
+
+    def _record_refusal(self, caller: Caller, dataset: str, refused: ledger.BudgetRefused, query_hash: str) -> None:
+        with session_scope(self.db) as session:
+            record(session, caller, Action.QUERY_RUN.value, dataset, "refused", reason=str(refused),
+                   query_hash=query_hash)
 
     # -- stored releases -----------------------------------------------------------
 

@@ -84,7 +84,7 @@ def list_rules(caller: CurrentCaller, state: StateDep) -> list[list[str]]:
 def add_rule(body: PolicyRule, caller: CurrentCaller, state: StateDep, session: WriteSession) -> PolicyRule:
     authorize(state, caller, Action.POLICY_MANAGE, "server")
     add = state.policies.allow if body.effect == "allow" else state.policies.deny
-    add(body.subject, body.agency, body.object, Action(body.action) if body.action in Action._value2member_map_
-        else body.action, cap=body.cap)
-    record(session, caller, "policy.add", body.object, **body.model_dump())
+    add(body.subject, body.agency, body.object, body.action, cap=body.cap)
+    # The rule as one field: its "action" would clash with record()'s own parameter.
+    record(session, caller, "policy.add", body.object, rule=body.model_dump())
     return body

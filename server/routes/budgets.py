@@ -15,7 +15,7 @@ from server.schemas import BudgetCapSet, BudgetOut
 router = APIRouter(prefix="/budgets", tags=["budgets"])
 
 
-@router.get("", response_model=list[BudgetOut], responses=errors(401, 403),
+@router.get("", response_model=list[BudgetOut], responses=errors(401, 403, 422),
             summary="Budgets: yours, or all of them (stewards and oversight, with `all=true`)")
 def list_budgets(caller: CurrentCaller, state: StateDep, session: ReadSession, dataset: str | None = None,
                  all: bool = False) -> list[BudgetOut]:  # noqa: A002 - a query parameter name
