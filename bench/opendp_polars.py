@@ -4,7 +4,7 @@ Usage::
 
     python -m bench.opendp_polars --data DIR [--runs 3]
 
-DIR is a folder written by ``server/demo_data.py`` (events.parquet, metadata.json). Each run
+DIR is a folder written by ``synthetic/demo_data.py`` (events.parquet, metadata.json). Each run
 opens a fresh ``dp.Context.compositor`` over the events (privacy unit: one ``person_id``,
 total epsilon = 1 split evenly over the four W1 queries, pure DP / Laplace) and answers:
 
@@ -165,7 +165,7 @@ def run(data: Path, runs: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True, help="dataset folder from server/demo_data.py")
+    parser.add_argument("--data", type=Path, required=True, help="dataset folder from synthetic/demo_data.py")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     run(args.data, args.runs)

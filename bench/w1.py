@@ -191,7 +191,7 @@ def main() -> None:
     args = parser.parse_args()
     data = args.data or Path("bench/out") / f"w1-{args.people}-{args.seed}"
     if not (data / "metadata.json").exists():
-        from server.demo_data import generate  # the benchmark may use server; the engine does not
+        from synthetic.demo_data import generate  # the benchmark may use server; the engine does not
 
         t = time.perf_counter()
         summary = generate(args.people, data, seed=args.seed)

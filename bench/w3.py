@@ -170,7 +170,7 @@ def main() -> None:
     args = parser.parse_args()
     data = Path("bench/out") / f"w1-{args.people}-{args.seed}"
     if not (data / "metadata.json").exists():
-        from server.demo_data import generate
+        from synthetic.demo_data import generate
 
         generate(args.people, data, seed=args.seed)
     from queries.metadata import load_metadata

@@ -58,7 +58,7 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data)")] = 0,
 ) -> None:
     """Write a realistic synthetic dataset (events, catalogue, steps, planted bundles, metadata)."""
-    from server.demo_data import generate
+    from synthetic.demo_data import generate
 
     summary = generate(people, out, seed=seed)
     console.print(f"wrote {summary.events:,} events of {summary.people:,} people and {summary.steps:,} "

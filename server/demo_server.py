@@ -25,7 +25,7 @@ DEMO_ACCOUNTS = [  # name, agency, role, role's agency ("*": every agency)
 
 def prepare_demo(settings: Settings, data: Path, people: int, console: Console) -> dict[str, str]:
     """Create what the demo needs (idempotent) and return a fresh API key per demo account."""
-    from server.demo_data import generate
+    from synthetic.demo_data import generate
 
     if not (data / "metadata.json").exists():
         console.print(f"generating demo data for {people:,} people in {data} ...")

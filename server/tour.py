@@ -38,7 +38,7 @@ def _accuracy(accuracy: dict) -> str:
 
 def run_tour(data: Path, people: int, engine: Engine, console: Console) -> None:
     from server.cli import print_result
-    from server.demo_data import generate
+    from synthetic.demo_data import generate
 
     if not (data / "metadata.json").exists():
         console.print(f"generating demo data for {people:,} people in {data} ...")

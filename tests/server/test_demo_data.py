@@ -1,4 +1,4 @@
-"""Tests for the synthetic demo-data generator (server/demo_data.py)."""
+"""Tests for the synthetic demo-data generator (synthetic/demo_data.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from server.demo_data import CHANNELS, DemoSummary, generate
+from synthetic.demo_data import CHANNELS, DemoSummary, generate
 
 PEOPLE = 5_000
 SEED = 7
