@@ -118,23 +118,27 @@ class Engine:
         return plan
 
     def estimate(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path) -> Estimate:
-        plan = self.plan(spec, metadata, dataset_dir)
+        return self.describe(self.plan(spec, metadata, dataset_dir))
+
+    def describe(self, plan: Plan) -> Estimate:
+        """Cost and predicted accuracy of a plan, without reading data."""
         notes = []
         mechanisms = plan.calibration.describe()
         if plan.selector is not None:
             notes.append("contributions are chosen privately at run time; the accuracy shown is for "
                          f"the dataset's default bound of {plan.calibration.contributions} rows per person")
-            mechanisms.append({"role": "contribution bound", "mechanism": plan.selector.name,
-                               "scale": plan.selector.scale, "sensitivity": plan.selector.sensitivity,
-                               "epsilon": float(plan.selector.loss.epsilon)})
+            mechanisms.append(_selector_row(plan.selector))
         return Estimate(plan.loss, "auto" if plan.selector else plan.calibration.contributions,
                         plan.spec.confidence, mechanisms, plan.kind.predicted(plan.context, plan.calibration),
                         notes)
 
     def run(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path,
             before_release: Callable[[Plan], None] | None = None) -> Result:
+        return self.execute(self.plan(spec, metadata, dataset_dir), before_release)
+
+    def execute(self, plan: Plan, before_release: Callable[[Plan], None] | None = None) -> Result:
+        """Read the data, add the noise, attach intervals: the private answer to a plan."""
         started = time.perf_counter()
-        plan = self.plan(spec, metadata, dataset_dir)
         if before_release is not None:
             before_release(plan)  # e.g. charge the budget; raising stops here, before any noise
         ctx, calibration, notes = plan.context, plan.calibration, []
@@ -142,10 +146,7 @@ class Engine:
         if plan.selector is not None:
             bound = self._choose_bound(plan)
             calibration = plan.kind.calibrate(ctx, bound, plan.main_epsilon)
-            mechanisms = calibration.describe() + [{
-                "role": "contribution bound", "mechanism": plan.selector.name,
-                "scale": plan.selector.scale, "sensitivity": plan.selector.sensitivity,
-                "epsilon": float(plan.selector.loss.epsilon), "chosen": bound}]
+            mechanisms = calibration.describe() + [{**_selector_row(plan.selector), "chosen": bound}]
             notes.append(f"contribution bound chosen privately: {bound} rows per person")
         request = AggregateRequest(ctx.dataset_dir, ctx.metadata, ctx.spec.table, calibration.contributions,
                                    ctx.filters, ctx.group_by, plan.kind.measure(ctx))
@@ -173,6 +174,11 @@ class Engine:
         target = ctx.n_cells / plan.main_epsilon  # type: ignore[operator]
         scores = bound_scores(profile, candidates, target)
         return candidates[plan.selector.release(scores.tolist())]  # type: ignore[union-attr]
+
+
+def _selector_row(selector: NoisyMin) -> dict[str, Any]:
+    return {"role": "contribution bound", "mechanism": selector.name, "scale": selector.scale,
+            "sensitivity": selector.sensitivity, "epsilon": float(selector.loss.epsilon)}
 
 
 def _unavailable(table: str) -> DatasetUnavailable:

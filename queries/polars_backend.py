@@ -131,7 +131,8 @@ class PolarsBackend:
             frame = frame.filter(pl.all_horizontal(conditions))
             rank = _run_rank(_unit_column(request.metadata, request.table))
         frame = frame.filter(rank <= request.contributions)
-        if measure.column is not None:
+        if measure.column is not None and not meta.columns[measure.column].nullable:
+            # Declared without nulls: a stray null is dropped after bounding (the fast path stays).
             frame = frame.filter(pl.col(measure.column).is_not_null())
         groups = [_group_expr(g, meta.columns[g.column].type) for g in request.group_by]
         if measure.kind == "rows":

@@ -111,16 +111,19 @@ class QueryService:
         canonical = spec.canonical()
         return canonical, sha256_text(canonical)
 
-    def _budgets(self, session: Session, caller: Caller, dataset: str) -> list[BudgetOut]:
-        scopes = ledger.scopes_for(dataset, caller.name, caller.agency, datetime.now(timezone.utc))
+    def _budgets(self, session: Session, dataset: str, scopes: list[ledger.Scope]) -> list[BudgetOut]:
         return [BudgetOut(**b.as_dict()) for b in ledger.statuses(session, dataset, scopes, defaults=self.caps)]
+
+    @staticmethod
+    def _scopes(caller: Caller, dataset: str) -> list[ledger.Scope]:
+        return ledger.scopes_for(dataset, caller.name, caller.agency, datetime.now(timezone.utc))
 
     # -- estimate and run -------------------------------------------------------------
 
     def estimate(self, caller: Caller, raw: Any) -> EstimateOut:
         spec, plan, row = self._plan(raw)
         self.authorise(caller, plan, Action.QUERY_ESTIMATE)
-        estimate = self.engine.estimate(spec, registry.metadata_of(row), Path(row.path))
+        estimate = self.engine.describe(plan)
         _, query_hash = self._query_key(spec)
         with Session(reader(self.db)) as session:
             cached = self._stored(session, row.name, row.version, query_hash) is not None
@@ -133,11 +136,11 @@ class QueryService:
         spec, plan, row = self._plan(raw)
         self.authorise(caller, plan, Action.QUERY_RUN)
         canonical, query_hash = self._query_key(spec)
+        scopes = self._scopes(caller, row.name)
         early_refusal: ledger.BudgetRefused | None = None
         with Session(reader(self.db)) as session:
             stored = self._stored(session, row.name, row.version, query_hash)
             if stored is None:
-                scopes = ledger.scopes_for(row.name, caller.name, caller.agency, datetime.now(timezone.utc))
                 try:
                     ledger.precheck(session, row.name, scopes, plan.loss.micro_epsilon, defaults=self.caps)
                 except ledger.BudgetRefused as refused:
@@ -147,7 +150,7 @@ class QueryService:
             raise early_refusal
         if stored is not None:
             return self._cached(caller, stored)
-        result = self.engine.run(spec, registry.metadata_of(row), Path(row.path))
+        result = self.engine.execute(plan)
         body = {"columns": result.table.columns, "rows": result.table.to_dicts(),
                 "loss": result.loss.as_dict(), "contributions": result.contributions,
                 "confidence": result.confidence, "mechanisms": result.mechanisms, "notes": result.notes}
@@ -160,13 +163,12 @@ class QueryService:
                                   account_id=caller.account_id)
                 session.add(release)
                 session.flush()
-                scopes = ledger.scopes_for(row.name, caller.name, caller.agency, datetime.now(timezone.utc))
                 ledger.charge(session, row.name, scopes, plan.loss.micro_epsilon, defaults=self.caps,
                               account_id=caller.account_id, release_id=release.id)
                 record(session, caller, Action.QUERY_RUN.value, row.name, release_id=release.id,
                        query_hash=query_hash, epsilon_micro=plan.loss.micro_epsilon,
                        result_hash=release.result_hash)
-                budgets = self._budgets(session, caller, row.name)
+                budgets = self._budgets(session, row.name, scopes)
                 release_id = release.id
         except ledger.BudgetRefused as refused:
             self._record_refusal(caller, row.name, refused, query_hash)
@@ -196,7 +198,7 @@ class QueryService:
     def _cached(self, caller: Caller, stored: Release) -> QueryResultOut:
         with session_scope(self.db) as session:
             record(session, caller, Action.QUERY_RUN.value, stored.dataset, "cached", release_id=stored.id)
-            budgets = self._budgets(session, caller, stored.dataset)
+            budgets = self._budgets(session, stored.dataset, self._scopes(caller, stored.dataset))
         return self._answer(stored.id, stored.dataset, stored.dataset_version, json.loads(stored.result_json),
                             cached=True, charged={"epsilon": 0.0, "delta": 0.0}, budgets=budgets)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, status
+from sqlmodel import select
 
 from policies.actions import Action, Role
 from server import admin
@@ -23,8 +24,6 @@ def _account_out(state: StateDep, account: Account) -> AccountOut:
 @router.get("/accounts", response_model=list[AccountOut], responses=errors(401, 403), summary="All accounts")
 def list_accounts(caller: CurrentCaller, state: StateDep, session: ReadSession) -> list[AccountOut]:
     authorize(state, caller, Action.ACCOUNT_MANAGE, "server")
-    from sqlmodel import select
-
     return [_account_out(state, a) for a in session.exec(select(Account).order_by(Account.name))]
 
 
