@@ -117,11 +117,15 @@ class Client:
 
         ``.attrs`` holds ``epsilon`` (the release's loss), ``charged`` (what this call
         cost: 0 when the stored answer to an identical question was returned),
-        ``cached``, ``contributions``, ``confidence``, ``release_id`` and ``budgets``.
+        ``cached``, ``contributions``, ``confidence``, ``release_id`` and ``budgets``; for
+        analyses answering with several tables, ``tables`` maps each further table's
+        name (e.g. ``"bundles"``) to its DataFrame.
         """
         answer = self._call("POST", "/queries", json=spec)
         frame = pd.DataFrame(answer["rows"], columns=answer["columns"])
         frame.attrs.update({
+            "tables": {name: pd.DataFrame(t["rows"], columns=t["columns"])
+                       for name, t in answer.get("tables", {}).items()},
             "epsilon": answer["loss"]["epsilon"], "delta": answer["loss"]["delta"],
             "charged": answer["charged"]["epsilon"], "cached": answer["cached"],
             "contributions": answer["contributions"], "confidence": answer["confidence"],

@@ -13,7 +13,7 @@ drawn or data read.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,13 +22,18 @@ import polars as pl
 from privacy.bounding import BOUND_SCORE_SENSITIVITY, bound_candidates, bound_scores
 from privacy.loss import PrivacyLoss
 from privacy.mechanisms import NoisyMin
+from queries.analyses import ANALYSES, AnalysisPlan, AnalysisSpec
 from queries.backend import AggregateRequest, Backend
 from queries.context import EngineLimits, QueryContext, resolve
 from queries.errors import DatasetUnavailable, QueryError
 from queries.kinds import KINDS, Calibration, Kind
 from queries.metadata import DatasetMetadata, load_metadata
 from queries.polars_backend import PolarsBackend
-from queries.spec import QuerySpec, parse_spec
+from queries.request import parse_request
+from queries.results import Estimate, Result
+from queries.spec import QuerySpec
+
+__all__ = ["AnalysisPlan", "Engine", "Estimate", "LocalDataset", "Plan", "Result"]
 
 
 @dataclass(frozen=True)
@@ -50,42 +55,11 @@ class Plan:
     def spec(self) -> QuerySpec:
         return self.context.spec
 
-
-@dataclass
-class Result:
-    """A private answer: one row per cell with value and interval, and what it cost."""
-
-    table: pl.DataFrame
-    loss: PrivacyLoss
-    contributions: int
-    confidence: float
-    mechanisms: list[dict[str, Any]]
-    spec: QuerySpec
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_pandas(self):  # noqa: ANN201 - pandas is optional at type level
-        frame = self.table.to_pandas()
-        frame.attrs.update({"epsilon": float(self.loss.epsilon), "delta": float(self.loss.delta),
-                            "contributions": self.contributions, "confidence": self.confidence})
-        return frame
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """Cost and predicted accuracy of a spec, computed without touching data."""
-
-    loss: PrivacyLoss
-    contributions: int | str
-    confidence: float
-    mechanisms: list[dict[str, Any]]
-    accuracy: dict[str, Any]
-    notes: list[str]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss.as_dict(), "contributions": self.contributions,
-                "confidence": self.confidence, "mechanisms": self.mechanisms,
-                "accuracy": self.accuracy, "notes": self.notes}
+    def columns(self) -> set[str]:
+        """Every column the query reads (what authorisation checks)."""
+        ctx = self.context
+        names = [ctx.spec.column, *(g.column for g in ctx.group_by), *(f.column for f in ctx.filters)]
+        return {c for c in names if c}
 
 
 class Engine:
@@ -95,8 +69,13 @@ class Engine:
         self.backend = backend or PolarsBackend()
         self.limits = limits or EngineLimits()
 
-    def plan(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path) -> Plan:
-        spec = parse_spec(spec)
+    def plan(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path) -> Plan | AnalysisPlan:
+        request = parse_request(spec)
+        if isinstance(request, AnalysisSpec):
+            analysis_plan = ANALYSES[request.analysis].plan(request, metadata, Path(dataset_dir), self.limits)
+            self._check_maximum(analysis_plan.loss)
+            return analysis_plan
+        spec = request
         ctx = resolve(spec, metadata, dataset_dir, self.limits)
         kind = KINDS.get(spec.aggregate)
         if kind is None:
@@ -111,17 +90,23 @@ class Engine:
             contributions = metadata.max_contributions  # reference for estimates only
         calibration = kind.calibrate(ctx, contributions, main_epsilon)
         plan = Plan(ctx, kind, calibration, selector, main_epsilon)
-        if plan.loss.epsilon > self.limits.max_epsilon:
-            raise QueryError("accuracy", f"meeting this accuracy would cost epsilon {float(plan.loss.epsilon):.4g}, "
-                             f"above the maximum {self.limits.max_epsilon} per query",
-                             "Ask for a wider accuracy, fewer contributions per person, or coarser groups")
+        self._check_maximum(plan.loss)
         return plan
+
+    def _check_maximum(self, loss: PrivacyLoss) -> None:
+        if loss.epsilon > self.limits.max_epsilon:
+            raise QueryError("accuracy", f"this query would cost epsilon {float(loss.epsilon):.4g}, "
+                             f"above the maximum {self.limits.max_epsilon} per query",
+                             "Ask for a smaller epsilon, a wider accuracy, fewer contributions per person, "
+                             "or coarser groups")
 
     def estimate(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path) -> Estimate:
         return self.describe(self.plan(spec, metadata, dataset_dir))
 
-    def describe(self, plan: Plan) -> Estimate:
+    def describe(self, plan: Plan | AnalysisPlan) -> Estimate:
         """Cost and predicted accuracy of a plan, without reading data."""
+        if isinstance(plan, AnalysisPlan):
+            return plan.describe()
         notes = []
         mechanisms = plan.calibration.describe()
         if plan.selector is not None:
@@ -133,14 +118,23 @@ class Engine:
                         notes)
 
     def run(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path,
-            before_release: Callable[[Plan], None] | None = None) -> Result:
+            before_release: Callable[[Plan | AnalysisPlan], None] | None = None) -> Result:
         return self.execute(self.plan(spec, metadata, dataset_dir), before_release)
 
-    def execute(self, plan: Plan, before_release: Callable[[Plan], None] | None = None) -> Result:
+    def execute(self, plan: Plan | AnalysisPlan,
+                before_release: Callable[[Plan | AnalysisPlan], None] | None = None) -> Result:
         """Read the data, add the noise, attach intervals: the private answer to a plan."""
         started = time.perf_counter()
         if before_release is not None:
             before_release(plan)  # e.g. charge the budget; raising stops here, before any noise
+        if isinstance(plan, AnalysisPlan):
+            try:
+                result = plan.execute(self.backend)
+            except (OSError, pl.exceptions.PolarsError):
+                # The library's message is not shown: it could quote values from the data.
+                raise _unavailable(None) from None
+            result.seconds = time.perf_counter() - started
+            return result
         ctx, calibration, notes = plan.context, plan.calibration, []
         mechanisms = calibration.describe()
         if plan.selector is not None:
@@ -181,8 +175,9 @@ def _selector_row(selector: NoisyMin) -> dict[str, Any]:
             "sensitivity": selector.sensitivity, "epsilon": float(selector.loss.epsilon)}
 
 
-def _unavailable(table: str) -> DatasetUnavailable:
-    return DatasetUnavailable("table", f"the data files of table '{table}' are missing, unreadable, or "
+def _unavailable(table: str | None) -> DatasetUnavailable:
+    which = f"table '{table}'" if table else "the tables this analysis reads"
+    return DatasetUnavailable("table", f"the data files of {which} are missing, unreadable, or "
                               "do not have the columns and types its metadata declares",
                               "Ask the data steward to check the dataset's files against metadata.json")
 

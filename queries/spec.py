@@ -108,6 +108,7 @@ def parse_spec(raw: Any) -> QuerySpec:
 
 _FIXES = {
     "aggregate": "Use one of count, sum, mean, quantiles, histogram",
+    "epsilon": "Give epsilon as a positive number such as 0.1",
     "contributions": 'Give a whole number of rows per person, or "auto"',
     "filters": 'Write filters like {"column": "channel", "op": "eq", "value": "web"}',
     "candidates": 'Give a list of values or {"start": 0, "stop": 60, "step": 0.5}',

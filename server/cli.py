@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import polars as pl
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -143,22 +144,30 @@ def result_json(result: Result) -> dict[str, Any]:
         "confidence": result.confidence,
         "mechanisms": result.mechanisms,
         "notes": result.notes,
+        "tables": {name: table.to_dicts() for name, table in result.tables.items()},
     }
 
 
 def print_result(result: Result, title: str = "", limit: int = 40) -> None:
-    table = Table(title=title or None, title_justify="left")
-    for column in result.table.columns:
-        table.add_column(column, justify="right" if column in ("value", "ci_low", "ci_high") else "left")
-    for row in result.table.head(limit).iter_rows():
-        table.add_row(*(_fmt(v) for v in row))
-    console.print(table)
-    if result.table.height > limit:
-        console.print(f"... {result.table.height - limit} more rows (use --json for all)")
+    print_table(result.table, title, limit)
+    for name, extra in result.tables.items():
+        print_table(extra, name, limit)
     console.print(f"privacy loss spent: {result.loss}; at most {result.contributions} rows per person; "
                   f"intervals at {result.confidence:.0%} confidence (they describe the noise)")
     for note in result.notes:
         console.print(f"note: {note}")
+
+
+def print_table(frame: pl.DataFrame, title: str = "", limit: int = 40) -> None:
+    table = Table(title=title or None, title_justify="left")
+    for column in frame.columns:
+        numeric = frame.schema[column].is_numeric()
+        table.add_column(column, justify="right" if numeric else "left")
+    for row in frame.head(limit).iter_rows():
+        table.add_row(*(_fmt(v) for v in row))
+    console.print(table)
+    if frame.height > limit:
+        console.print(f"... {frame.height - limit} more rows (use --json for all)")
 
 
 def _fmt(value: object) -> str:

@@ -49,6 +49,11 @@ class EstimateOut(BaseModel):
     cached: bool = Field(description="An identical question was answered before: running it costs nothing")
 
 
+class TableOut(BaseModel):
+    columns: list[str]
+    rows: list[dict[str, Any]]
+
+
 class QueryResultOut(BaseModel):
     release_id: int
     dataset: str
@@ -62,6 +67,8 @@ class QueryResultOut(BaseModel):
     rows: list[dict[str, Any]] = Field(description="One row per cell: group keys, value, ci_low, ci_high")
     mechanisms: list[dict[str, Any]]
     notes: list[str]
+    tables: dict[str, TableOut] = Field(default_factory=dict,
+                                        description="Further tables of an analysis (e.g. bundles), by name")
     budgets: list[BudgetOut] = Field(description="The caller's budgets on this dataset after the charge")
 
 

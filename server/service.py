@@ -23,9 +23,9 @@ from sqlmodel import Session, select
 
 from policies.actions import Action
 from policies.enforcer import PolicyStore
-from queries.engine import Engine, Plan
+from queries.engine import AnalysisPlan, Engine, Plan
 from queries.errors import QueryError
-from queries.spec import QuerySpec, parse_spec
+from queries.request import Request, parse_request
 from server import ledger, registry
 from server.db import reader, session_scope
 from server.errors import AccessDenied
@@ -77,8 +77,8 @@ class QueryService:
 
     # -- shared steps ---------------------------------------------------------------
 
-    def _plan(self, raw: Any) -> tuple[QuerySpec, Plan, Any]:
-        spec = parse_spec(raw)
+    def _plan(self, raw: Any) -> tuple[Request, Plan | AnalysisPlan, Any]:
+        spec = parse_request(raw)
         if spec.dataset is None:
             raise QueryError("dataset", "name the dataset to query", 'Add "dataset": "<name>" to the query')
         with Session(reader(self.db)) as session:
@@ -92,10 +92,9 @@ class QueryService:
             self._plans[key] = plan
         return spec, plan, row
 
-    def authorise(self, caller: Caller, plan: Plan, action: Action) -> None:
+    def authorise(self, caller: Caller, plan: Plan | AnalysisPlan, action: Action) -> None:
         spec = plan.spec
-        columns = {c for c in [spec.column, *(g.column for g in plan.context.group_by),
-                               *(f.column for f in plan.context.filters)] if c}
+        columns = plan.columns()
         # The dataset first, so a deny rule on it blocks every query of its columns too.
         objects = [f"dataset:{spec.dataset}", *(f"column:{spec.dataset}/{c}" for c in sorted(columns))]
         decision = self.policies.check_all(caller.subject, caller.agency, objects, action,
@@ -107,7 +106,7 @@ class QueryService:
             raise AccessDenied(decision.reason, decision.rule)
 
     @staticmethod
-    def _query_key(spec: QuerySpec) -> tuple[str, str]:
+    def _query_key(spec: Request) -> tuple[str, str]:
         canonical = spec.canonical()
         return canonical, sha256_text(canonical)
 
@@ -153,7 +152,8 @@ class QueryService:
         result = self.engine.execute(plan)
         body = {"columns": result.table.columns, "rows": result.table.to_dicts(),
                 "loss": result.loss.as_dict(), "contributions": result.contributions,
-                "confidence": result.confidence, "mechanisms": result.mechanisms, "notes": result.notes}
+                "confidence": result.confidence, "mechanisms": result.mechanisms, "notes": result.notes,
+                "tables": {name: {"columns": t.columns, "rows": t.to_dicts()} for name, t in result.tables.items()}}
         document = canonical_json(body)
         try:
             with session_scope(self.db) as session:
@@ -209,4 +209,4 @@ class QueryService:
                               charged=Loss(**charged), loss=Loss(**body["loss"]),
                               contributions=body["contributions"], confidence=body["confidence"],
                               columns=body["columns"], rows=body["rows"], mechanisms=body["mechanisms"],
-                              notes=body["notes"], budgets=budgets)
+                              notes=body["notes"], tables=body.get("tables", {}), budgets=budgets)

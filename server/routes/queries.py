@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 from starlette.concurrency import run_in_threadpool
 
-from queries.spec import QuerySpec
 from server.deps import CurrentCaller, StateDep
 from server.routes.common import errors
 from server.schemas import EstimateOut, QueryResultOut
@@ -15,7 +14,10 @@ from server.schemas import EstimateOut, QueryResultOut
 router = APIRouter(prefix="/queries", tags=["queries"])
 
 EXAMPLE = {"dataset": "civic-demo", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1}
-SpecBody = Annotated[QuerySpec, Body(description="A query spec", examples=[EXAMPLE])]
+# A plain object: an aggregate spec or a named analysis ({"analysis": "bundles", ...}); the
+# service validates it and answers 422 naming the field and the fix.
+SpecBody = Annotated[dict[str, Any], Body(description="A query spec (aggregate) or an analysis spec "
+                                          "(with \"analysis\": name); see the README", examples=[EXAMPLE])]
 
 
 @router.post("/estimate", response_model=EstimateOut, responses=errors(401, 403, 404, 422),

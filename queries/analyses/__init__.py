@@ -1,0 +1,7 @@
+"""Analyses beyond single aggregates; each registers itself in :data:`ANALYSES`."""
+
+from __future__ import annotations
+
+from queries.analyses.base import ANALYSES, Analysis, AnalysisPlan, AnalysisSpec, register
+
+__all__ = ["ANALYSES", "Analysis", "AnalysisPlan", "AnalysisSpec", "register"]
