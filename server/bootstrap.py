@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy_adapter import Adapter
 
+from audit.signing import SigningKey
 from policies.defaults import default_rules
 from policies.enforcer import PolicyStore
 from queries.context import EngineLimits
@@ -46,4 +47,5 @@ def build_state(settings: Settings) -> AppState:
     engine = Engine(limits=EngineLimits(max_epsilon=settings.max_epsilon, auto_fraction=settings.auto_fraction))
     return AppState(settings=settings, db=db, policy_db=policy_db, policies=policies,
                     queries=QueryService(db, engine, policies, caps), caps=caps,
-                    secret=auth.load_or_create_server_secret(settings.secret_path))
+                    secret=auth.load_or_create_server_secret(settings.secret_path),
+                    signing_key=SigningKey.load_or_create(settings.audit_key_path, settings.audit_origin))

@@ -16,6 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session
 
+from audit.signing import SigningKey
 from policies.actions import Action
 from policies.enforcer import PolicyStore
 from server import auth
@@ -37,6 +38,7 @@ class AppState:
     queries: QueryService
     caps: CapDefaults
     secret: bytes
+    signing_key: SigningKey  # signs audit checkpoints and feed releases
 
     def close(self) -> None:
         self.db.dispose()

@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535, description="Port the server listens on")
     secret_file: Path | None = Field(
         default=None, description="File holding the server's key-hashing secret (default: data_dir/server.secret)")
+    audit_key_file: Path | None = Field(
+        default=None, description="The server's Ed25519 signing key (default: data_dir/audit-signing.key)")
+    audit_origin: str = Field(default="civicdp.local/audit", pattern=r"^[^\s+]+$",
+                              description="Name of the log in its checkpoints and of the signing key")
+    checkpoint_every_entries: int = Field(default=1000, ge=1, description="Sign a checkpoint after this many entries")
+    checkpoint_every_minutes: float = Field(default=5.0, gt=0, description="... or after this many minutes")
     analyst_month_epsilon: float = Field(default=1.0, gt=0, description="Default analyst x dataset x month cap")
     agency_month_epsilon: float = Field(default=2.0, gt=0, description="Default agency x dataset x month cap")
     dataset_month_epsilon: float = Field(default=3.0, gt=0, description="Default dataset x month cap")
@@ -38,6 +44,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'civicdp.db').resolve()}"
+
+    @property
+    def audit_key_path(self) -> Path:
+        return self.audit_key_file or self.data_dir / "audit-signing.key"
 
     @property
     def secret_path(self) -> Path:
