@@ -5,12 +5,12 @@ from __future__ import annotations
 from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy_adapter import Adapter
 
-from audit.signing import SigningKey
 from policies.defaults import default_rules
 from policies.enforcer import PolicyStore
 from queries.context import EngineLimits
 from queries.engine import Engine
 from server import auth
+from server.audit_log import AuditLog, ensure_head
 from server.db import init_db, make_engine
 from server.deps import AppState
 from server.ledger import CapDefaults
@@ -44,8 +44,12 @@ def build_state(settings: Settings) -> AppState:
     policy_db = policy_database(settings, db)
     policies = build_policies(policy_db)
     caps = CapDefaults.from_settings(settings)
+    ensure_head(db)
+    audit = AuditLog(db, settings.audit_key_path, settings.audit_origin, settings.checkpoint_every_entries,
+                     settings.checkpoint_every_minutes)
+    audit.key  # noqa: B018 - creates the signing key on first start, and records its public key
     engine = Engine(limits=EngineLimits(max_epsilon=settings.max_epsilon, auto_fraction=settings.auto_fraction))
     return AppState(settings=settings, db=db, policy_db=policy_db, policies=policies,
                     queries=QueryService(db, engine, policies, caps), caps=caps,
                     secret=auth.load_or_create_server_secret(settings.secret_path),
-                    signing_key=SigningKey.load_or_create(settings.audit_key_path, settings.audit_origin))
+                    audit=audit)

@@ -23,7 +23,9 @@ from server import auth
 from server.db import reader, session_scope
 from server.errors import AccessDenied
 from server.ledger import CapDefaults
-from server.service import Caller, QueryService, record
+from server.audit_log import AuditLog, current_slot, record
+from server.caller import Caller
+from server.service import QueryService
 from server.settings import Settings
 
 
@@ -38,7 +40,12 @@ class AppState:
     queries: QueryService
     caps: CapDefaults
     secret: bytes
-    signing_key: SigningKey  # signs audit checkpoints and feed releases
+    audit: AuditLog
+
+    @property
+    def signing_key(self) -> SigningKey:
+        """The server's Ed25519 key (audit checkpoints, feed releases); follows key rotation."""
+        return self.audit.key
 
     def close(self) -> None:
         self.db.dispose()
@@ -72,14 +79,20 @@ _bearer = HTTPBearer(auto_error=False, description="An API key: 'Authorization: 
 def current_caller(state: StateDep,
                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
     presented = credentials.credentials if credentials else ""
+    slot = current_slot()
     try:
         with Session(reader(state.db)) as session:
             account = auth.verify_key(session, presented, state.secret, datetime.now(timezone.utc))
-            return Caller(account_id=account.id or 0, name=account.name, agency=account.agency)
+            caller = Caller(account_id=account.id or 0, name=account.name, agency=account.agency)
     except auth.AuthenticationFailed as failure:
         with session_scope(state.db) as session:
-            record(session, None, "auth.failed", "api", "denied", reason=failure.reason)
+            record(session, None, "auth.failed", "api", "unauthenticated", reason=failure.reason,
+                   key_prefix=failure.prefix)
         raise
+    if slot is not None:
+        slot.caller = caller
+        slot.roles = [f"{role}@{agency}" for role, agency in state.policies.roles_of(caller.subject)]
+    return caller
 
 
 CurrentCaller = Annotated[Caller, Depends(current_caller)]
@@ -88,7 +101,10 @@ CurrentCaller = Annotated[Caller, Depends(current_caller)]
 def authorize(state: AppState, caller: Caller, action: Action, obj: str) -> None:
     """The enforcement point: refuse (and record the refusal) unless a policy allows."""
     decision = state.policies.check(caller.subject, caller.agency, obj, action)
+    slot = current_slot()
+    if slot is not None:
+        slot.action, slot.target, slot.rule = action.value, obj, decision.rule
     if not decision.allowed:
         with session_scope(state.db) as session:
-            record(session, caller, action.value, obj, "denied", reason=decision.reason)
+            record(session, caller, action.value, obj, "denied", reason=decision.reason, rule=decision.rule)
         raise AccessDenied(decision.reason, decision.rule)

@@ -12,6 +12,7 @@ Mapping::
     BudgetRefused         -> 409 budget_exhausted (scope, remaining, renews_at)
     QueryError            -> 422 invalid_query    (field, problem, fix)
     request validation    -> 422 invalid_request  (field, problem; also a body that is not JSON text)
+    InvalidRequest        -> 422 invalid_request  (field, problem, fix)
     DatasetUnavailable    -> 503 dataset_unavailable
 """
 
@@ -47,6 +48,14 @@ class NotFound(Exception):
 
 class Conflict(Exception):
     """A change that clashes with the current state (e.g. a name already taken)."""
+
+
+class InvalidRequest(Exception):
+    """A parameter outside what the server can answer (e.g. a log size beyond the log)."""
+
+    def __init__(self, field: str, problem: str, fix: str) -> None:
+        super().__init__(f"{field}: {problem}. {fix}")
+        self.field, self.problem, self.fix = field, problem, fix
 
 
 def _body(code: str, detail: str, **fields: Any) -> dict[str, Any]:
@@ -103,6 +112,11 @@ def install(app: FastAPI) -> None:
             return JSONResponse(_body("invalid_request", f"body: {exc.detail}", field="body",
                                       problem="the request body is not JSON text"), status_code=422)
         return await http_exception_handler(request, exc)
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid_parameter(_: Request, exc: InvalidRequest) -> JSONResponse:
+        return JSONResponse(_body("invalid_request", str(exc), field=exc.field, problem=exc.problem, fix=exc.fix),
+                            status_code=422)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio
 from fastapi import FastAPI
 
 from server import errors
+from server.audit_http import AuditMiddleware, audit_checkpoints
 from server.bootstrap import build_state
-from server.routes import admin, budgets, datasets, health, queries, releases
+from server.routes import admin, audit, budgets, datasets, health, queries, releases
 from server.settings import Settings
 
 DESCRIPTION = """Differentially private statistics on public-service use.
@@ -27,13 +29,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = build_state(settings)
         app.state.civicdp = state
-        try:
-            yield
-        finally:
-            state.close()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(audit_checkpoints, state)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
+                state.close()
 
     app = FastAPI(title="civicdp", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)
-    for module in (health, datasets, queries, budgets, releases, admin):
+    app.add_middleware(AuditMiddleware)
+    for module in (health, datasets, queries, budgets, releases, admin, audit):
         app.include_router(module.router, prefix="/v1")
     return app

@@ -1,5 +1,5 @@
 """What the server stores (SQLModel): accounts, API keys, datasets, budgets, the
-ledger, releases and the record of governance changes.
+ledger, releases and the audit log (entries, signed checkpoints, public keys).
 
 Amounts of privacy loss are integers in micro-epsilon (``privacy.loss.MICRO``), so
 sums are exact and a cap of 0.3 holds three charges of 0.1. HTTP schemas live in
@@ -108,13 +108,50 @@ class Release(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
-class ChangeRecord(SQLModel, table=True):
-    """A governance change or refusal, recorded with who made it (the audit log builds on this)."""
+class AuditHead(SQLModel, table=True):
+    """The log's size: the one row every append updates, which hands out gapless numbers.
 
-    id: int | None = Field(default=None, primary_key=True)
-    account_id: int | None = Field(default=None, foreign_key="account.id")
+    Updating it takes a row lock held to commit, so entries commit in the order of their
+    numbers on PostgreSQL too, and the committed entries are always a prefix of the log.
+    """
+
+    id: int = Field(default=1, primary_key=True)
+    size: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
+
+
+class AuditEntry(SQLModel, table=True):
+    """One entry of the tamper-evident log: canonical JSON bytes and their RFC 9162 leaf hash.
+
+    The other columns repeat fields of the entry so oversight can filter; only
+    ``entry_json`` is hashed and exported.
+    """
+
+    seq: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    account: str | None = Field(default=None, index=True, max_length=100)
+    account_id: int | None = Field(default=None, index=True)
+    agency: str | None = Field(default=None, index=True, max_length=100)
     action: str = Field(index=True, max_length=60)
     target: str = Field(max_length=200)
-    decision: str = Field(default="allowed", max_length=20)
-    detail_json: str = Field(default="{}", sa_column=Column(Text, nullable=False, default="{}"))
+    dataset: str | None = Field(default=None, index=True, max_length=100)
+    decision: str = Field(index=True, max_length=20)
+    entry_json: str = Field(sa_column=Column(Text, nullable=False))
+    leaf_hash: str = Field(max_length=64)
+
+
+class AuditCheckpoint(SQLModel, table=True):
+    """A signed checkpoint (C2SP note text) of the log's first ``size`` entries."""
+
+    size: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    root: str = Field(max_length=64)
+    note: str = Field(sa_column=Column(Text, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class AuditKey(SQLModel, table=True):
+    """A public key the log has signed with (never a private key), and when it was used."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    verifier: str = Field(unique=True, max_length=300)
+    activated_at: datetime = Field(default_factory=utcnow)
+    retired_at: datetime | None = None

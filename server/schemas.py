@@ -138,3 +138,35 @@ class BudgetCapSet(BaseModel):
 
 class Health(BaseModel):
     status: str
+
+
+class AuditEntryOut(BaseModel):
+    seq: int
+    leaf_hash: str = Field(description="SHA-256(0x00 || entry bytes), hex: the RFC 9162 leaf")
+    entry: dict[str, Any]
+
+
+class AuditEntriesOut(BaseModel):
+    entries: list[AuditEntryOut]
+    next_after: int | None = Field(description="Pass as `after` for the next page; null on the last page")
+
+
+class LedgerOut(BaseModel):
+    budgets: list[BudgetOut]
+    history: list[dict[str, Any]] = Field(description="Each charge: time, scope, amount, before and after")
+
+
+class InclusionProofOut(BaseModel):
+    seq: int
+    tree_size: int
+    leaf_hash: str
+    root: str
+    path: list[str]
+
+
+class ConsistencyProofOut(BaseModel):
+    first: int
+    second: int
+    first_root: str
+    second_root: str
+    path: list[str]

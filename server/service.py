@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -28,26 +27,13 @@ from queries.errors import QueryError
 from queries.request import Request, parse_request
 from server import ledger, registry
 from server.db import reader, session_scope
+from server.audit_log import current_slot, record
+from server.caller import Caller, subject_of
 from server.errors import AccessDenied
-from server.models import Account, ChangeRecord, Release
+from server.models import Account, Budget, LedgerEntry, Release
 from server.schemas import BudgetOut, EstimateOut, Loss, QueryResultOut
 
-
-@dataclass(frozen=True)
-class Caller:
-    """An authenticated account."""
-
-    account_id: int
-    name: str
-    agency: str
-
-    @property
-    def subject(self) -> str:
-        return subject_of(self.name)
-
-
-def subject_of(account_name: str) -> str:
-    return f"account:{account_name}"
+__all__ = ["Caller", "QueryService", "canonical_json", "record", "sha256_text", "subject_of"]
 
 
 def sha256_text(text: str) -> str:
@@ -56,13 +42,6 @@ def sha256_text(text: str) -> str:
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def record(session: Session, caller: Caller | None, action: str, target: str, decision: str = "allowed",
-           **detail: Any) -> None:
-    """Record a use, change or refusal (the audit log builds on these records)."""
-    session.add(ChangeRecord(account_id=caller.account_id if caller else None, action=action, target=target,
-                             decision=decision, detail_json=canonical_json(detail)))
 
 
 class QueryService:
@@ -99,10 +78,13 @@ class QueryService:
         objects = [f"dataset:{spec.dataset}", *(f"column:{spec.dataset}/{c}" for c in sorted(columns))]
         decision = self.policies.check_all(caller.subject, caller.agency, objects, action,
                                            plan.loss.as_dict()["epsilon"])
+        slot = current_slot()
+        if slot is not None:
+            slot.action, slot.target, slot.rule = action.value, str(spec.dataset), decision.rule
         if not decision.allowed:
             with session_scope(self.db) as session:
                 record(session, caller, action.value, str(spec.dataset), "denied", reason=decision.reason,
-                       query=json.loads(spec.canonical()))
+                       query=spec.canonical(), rule=decision.rule)
             raise AccessDenied(decision.reason, decision.rule)
 
     @staticmethod
@@ -163,10 +145,11 @@ class QueryService:
                                   account_id=caller.account_id)
                 session.add(release)
                 session.flush()
-                ledger.charge(session, row.name, scopes, plan.loss.micro_epsilon, defaults=self.caps,
-                              account_id=caller.account_id, release_id=release.id)
-                record(session, caller, Action.QUERY_RUN.value, row.name, release_id=release.id,
-                       query_hash=query_hash, epsilon_micro=plan.loss.micro_epsilon,
+                charges = ledger.charge(session, row.name, scopes, plan.loss.micro_epsilon, defaults=self.caps,
+                                        account_id=caller.account_id, release_id=release.id)
+                record(session, caller, Action.QUERY_RUN.value, row.name, dataset=row.name,
+                       dataset_version=row.version, release_id=release.id, query=canonical, query_hash=query_hash,
+                       loss_micro=plan.loss.micro_epsilon, ledger=_ledger_changes(session, charges),
                        result_hash=release.result_hash)
                 budgets = self._budgets(session, row.name, scopes)
                 release_id = release.id
@@ -186,7 +169,7 @@ class QueryService:
     def _record_refusal(self, caller: Caller, dataset: str, refused: ledger.BudgetRefused, query_hash: str) -> None:
         with session_scope(self.db) as session:
             record(session, caller, Action.QUERY_RUN.value, dataset, "refused", reason=str(refused),
-                   query_hash=query_hash)
+                   query_hash=query_hash, loss_micro=0)
 
     # -- stored releases -----------------------------------------------------------
 
@@ -197,7 +180,9 @@ class QueryService:
 
     def _cached(self, caller: Caller, stored: Release) -> QueryResultOut:
         with session_scope(self.db) as session:
-            record(session, caller, Action.QUERY_RUN.value, stored.dataset, "cached", release_id=stored.id)
+            record(session, caller, Action.QUERY_RUN.value, stored.dataset, "cached", release_id=stored.id,
+                   dataset_version=stored.dataset_version, query=stored.canonical_query, query_hash=stored.query_hash,
+                   loss_micro=0, result_hash=stored.result_hash)
             budgets = self._budgets(session, stored.dataset, self._scopes(caller, stored.dataset))
         return self._answer(stored.id, stored.dataset, stored.dataset_version, json.loads(stored.result_json),
                             cached=True, charged={"epsilon": 0.0, "delta": 0.0}, budgets=budgets)
@@ -210,3 +195,14 @@ class QueryService:
                               contributions=body["contributions"], confidence=body["confidence"],
                               columns=body["columns"], rows=body["rows"], mechanisms=body["mechanisms"],
                               notes=body["notes"], tables=body.get("tables", {}), budgets=budgets)
+
+
+def _ledger_changes(session: Session, charges: list[LedgerEntry]) -> list[dict[str, Any]]:
+    """Each charged scope with its spending before and after, for the audit entry."""
+    changes = []
+    for charge in charges:
+        budget = session.get(Budget, charge.budget_id)
+        changes.append({"scope": budget.scope if budget else "?", "subject": budget.subject if budget else "?",
+                        "period": budget.period if budget else "?", "cap_micro": budget.cap_micro if budget else 0,
+                        "before_micro": charge.spent_before_micro, "after_micro": charge.spent_after_micro})
+    return changes

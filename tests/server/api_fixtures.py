@@ -41,7 +41,7 @@ from server.db import session_scope
 from server.demo_server import DEMO_ACCOUNTS
 from server.deps import AppState
 from server.main import create_app
-from server.models import ApiKey, Budget, ChangeRecord, LedgerEntry, Release
+from server.models import ApiKey, AuditEntry, Budget, LedgerEntry, Release
 from server.settings import Settings
 from tests.conftest import base_metadata, events_frame, write_dataset
 
@@ -132,11 +132,11 @@ class Api:
         with Session(self.state.db) as session:
             return int(session.execute(select(func.count()).select_from(model).where(*where)).scalar_one())
 
-    def records(self, action: str | None = None) -> list[ChangeRecord]:
-        """Change records (the audit trail's source), oldest first, optionally of one action."""
-        query = select_models(ChangeRecord).order_by(ChangeRecord.id)  # type: ignore[arg-type]
+    def records(self, action: str | None = None) -> list[AuditEntry]:
+        """Audit entries, oldest first, optionally of one action."""
+        query = select_models(AuditEntry).order_by(AuditEntry.seq)  # type: ignore[arg-type]
         if action is not None:
-            query = query.where(ChangeRecord.action == action)
+            query = query.where(AuditEntry.action == action)
         with Session(self.state.db) as session:
             return list(session.exec(query))
 

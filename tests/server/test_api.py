@@ -99,7 +99,7 @@ def test_a_query_is_answered_with_intervals_and_charged_to_every_budget(api: Api
     assert len(entries) == len(ledger.KINDS)
     assert {e.amount_micro for e in entries} == {api.release(answer["release_id"]).loss_micro}
     [use] = api.records("query.run")
-    assert use.decision == "allowed" and json.loads(use.detail_json)["release_id"] == answer["release_id"]
+    assert use.decision == "allowed" and json.loads(use.entry_json)["detail"]["release_id"] == answer["release_id"]
 
 
 def test_an_identical_question_is_answered_from_its_release_for_free(api: Api) -> None:
@@ -253,7 +253,7 @@ def test_a_key_that_does_not_authenticate_gets_one_and_the_same_401(api: Api, ki
         assert response.headers["WWW-Authenticate"] == "Bearer"
         assert response.json() == unknown.json()  # nothing tells the causes apart
     failures = api.records("auth.failed")[-3:]
-    assert [json.loads(r.detail_json)["reason"] for r in failures] == [reason] * 3
+    assert [json.loads(r.entry_json)["detail"]["reason"] for r in failures] == [reason] * 3
     assert api.count(Release) == 0
 
 

@@ -7,8 +7,8 @@ one agency only), so the analysts' columns read "own agency" and "other agency".
 table is what the default rules (policies/defaults.py) and GOVERNANCE.md say: analysts
 query and read releases where their agency may, stewards manage but never query,
 oversight reads budgets and releases everywhere but never queries or manages, the feed
-consumer gets nothing but health (feeds come later), and anonymous callers get 401 on
-everything but health and readiness.
+consumer gets nothing but health (feeds come later), only oversight reads the audit log,
+and anonymous callers get 401 on everything but health, readiness and the log's public key.
 
 Cells in ``KNOWN_GAPS`` are what governance asks for but the server does not do yet;
 they are expected failures (strict: they turn red once fixed, so the table is updated).
@@ -70,6 +70,13 @@ EXPECTED_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
     "GET /v1/policies":                                   (200,    403,        403,           403,       403,  401),
     "POST /v1/policies":                                  (201,    403,        403,           403,       403,  401),
     "POST /v1/datasets":                                  (201,    403,        403,           403,       403,  401),
+    "GET /v1/audit/entries":                              (403,    403,        403,           200,       403,  401),
+    "GET /v1/audit/ledger":                               (403,    403,        403,           200,       403,  401),
+    "GET /v1/audit/checkpoint":                           (403,    403,        403,           200,       403,  401),
+    "GET /v1/audit/public-key":                           (200,    200,        200,           200,       200,  200),
+    "GET /v1/audit/proofs/inclusion":                     (403,    403,        403,           200,       403,  401),
+    "GET /v1/audit/proofs/consistency":                   (403,    403,        403,           200,       403,  401),
+    "GET /v1/audit/export":                               (403,    403,        403,           200,       403,  401),
 }
 EXPECTED = {(caller, endpoint): status for endpoint, row in EXPECTED_TABLE.items()
             for caller, status in zip(CALLERS, row, strict=True)}
@@ -186,6 +193,14 @@ REQUESTS: dict[str, Callable[[Matrix], Request]] = {
         "subject": f"account:{SPARE}", "agency": "health", "object": "dataset:*", "action": "release.read",
         "cap": "*", "effect": "allow"}}),
     "POST /v1/datasets": lambda m: ("POST", "/v1/datasets", {"json": {"path": str(m.folder)}}),  # re-register
+    "GET /v1/audit/entries": lambda m: ("GET", "/v1/audit/entries", {"params": {"limit": 5}}),
+    "GET /v1/audit/ledger": lambda m: ("GET", "/v1/audit/ledger", {}),
+    "GET /v1/audit/checkpoint": lambda m: ("GET", "/v1/audit/checkpoint", {}),
+    "GET /v1/audit/public-key": lambda m: ("GET", "/v1/audit/public-key", {}),
+    "GET /v1/audit/proofs/inclusion": lambda m: ("GET", "/v1/audit/proofs/inclusion", {"params": {"seq": 0}}),
+    "GET /v1/audit/proofs/consistency": lambda m: ("GET", "/v1/audit/proofs/consistency",
+                                                   {"params": {"first": 1, "second": 2}}),
+    "GET /v1/audit/export": lambda m: ("GET", "/v1/audit/export", {}),
 }
 assert set(REQUESTS) == set(EXPECTED_TABLE), set(REQUESTS) ^ set(EXPECTED_TABLE)
 

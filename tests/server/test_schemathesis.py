@@ -3,7 +3,8 @@ key and once anonymously (GOVERNANCE.md, "Testing what matters").
 
 For every generated request (valid and invalid ones): no 5xx, the status code is one the
 operation documents, and the body conforms to the documented schema for that status.
-Anonymous requests are refused with 401 everywhere but ``/v1/health`` and ``/v1/ready``.
+Anonymous requests are refused with 401 everywhere but ``/v1/health``, ``/v1/ready`` and the
+audit log's public key.
 
 The dataset is registered under the name of the schema's own query example
 (``civic-demo``, with the columns that example groups by), so the examples phase also
@@ -37,7 +38,7 @@ pytestmark = pytest.mark.slow
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
           response_schema_conformance]
-OPEN_PATHS = {"/v1/health", "/v1/ready"}
+OPEN_PATHS = {"/v1/health", "/v1/ready", "/v1/audit/public-key"}
 ANONYMOUS = "anonymous"
 IDENTITIES = [*ROLES, ANONYMOUS]
 

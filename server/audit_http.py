@@ -1,0 +1,64 @@
+"""One audit entry per request under /v1: the middleware that records what nothing else did.
+
+Requests that change state or spend budget record themselves in their own
+transaction. For the rest (reads, denials, invalid input, failed authentication,
+errors) this middleware writes the entry when the response starts — before its
+first byte is sent — and a request whose entry cannot be written gets no answer.
+Health and readiness probes and the public key are not uses and are not recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.audit_log import SLOT, AuditSlot, record_request
+
+logger = logging.getLogger("civicdp.audit")
+NOT_RECORDED = frozenset({"/v1/health", "/v1/ready", "/v1/audit/public-key"})
+
+
+class AuditMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/") and path != "/v1" or path in NOT_RECORDED:
+            await self.app(scope, receive, send)
+            return
+        slot = AuditSlot(method=scope.get("method", ""), path=path[:200])
+        token = SLOT.set(slot)
+        state: Any = scope["app"].state.civicdp
+
+        async def send_recorded(message: Message) -> None:
+            if message["type"] == "http.response.start" and not slot.recorded:
+                await anyio.to_thread.run_sync(record_request, state.db, slot, message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recorded)
+        except BaseException:
+            if not slot.recorded:
+                await anyio.to_thread.run_sync(record_request, state.db, slot, 500)
+            raise
+        finally:
+            SLOT.reset(token)
+        # After the answer has gone: sign a checkpoint if enough entries have accumulated.
+        await anyio.to_thread.run_sync(state.audit.after_append)
+
+
+async def audit_checkpoints(state: Any) -> None:
+    """Sign a checkpoint whenever the log has grown and the last one is ``every_minutes`` old."""
+    interval = max(1.0, min(30.0, state.audit.every_minutes * 60 / 4))
+    while True:
+        await anyio.sleep(interval)
+        try:
+            if await anyio.to_thread.run_sync(state.audit.due, datetime.now(timezone.utc)):
+                await anyio.to_thread.run_sync(state.audit.checkpoint)
+        except Exception:  # noqa: BLE001 - a failed attempt is retried at the next tick
+            logger.exception("could not sign an audit checkpoint; retrying")
