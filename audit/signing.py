@@ -55,7 +55,7 @@ class VerifierKey:
     @classmethod
     def parse(cls, text: str) -> VerifierKey:
         """Parse ``name+hexid+base64key``; refuse anything malformed or inconsistent."""
-        parts = text.strip().split("+")
+        parts = text.strip().split("+", 2)  # base64 may itself contain '+'; names and IDs may not
         if len(parts) != 3:
             raise KeyError_("a verifier key looks like 'name+1a2b3c4d+AbC...=' (three parts joined by '+')")
         name, hex_id, encoded = parts

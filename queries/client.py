@@ -97,12 +97,16 @@ class Client:
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self._http.request(method, path, **kwargs)
         if response.status_code >= 400:
-            try:
-                body = response.json()
-            except ValueError:
-                body = {"error": "error", "detail": response.text}
-            raise _ERRORS.get(response.status_code, ServerUnavailable)(response.status_code, body)
+            self._raise(response)
         return response.json()
+
+    @staticmethod
+    def _raise(response: httpx.Response) -> None:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"error": "error", "detail": response.text}
+        raise _ERRORS.get(response.status_code, ServerUnavailable)(response.status_code, body)
 
     def datasets(self) -> list[dict[str, Any]]:
         """The datasets you may use, with their public metadata."""
@@ -133,6 +137,70 @@ class Client:
         })
         return frame
 
+    def bundles(self, spec: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Bundle discovery: ``(pairs, bundles)`` as DataFrames (``analysis`` defaults to "bundles").
+
+        For ``{"analysis": "bundle_changes", ...}`` the first frame holds the pair changes and
+        the second the bundles' changes. Both carry the answer's ``.attrs`` (see :meth:`run`).
+        """
+        frame = self.run({"analysis": "bundles", **spec})
+        bundles = frame.attrs["tables"]["bundles"]
+        bundles.attrs.update({k: v for k, v in frame.attrs.items() if k != "tables"})
+        return frame, bundles
+
     def budgets(self, dataset: str | None = None) -> list[dict[str, Any]]:
         """Your budgets: spent and remaining per scope."""
         return self._call("GET", "/budgets", params={"dataset": dataset} if dataset else None)
+
+    # -- oversight: the audit log ------------------------------------------------------------
+
+    def audit_entries(self, **filters: Any) -> pd.DataFrame:
+        """Audit entries, oldest first. Filters: account, agency, dataset, action, decision,
+        since, until (ISO times), after (a seq), limit (≤ 1000 per page; pages are followed)."""
+        limit = filters.pop("limit", None)
+        rows: list[dict[str, Any]] = []
+        params = {k: v for k, v in filters.items() if v is not None}
+        while True:
+            page = self._call("GET", "/audit/entries", params={**params, "limit": min(limit or 1000, 1000)})
+            rows += [{"seq": e["seq"], **e["entry"]} for e in page["entries"]]
+            if page["next_after"] is None or (limit is not None and len(rows) >= limit):
+                break
+            params["after"] = page["next_after"]
+        return pd.DataFrame(rows[:limit] if limit else rows)
+
+    def audit_ledger(self, dataset: str | None = None) -> dict[str, pd.DataFrame]:
+        """``budgets`` (spent and remaining per scope) and ``history`` (each charge over time)."""
+        body = self._call("GET", "/audit/ledger", params={"dataset": dataset} if dataset else None)
+        return {"budgets": pd.DataFrame(body["budgets"]), "history": pd.DataFrame(body["history"])}
+
+    def audit_checkpoint(self) -> str:
+        """The latest signed checkpoint (C2SP note text): keep it to check the next export against."""
+        return self._text("/audit/checkpoint")
+
+    def audit_public_key(self) -> str:
+        """The log's verifier key(s), one per line, current first."""
+        return self._text("/audit/public-key")
+
+    def audit_inclusion_proof(self, seq: int, size: int | None = None) -> dict[str, Any]:
+        return self._call("GET", "/audit/proofs/inclusion",
+                          params={"seq": seq, **({"size": size} if size is not None else {})})
+
+    def audit_consistency_proof(self, first: int, second: int) -> dict[str, Any]:
+        return self._call("GET", "/audit/proofs/consistency", params={"first": first, "second": second})
+
+    def audit_export(self, path: str) -> str:
+        """Download a bundle of the whole log to ``path`` (verify it with ``civicdp audit verify``)."""
+        with self._http.stream("GET", "/audit/export") as response:
+            if response.status_code >= 400:
+                response.read()
+                self._raise(response)
+            with open(path, "wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        return path
+
+    def _text(self, path: str) -> str:
+        response = self._http.get(path)
+        if response.status_code >= 400:
+            self._raise(response)
+        return response.text

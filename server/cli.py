@@ -19,6 +19,7 @@ from privacy.errors import PrivacyError
 from queries.context import EngineLimits
 from queries.engine import Engine, LocalDataset, Result
 from queries.errors import QueryError
+from server.cli_audit import audit
 from server.cli_admin import accounts, budgets, datasets, keys, roles
 from server.settings import Settings
 
@@ -30,6 +31,7 @@ app.add_typer(keys, name="keys")
 app.add_typer(roles, name="roles")
 app.add_typer(datasets, name="datasets")
 app.add_typer(budgets, name="budgets")
+app.add_typer(audit, name="audit")
 
 
 def _fail(message: str) -> None:
