@@ -70,5 +70,12 @@ def print_welcome(console: Console, settings: Settings, keys: dict[str, str], da
   print(client.estimate({{"dataset": "{dataset}", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1}}))
   frame = client.run({{"dataset": "{dataset}", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1}})
   print(frame, frame.attrs["charged"], frame.attrs["budgets"])""", highlight=False)
+    console.print("\nAudit as oversight (in another terminal, from this folder):")
+    console.print(f"""  export CIVICDP_URL={url} CIVICDP_API_KEY={keys["oversight"]}
+  .venv/bin/civicdp audit entries --limit 5
+  .venv/bin/civicdp audit checkpoint --out held.txt
+  .venv/bin/civicdp audit export audit.zip
+  .venv/bin/civicdp audit verify audit.zip --public-key "$(curl -s {url}/v1/audit/public-key)" \\
+      --trusted-checkpoint held.txt""", highlight=False)
     console.print(f"\nAPI documentation: {url}/docs   (stop the server with Ctrl-C)")
     console.rule()

@@ -1,0 +1,224 @@
+"""W4 — the audit log, as ../shared/BENCHMARKS.md defines it.
+
+Usage::
+
+    python -m bench.w4 [--requests 400] [--entries 1000000] [--database sqlite|postgresql|both]
+
+1. What auditing adds to a request: the app in-process (the real middleware, routes,
+   ledger and audit transaction), p50 latency of a cached query and of a metadata read,
+   with the audit log on, and with its two writers (``record`` and the middleware's
+   ``record_request``) replaced by no-ops — a reference measured in the same run.
+   Appends per second through that path (requests per second with auditing on; each
+   request is one entry) and of bare ``append`` calls in a transaction.
+2. Offline verification of an export of ``--entries`` entries: the entries (shaped like
+   the server's query entries) are written to the state database with their leaf
+   hashes and checkpoints every 10,000, exported with the server's own export, and
+   ``civicdp audit verify`` is run on the bundle in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import create_engine, insert, text, update
+from sqlmodel import Session
+
+PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
+
+
+def _client(data_dir: Path, database_url: str | None):  # type: ignore[no-untyped-def]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from fastapi.testclient import TestClient
+    from server.main import create_app
+    from server.settings import Settings
+
+    return TestClient(create_app(Settings(data_dir=data_dir, database_url=database_url)))
+
+
+def _setup(client, dataset_dir: Path) -> str:  # type: ignore[no-untyped-def]
+    from policies.actions import Role
+    from server import admin
+    from server.db import session_scope
+
+    state = client.app.state.civicdp
+    with session_scope(state.db) as session:
+        admin.register_dataset(session, state.policies, None, dataset_dir)
+        admin.create_account(session, None, "analyst", "health")
+        admin.grant_role(session, state.policies, None, "analyst", Role.ANALYST, "health")
+        return admin.issue_key(session, None, "analyst", state.secret, 30)[1]
+
+
+def _timed(call: Callable[[], object], n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def request_overhead(database_url: str | None, dataset_dir: Path, n: int) -> dict[str, float]:
+    import server.audit_http
+    import server.audit_log
+    import server.deps
+    import server.service
+
+    query = {"dataset": "civic-demo", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.01}
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp, _client(Path(tmp), database_url) as client:
+        headers = {"Authorization": f"Bearer {_setup(client, dataset_dir)}"}
+        assert client.post("/v1/queries", json=query, headers=headers).status_code == 200
+        cases = {"cached query": lambda: client.post("/v1/queries", json=query, headers=headers),
+                 "metadata read": lambda: client.get("/v1/datasets", headers=headers)}
+        writers = (server.service, server.deps, server.audit_log)
+        originals = {m: m.record for m in writers}
+        original_request = server.audit_http.record_request
+        for label, call in cases.items():
+            for _ in range(20):
+                call()  # warm up
+            on, off = [], []
+            for _ in range(5):  # interleaved rounds, so drift hits both alike
+                on += _timed(call, n // 5)
+                for module in writers:
+                    module.record = lambda *a, **k: None  # type: ignore[assignment]
+                server.audit_http.record_request = lambda db, slot, status: setattr(slot, "recorded", True)
+                try:
+                    off += _timed(call, n // 5)
+                finally:
+                    for module, original in originals.items():
+                        module.record = original  # type: ignore[assignment]
+                    server.audit_http.record_request = original_request
+            results[f"{label}: p50 with audit (ms)"] = statistics.median(on)
+            results[f"{label}: p50 without (ms)"] = statistics.median(off)
+            results[f"{label}: audit adds (ms)"] = statistics.median(on) - statistics.median(off)
+            results[f"{label}: appends/s through requests"] = 1000 / statistics.mean(on)
+        state = client.app.state.civicdp
+        from server.audit_log import append
+        from server.db import session_scope
+
+        start = time.perf_counter()
+        count = 500
+        for i in range(count):
+            with session_scope(state.db) as session:
+                append(session, caller=None, action="bench.append", target="bench", decision="allowed",
+                       detail={"i": i})
+        results["bare append, one per transaction: appends/s"] = count / (time.perf_counter() - start)
+    return results
+
+
+def _entry(seq: int) -> bytes:
+    from server.audit_log import canonical_bytes
+
+    return canonical_bytes({
+        "seq": seq, "time": "2026-11-23T12:00:00.000000Z", "action": "query.run", "target": "civic-demo",
+        "decision": "allowed", "rule": ["analyst", "*", "dataset:*", "query.run", "0.5", "allow"],
+        "who": {"account": f"analyst-{seq % 97}", "account_id": seq % 97, "agency": "health",
+                "roles": ["analyst@health"]},
+        "request": {"method": "POST", "path": "/v1/queries"},
+        "detail": {"dataset": "civic-demo", "dataset_version": "0-200000", "release_id": seq,
+                   "query": json.dumps({"aggregate": "count", "group_by": ["service_id"], "epsilon": "0.1",
+                                        "n": seq}), "query_hash": f"{seq:064x}", "loss_micro": 100_000,
+                   "result_hash": f"{seq * 7:064x}",
+                   "ledger": [{"scope": s, "subject": "x", "period": "2026-11", "cap_micro": 10**6,
+                               "before_micro": 0, "after_micro": 100_000} for s in ("analyst", "agency")]},
+    })
+
+
+def verification(entries: int, database_url: str | None) -> dict[str, float]:
+    from audit.checkpoint import Checkpoint
+    from audit.merkle import MerkleTree, leaf_hash
+    from server.audit_log import AuditLog, ensure_head
+    from server.db import init_db, make_engine
+    from server.models import AuditCheckpoint, AuditEntry, AuditHead
+
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        url = database_url or f"sqlite:///{tmp}/state.db"
+        db = make_engine(url)
+        init_db(db)
+        ensure_head(db)
+        log = AuditLog(db, Path(tmp) / "signing.key", "civicdp.bench/audit")
+        start = time.perf_counter()
+        tree = MerkleTree()
+        batch: list[dict] = []
+        notes: list[dict] = []
+        for seq in range(entries):
+            data = _entry(seq)
+            digest = leaf_hash(data)
+            tree.append(digest)
+            batch.append({"seq": seq, "action": "query.run", "target": "civic-demo", "dataset": "civic-demo",
+                          "decision": "allowed", "account": f"analyst-{seq % 97}", "agency": "health",
+                          "entry_json": data.decode(), "leaf_hash": digest.hex()})
+            if (seq + 1) % 10_000 == 0:
+                note = Checkpoint("civicdp.bench/audit", seq + 1, tree.root()).signed_by(log.key)
+                notes.append({"size": seq + 1, "root": note.root.hex(), "note": note.text()})
+            if len(batch) == 20_000 or seq == entries - 1:
+                with Session(db) as session:
+                    session.execute(insert(AuditEntry), batch)
+                    if notes:
+                        session.execute(insert(AuditCheckpoint), notes)
+                    session.execute(update(AuditHead).where(AuditHead.id == 1).values(size=seq + 1))
+                    session.commit()
+                batch, notes = [], []
+        out["writing the log (s)"] = time.perf_counter() - start
+        bundle = Path(tmp) / "audit.zip"
+        start = time.perf_counter()
+        log.export(bundle)
+        out["server export (s)"] = time.perf_counter() - start
+        out["bundle size (MB)"] = bundle.stat().st_size / 1e6
+        key = log.key.verifier.encode()
+        db.dispose()
+        start = time.perf_counter()
+        done = subprocess.run([str(Path(sys.executable).parent / "civicdp"), "audit", "verify", str(bundle),
+                               "--public-key", key], capture_output=True, text=True,
+                              env={**os.environ, "CIVICDP_DATA_DIR": str(Path(tmp) / "none")})
+        out["offline verify, fresh process (s)"] = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"verify failed: {done.stdout}{done.stderr}")
+        out["entries verified"] = float(entries)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=400)
+    parser.add_argument("--entries", type=int, default=1_000_000)
+    parser.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="sqlite")
+    parser.add_argument("--people", type=int, default=20_000, help="Demo dataset size for the request path")
+    args = parser.parse_args()
+    from synthetic.demo_data import generate
+
+    data = Path("bench/out") / f"w4-{args.people}"
+    if not (data / "metadata.json").exists():
+        generate(args.people, data, seed=0)
+    databases = ["sqlite", "postgresql"] if args.database == "both" else [args.database]
+    for database in databases:
+        url = None
+        if database == "postgresql":
+            engine = create_engine(PG_URL)
+            with engine.begin() as conn:
+                conn.execute(text('DROP SCHEMA IF EXISTS "civicdp_w4" CASCADE'))
+                conn.execute(text('CREATE SCHEMA "civicdp_w4"'))
+            engine.dispose()
+            url = PG_URL + "?options=-csearch_path%3Dcivicdp_w4"
+        print(f"\n== W4 on {database} ==")
+        for name, value in request_overhead(url, data, args.requests).items():
+            print(f"{name:50s} {value:10.2f}")
+        if database == databases[0] and args.entries:
+            for name, value in verification(args.entries, None).items():
+                print(f"{name:50s} {value:10.2f}")
+
+
+if __name__ == "__main__":
+    main()
