@@ -218,3 +218,23 @@ def test_key_rotation_is_recorded_and_vouched_for_by_the_old_key(api: Api, tmp_p
     verify_bundle(bundle, [old, new])
     with pytest.raises(TamperDetected, match="not signed by the public key"):
         verify_bundle(bundle, [old])  # later checkpoints need the new key, which the old one vouched for
+
+
+def test_a_checkpoint_is_signed_every_m_minutes_when_the_log_grew(tmp_path: Path,
+                                                                    dataset_folder: Path) -> None:  # noqa: F811
+    import time
+
+    # 0.01 minutes = 0.6 s; the timer looks every second at least.
+    with running_api(tmp_path / "state", dataset_folder, checkpoint_every_entries=10**6,
+                     checkpoint_every_minutes=0.01) as api:
+        api.get(ANALYST, "/v1/datasets")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with Session(api.state.db) as session:
+                latest = session.exec(select(AuditCheckpoint).order_by(AuditCheckpoint.size.desc())).first()
+                size = len(list(session.exec(select(AuditEntry.seq))))
+            if latest is not None and latest.size == size:
+                break
+            time.sleep(0.2)
+        assert latest is not None and latest.size == size, "no timed checkpoint covered the log"
+        assert Checkpoint.parse(latest.note).verified_by([_key(api)])
