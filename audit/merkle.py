@@ -53,6 +53,17 @@ class MerkleTree:
         for leaf in leaves:
             self.append(leaf)
 
+    @classmethod
+    def from_leaves(cls, leaves: list[bytes]) -> MerkleTree:
+        """The tree of many leaves at once: each level in one pass (much faster than appends)."""
+        tree = cls()
+        level = list(leaves)
+        tree.levels = [level]
+        while len(level) > 1:
+            level = [_sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+            tree.levels.append(level)
+        return tree
+
     def __len__(self) -> int:
         return len(self.levels[0])
 

@@ -19,6 +19,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -26,9 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import httpx
 
 from sqlalchemy import create_engine, insert, text, update
 from sqlmodel import Session
@@ -36,22 +38,11 @@ from sqlmodel import Session
 PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 
 
-def _client(data_dir: Path, database_url: str | None):  # type: ignore[no-untyped-def]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from fastapi.testclient import TestClient
-    from server.main import create_app
-    from server.settings import Settings
-
-    return TestClient(create_app(Settings(data_dir=data_dir, database_url=database_url)))
-
-
-def _setup(client, dataset_dir: Path) -> str:  # type: ignore[no-untyped-def]
+def _setup(state, dataset_dir: Path) -> str:  # type: ignore[no-untyped-def]
     from policies.actions import Role
     from server import admin
     from server.db import session_scope
 
-    state = client.app.state.civicdp
     with session_scope(state.db) as session:
         admin.register_dataset(session, state.policies, None, dataset_dir)
         admin.create_account(session, None, "analyst", "health")
@@ -59,16 +50,34 @@ def _setup(client, dataset_dir: Path) -> str:  # type: ignore[no-untyped-def]
         return admin.issue_key(session, None, "analyst", state.secret, 30)[1]
 
 
-def _timed(call: Callable[[], object], n: int) -> list[float]:
+async def _timed(call: Callable[[], Awaitable[object]], n: int) -> list[float]:
     times = []
     for _ in range(n):
         start = time.perf_counter()
-        call()
+        await call()
         times.append((time.perf_counter() - start) * 1000)
     return times
 
 
 def request_overhead(database_url: str | None, dataset_dir: Path, n: int) -> dict[str, float]:
+    return asyncio.run(_request_overhead(database_url, dataset_dir, n))
+
+
+async def _request_overhead(database_url: str | None, dataset_dir: Path, n: int) -> dict[str, float]:
+    """The app in-process over httpx's ASGI transport, its lifespan run as a server would."""
+    from server.main import create_app
+    from server.settings import Settings
+
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        app = create_app(Settings(data_dir=Path(tmp), database_url=database_url))
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
+            results = await _measure(app.state.civicdp, client, dataset_dir, n)
+    return results
+
+
+async def _measure(state, client: httpx.AsyncClient, dataset_dir: Path, n: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
     import server.audit_http
     import server.audit_log
     import server.deps
@@ -76,44 +85,42 @@ def request_overhead(database_url: str | None, dataset_dir: Path, n: int) -> dic
 
     query = {"dataset": "civic-demo", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.01}
     results: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp, _client(Path(tmp), database_url) as client:
-        headers = {"Authorization": f"Bearer {_setup(client, dataset_dir)}"}
-        assert client.post("/v1/queries", json=query, headers=headers).status_code == 200
-        cases = {"cached query": lambda: client.post("/v1/queries", json=query, headers=headers),
-                 "metadata read": lambda: client.get("/v1/datasets", headers=headers)}
-        writers = (server.service, server.deps, server.audit_log)
-        originals = {m: m.record for m in writers}
-        original_request = server.audit_http.record_request
-        for label, call in cases.items():
-            for _ in range(20):
-                call()  # warm up
-            on, off = [], []
-            for _ in range(5):  # interleaved rounds, so drift hits both alike
-                on += _timed(call, n // 5)
-                for module in writers:
-                    module.record = lambda *a, **k: None  # type: ignore[assignment]
-                server.audit_http.record_request = lambda db, slot, status: setattr(slot, "recorded", True)
-                try:
-                    off += _timed(call, n // 5)
-                finally:
-                    for module, original in originals.items():
-                        module.record = original  # type: ignore[assignment]
-                    server.audit_http.record_request = original_request
-            results[f"{label}: p50 with audit (ms)"] = statistics.median(on)
-            results[f"{label}: p50 without (ms)"] = statistics.median(off)
-            results[f"{label}: audit adds (ms)"] = statistics.median(on) - statistics.median(off)
-            results[f"{label}: appends/s through requests"] = 1000 / statistics.mean(on)
-        state = client.app.state.civicdp
-        from server.audit_log import append
-        from server.db import session_scope
+    headers = {"Authorization": f"Bearer {_setup(state, dataset_dir)}"}
+    assert (await client.post("/v1/queries", json=query, headers=headers)).status_code == 200
+    cases = {"cached query": lambda: client.post("/v1/queries", json=query, headers=headers),
+             "metadata read": lambda: client.get("/v1/datasets", headers=headers)}
+    writers = (server.service, server.deps, server.audit_log)
+    originals = {m: m.record for m in writers}
+    original_request = server.audit_http.record_request
+    for label, call in cases.items():
+        for _ in range(20):
+            await call()  # warm up
+        on, off = [], []
+        for _ in range(5):  # interleaved rounds, so drift hits both alike
+            on += await _timed(call, n // 5)
+            for module in writers:
+                module.record = lambda *a, **k: None  # type: ignore[assignment]
+            server.audit_http.record_request = lambda db, slot, status: setattr(slot, "recorded", True)
+            try:
+                off += await _timed(call, n // 5)
+            finally:
+                for module, original in originals.items():
+                    module.record = original  # type: ignore[assignment]
+                server.audit_http.record_request = original_request
+        results[f"{label}: p50 with audit (ms)"] = statistics.median(on)
+        results[f"{label}: p50 without (ms)"] = statistics.median(off)
+        results[f"{label}: audit adds (ms)"] = statistics.median(on) - statistics.median(off)
+        results[f"{label}: appends/s through requests"] = 1000 / statistics.mean(on)
+    from server.audit_log import append
+    from server.db import session_scope
 
-        start = time.perf_counter()
-        count = 500
-        for i in range(count):
-            with session_scope(state.db) as session:
-                append(session, caller=None, action="bench.append", target="bench", decision="allowed",
-                       detail={"i": i})
-        results["bare append, one per transaction: appends/s"] = count / (time.perf_counter() - start)
+    start = time.perf_counter()
+    count = 500
+    for i in range(count):
+        with session_scope(state.db) as session:
+            append(session, caller=None, action="bench.append", target="bench", decision="allowed",
+                   detail={"i": i})
+    results["bare append, one per transaction: appends/s"] = count / (time.perf_counter() - start)
     return results
 
 

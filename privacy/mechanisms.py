@@ -15,8 +15,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
+import opendp.accuracy as dp_accuracy
+import opendp.domains as domains
+import opendp.measurements as measurements
+import opendp.measures as measures
+import opendp.metrics as metrics
 import opendp.mod
-import opendp.prelude as dp
+# Not opendp.prelude: it imports scikit-learn, seconds of start-up for every command.
 
 from privacy.errors import InvalidLoss
 from privacy.loss import PrivacyLoss
@@ -33,12 +38,12 @@ def ensure_safe_features() -> None:
             f"OpenDP features {sorted(unsafe)} are enabled; civicdp refuses to run with them "
             "because they weaken the differential privacy guarantee. Disable them."
         )
-    dp.enable_features("contrib")
+    opendp.mod.enable_features("contrib")
 
 
 ensure_safe_features()
 
-_INT_VECTOR = dp.vector_domain(dp.atom_domain(T="i64"))
+_INT_VECTOR = domains.vector_domain(domains.atom_domain(T="i64"))
 
 
 def _loss(epsilon: float) -> PrivacyLoss:
@@ -48,14 +53,14 @@ def _loss(epsilon: float) -> PrivacyLoss:
 
 
 @lru_cache(maxsize=256)
-def _laplace(scale: float) -> dp.Measurement:
-    return dp.m.make_laplace(_INT_VECTOR, dp.l1_distance(T="i64"), scale=scale)
+def _laplace(scale: float) -> opendp.mod.Measurement:
+    return measurements.make_laplace(_INT_VECTOR, metrics.l1_distance(T="i64"), scale=scale)
 
 
 @lru_cache(maxsize=256)
-def _noisy_min(scale: float) -> dp.Measurement:
-    space = _INT_VECTOR, dp.linf_distance(T="i64", monotonic=False)
-    return dp.m.make_noisy_max(*space, dp.max_divergence(), scale=scale, negate=True)
+def _noisy_min(scale: float) -> opendp.mod.Measurement:
+    space = _INT_VECTOR, metrics.linf_distance(T="i64", monotonic=False)
+    return measurements.make_noisy_max(*space, measures.max_divergence(), scale=scale, negate=True)
 
 
 def _check_scale(scale: float) -> float:
@@ -84,10 +89,10 @@ class LaplaceVector:
         if not (math.isfinite(accuracy) and accuracy >= 1 and 0 < alpha < 1):
             # Noise on integers cannot promise less than one unit.
             raise InvalidLoss(f"a target accuracy must be at least one unit of the answer, got {accuracy}")
-        scale = _check_scale(dp.accuracy_to_discrete_laplacian_scale(float(accuracy), float(alpha)))
+        scale = _check_scale(dp_accuracy.accuracy_to_discrete_laplacian_scale(float(accuracy), float(alpha)))
         # The two conversions round; shrink the scale until the stated accuracy meets the target.
         for _ in range(64):
-            if dp.discrete_laplacian_scale_to_accuracy(scale, float(alpha)) <= accuracy:
+            if dp_accuracy.discrete_laplacian_scale_to_accuracy(scale, float(alpha)) <= accuracy:
                 return cls(sensitivity, scale)
             scale = math.nextafter(scale, 0.0) * (1 - 1e-12)
         raise InvalidLoss(f"could not calibrate noise for accuracy {accuracy}")
@@ -98,7 +103,7 @@ class LaplaceVector:
 
     def accuracy(self, alpha: float) -> float:
         """Half-width that the noise exceeds with probability at most ``alpha``."""
-        half = float(dp.discrete_laplacian_scale_to_accuracy(self.scale, alpha))
+        half = float(dp_accuracy.discrete_laplacian_scale_to_accuracy(self.scale, alpha))
         if not math.isfinite(half) or half <= 0:
             # OpenDP gives -inf when the noise is almost surely 0; |noise| >= 1 is then rarer
             # than alpha, so one unit is a true (conservative) half-width.

@@ -87,3 +87,15 @@ def test_out_of_range_requests_are_refused() -> None:
         TREE.inclusion_proof(64, 64)
     with pytest.raises(ValueError, match="has 64 entries"):
         TREE.consistency_proof(3, 65)
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 5, 8, 13, 64])
+def test_a_tree_built_at_once_equals_one_built_by_appends(size: int) -> None:
+    bulk, grown = MerkleTree.from_leaves(LEAVES[:size]), MerkleTree(LEAVES[:size])
+    assert bulk.levels[: len(grown.levels)] == grown.levels or size == 0
+    for n in range(size + 1):
+        assert bulk.root(n) == grown.root(n)
+    if size:
+        bulk.append(LEAVES[0])
+        grown.append(LEAVES[0])
+        assert bulk.root() == grown.root()
