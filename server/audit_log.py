@@ -51,6 +51,7 @@ class AuditSlot:
     target: str | None = None
     rule: list[str] | None = None
     reason: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)  # e.g. the query an estimate priced
     recorded: bool = False
 
 
@@ -149,13 +150,14 @@ DECISIONS = {401: "unauthenticated", 403: "denied", 404: "not_found", 409: "refu
 def record_request(db: DbEngine, slot: AuditSlot, status: int) -> None:
     """The entry of a request that recorded nothing itself (a read, a refusal, an error)."""
     decision = "allowed" if status < 400 else DECISIONS.get(status, "error" if status >= 500 else "refused")
-    detail: dict[str, Any] = {"status": status}
+    detail: dict[str, Any] = {**slot.detail, "status": status}
     if slot.reason:
         detail["reason"] = slot.reason
     with session_scope(db) as session:
         append(session, caller=slot.caller, action=slot.action or "http.request", target=slot.target or slot.path,
                decision=decision, rule=slot.rule, roles=slot.roles,
-               request={"method": slot.method, "path": slot.path}, detail=detail)
+               request={"method": slot.method, "path": slot.path}, detail=detail,
+               dataset=slot.detail.get("dataset"))
     slot.recorded = True
 
 

@@ -71,7 +71,7 @@ class QueryService:
             self._plans[key] = plan
         return spec, plan, row
 
-    def authorise(self, caller: Caller, plan: Plan | AnalysisPlan, action: Action) -> None:
+    def authorise(self, caller: Caller, plan: Plan | AnalysisPlan, action: Action, version: str | None = None) -> None:
         spec = plan.spec
         columns = plan.columns()
         # The dataset first, so a deny rule on it blocks every query of its columns too.
@@ -81,6 +81,10 @@ class QueryService:
         slot = current_slot()
         if slot is not None:
             slot.action, slot.target, slot.rule = action.value, str(spec.dataset), decision.rule
+            canonical, query_hash = self._query_key(spec)
+            slot.detail = {"dataset": spec.dataset, "dataset_version": version, "query": canonical,
+                           "query_hash": query_hash,
+                           "loss_micro": plan.loss.micro_epsilon if action is Action.QUERY_ESTIMATE else 0}
         if not decision.allowed:
             with session_scope(self.db) as session:
                 record(session, caller, action.value, str(spec.dataset), "denied", reason=decision.reason,
@@ -103,7 +107,7 @@ class QueryService:
 
     def estimate(self, caller: Caller, raw: Any) -> EstimateOut:
         spec, plan, row = self._plan(raw)
-        self.authorise(caller, plan, Action.QUERY_ESTIMATE)
+        self.authorise(caller, plan, Action.QUERY_ESTIMATE, row.version)
         estimate = self.engine.describe(plan)
         _, query_hash = self._query_key(spec)
         with Session(reader(self.db)) as session:
@@ -115,7 +119,7 @@ class QueryService:
 
     def run(self, caller: Caller, raw: Any) -> QueryResultOut:
         spec, plan, row = self._plan(raw)
-        self.authorise(caller, plan, Action.QUERY_RUN)
+        self.authorise(caller, plan, Action.QUERY_RUN, row.version)
         canonical, query_hash = self._query_key(spec)
         scopes = self._scopes(caller, row.name)
         early_refusal: ledger.BudgetRefused | None = None

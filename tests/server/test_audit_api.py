@@ -68,6 +68,9 @@ def test_every_request_leaves_exactly_one_entry(api: Api) -> None:
     assert json.loads(first["detail"]["query"])["epsilon"] == 0.1
     assert first["detail"]["dataset_version"] and len(first["detail"]["result_hash"]) == 64
     assert new[6]["rule"][-1] == "deny"  # the steward's query: the deny rule that matched
+    estimate = new[2]
+    assert estimate["action"] == "query.estimate" and estimate["detail"]["loss_micro"] == 200_000
+    assert json.loads(estimate["detail"]["query"])["epsilon"] == 0.2 and estimate["detail"]["dataset_version"]
     assert "float" not in json.dumps(new)  # sanity: amounts are integers
 
 
