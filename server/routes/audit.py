@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 from sqlmodel import select
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -68,14 +68,19 @@ def ledger_view(caller: CurrentCaller, state: StateDep, session: ReadSession, da
     return LedgerOut(budgets=budgets, history=history)
 
 
-@router.get("/checkpoint", response_class=PlainTextResponse, responses=errors(401, 403),
+TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Text"}}
+ZIP = {200: {"content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+             "description": "A zip file"}}
+
+
+@router.get("/checkpoint", response_class=Response, responses={**TEXT, **errors(401, 403)},
             summary="The latest signed checkpoint of the whole log (C2SP note text)")
 def checkpoint(caller: CurrentCaller, state: StateDep) -> PlainTextResponse:
     authorize(state, caller, Action.AUDIT_READ, "server")
     return PlainTextResponse(state.audit.checkpoint().note)
 
 
-@router.get("/public-key", response_class=PlainTextResponse,
+@router.get("/public-key", response_class=Response, responses=TEXT,
             summary="The log's public (verifier) keys, current first; public, no key needed")
 def public_key(state: StateDep) -> PlainTextResponse:
     keys = [state.audit.key.verifier.encode()]
@@ -114,7 +119,7 @@ def consistency(caller: CurrentCaller, state: StateDep, first: Size, second: Siz
     return ConsistencyProofOut(**state.audit.consistency(first, second))
 
 
-@router.get("/export", response_class=FileResponse, responses=errors(401, 403),
+@router.get("/export", response_class=Response, responses={**ZIP, **errors(401, 403)},
             summary="A bundle (zip: entries.jsonl, checkpoints, proofs) to verify offline")
 async def export(caller: CurrentCaller, state: StateDep) -> FileResponse:
     await run_in_threadpool(authorize, state, caller, Action.AUDIT_READ, "server")
