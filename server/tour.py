@@ -59,3 +59,6 @@ def run_tour(data: Path, people: int, engine: Engine, console: Console) -> None:
         total = result.loss if total is None else total + result.loss
     console.rule()
     console.print(f"total privacy loss of the tour: {total} (pure differential privacy, per person)")
+    from server.tour_bundles import show_bundles
+
+    show_bundles(data, dataset, console)

@@ -1,0 +1,432 @@
+"""Bundle discovery: which catalogue items the same people use together, and how that changes.
+
+Two analyses plug into the engine here:
+
+- ``bundles`` — the top K pairs of items (services) used by the same person within a
+  time window in a period, each with a private count of people, support, confidence
+  both ways and lift with intervals, and bundles of 2–4 items assembled from strongly
+  linked pairs (post-processing: free);
+- ``bundle_changes`` (also ``bundle-changes``) — the same for a baseline period and a
+  later period, with the pairs and bundles that appeared, vanished, strengthened or
+  weakened beyond their noise.
+
+Privacy: the item catalogue is public (the column's declared keys), so every pair is a
+public key and every pair of the catalogue gets a noisy count (no key selection, no
+delta). Each person adds 1 to at most ``max_pairs`` pair counts and to at most
+``max_items`` item counts plus the people total (:mod:`queries.analyses.pairs`), so
+discrete Laplace noise (OpenDP) on the pair vector with sensitivity ``max_pairs`` and on
+the item vector with sensitivity ``max_items + 1`` gives pure epsilon-DP per person. With
+``"max_pairs": "auto"`` (the default) 10% of the loss chooses ``max_pairs`` as a private
+quantile of pairs per person (permute-and-flip, OpenDP). Of the rest, 7/9 goes to the
+pair counts and 2/9 to the item counts; ``bundle_changes`` splits it equally between
+its two periods, which draw on the budget of the same people (the losses add).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from privacy.bounding import bound_candidates, quantile_scores, quantile_sensitivity
+from privacy.loss import PrivacyLoss, compose
+from privacy.mechanisms import LaplaceVector, NoisyMin
+from queries.analyses import bundle_tables as tables
+from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
+from queries.analyses.pairs import (PairSpace, bounded_item_counts, bounded_pair_counts, pairs_per_person,
+                                    person_events, person_pairs)
+from queries.backend import Backend, RowFilter
+from queries.context import EngineLimits, resolve
+from queries.errors import QueryError
+from queries.metadata import DatasetMetadata
+from queries.polars_backend import UNIT
+from queries.results import Estimate, Result
+from queries.spec import Filter, QuerySpec
+
+DEFAULT_TOP_K = 50
+MAX_TOP_K = 1000
+MAX_WINDOW_DAYS = 366
+MAX_CATALOGUE_PAIRS = 200_000  # noise for every pair: ~11 µs each with OpenDP's exact sampler
+MAX_PAIRS_PER_PERSON = 1000
+SELECTION_SHARE = Fraction(1, 10)  # of epsilon, to choose max_pairs when "auto"
+PAIR_SHARE = Fraction(7, 9)  # of each period's remaining loss; the rest is for item counts
+REFERENCE_PAIRS = 10  # max_pairs assumed by estimates when it is chosen at run time
+
+
+class Period(BaseModel):
+    """A time range ``[start, end)`` (end excluded)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: datetime
+    end: datetime
+
+
+class _BundleFields(AnalysisSpec):
+    table: str = "events"
+    item: str = "service_id"
+    time: str = "request_time"
+    window_days: int = 30
+    top_k: int | None = None  # default: 50, or every pair of a smaller catalogue
+    filters: tuple[Filter, ...] = ()
+    accuracy: float | None = None
+    max_pairs: int | Literal["auto"] = "auto"
+    pairs_quantile: float = 0.9
+    max_items: int | None = None
+    min_confidence: float = 0.2
+    max_bundle_size: int = 4
+
+    @field_validator("window_days", "top_k", "accuracy", "max_pairs", "pairs_quantile", "max_items",
+                     "min_confidence", "max_bundle_size", mode="before")
+    @classmethod
+    def _no_flags(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true or false")
+        return value
+
+
+class BundlesSpec(_BundleFields):
+    """Top pairs and bundles in one period (default: the time column's whole declared period)."""
+
+    analysis: Literal["bundles"]
+    period: Period | None = None
+
+
+class BundleChangesSpec(_BundleFields):
+    """Pairs and bundles of ``period`` compared with those of ``baseline``."""
+
+    analysis: Literal["bundle_changes"]
+    baseline: Period
+    period: Period
+
+    @field_validator("analysis", mode="before")
+    @classmethod
+    def _one_name(cls, value: Any) -> Any:
+        return "bundle_changes" if value == "bundle-changes" else value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What both analyses resolve from a spec and the metadata (no data read)."""
+
+    metadata: DatasetMetadata
+    dataset_dir: Path
+    table: str
+    unit: str
+    item: str
+    time: str
+    space: PairSpace
+    filters: tuple[RowFilter, ...]
+    periods: tuple[tuple[datetime, datetime], ...]
+    window_seconds: int
+    top_k: int
+    max_items: int
+    alpha: float
+
+
+@dataclass(frozen=True)
+class Exact:
+    """Exact bounded counts of each period: what the noise is added to."""
+
+    max_pairs: int
+    pairs: list[np.ndarray]
+    items: list[np.ndarray]
+    people: list[int]
+
+
+@dataclass
+class BundlesPlan(AnalysisPlan):
+    """A validated bundles or bundle-changes question with its mechanisms and exact cost."""
+
+    spec: BundlesSpec | BundleChangesSpec
+    setting: Setting
+    item_mechanism: LaplaceVector
+    pair_mechanism: LaplaceVector | None  # None: calibrated at run time for the chosen max_pairs
+    pair_epsilon: float | None
+    selector: NoisyMin | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def loss(self) -> PrivacyLoss:
+        periods = len(self.setting.periods)
+        pair = self.pair_mechanism.loss if self.pair_mechanism else PrivacyLoss(Fraction(self.pair_epsilon))
+        per_period = pair + self.item_mechanism.loss
+        selection = [self.selector.loss] if self.selector else []
+        return compose([*selection, *([per_period] * periods)])
+
+    def columns(self) -> set[str]:
+        s = self.setting
+        return {s.item, s.time, *(f.column for f in s.filters)}
+
+    # -- cost and accuracy, no data --------------------------------------------------------
+
+    def _mechanism_rows(self, pair_mechanism: LaplaceVector, chosen: int | None = None) -> list[dict[str, Any]]:
+        per = "each period" if len(self.setting.periods) > 1 else "the period"
+        rows = [{"role": f"pair counts ({per})", "mechanism": pair_mechanism.name, "scale": pair_mechanism.scale,
+                 "sensitivity": pair_mechanism.sensitivity, "epsilon": float(pair_mechanism.loss.epsilon)},
+                {"role": f"item counts and people ({per})", "mechanism": self.item_mechanism.name,
+                 "scale": self.item_mechanism.scale, "sensitivity": self.item_mechanism.sensitivity,
+                 "epsilon": float(self.item_mechanism.loss.epsilon)}]
+        if self.selector is not None:
+            row = {"role": "pairs per person", "mechanism": self.selector.name, "scale": self.selector.scale,
+                   "sensitivity": self.selector.sensitivity, "epsilon": float(self.selector.loss.epsilon)}
+            rows.append(row if chosen is None else {**row, "chosen": chosen})
+        return rows
+
+    def _reference_pairs(self) -> LaplaceVector:
+        if self.pair_mechanism is not None:
+            return self.pair_mechanism
+        return LaplaceVector.for_epsilon(REFERENCE_PAIRS, self.pair_epsilon)  # type: ignore[arg-type]
+
+    def describe(self) -> Estimate:
+        pair = self._reference_pairs()
+        alpha = self.setting.alpha
+        notes = list(self.notes)
+        if self.selector is not None:
+            notes.append(f"pairs per person are chosen privately at run time; the accuracy shown is for "
+                         f"{REFERENCE_PAIRS} pairs per person (it grows in proportion)")
+        accuracy = {"pair_half_width": pair.accuracy(alpha), "item_half_width": self.item_mechanism.accuracy(alpha),
+                    "unit": "people", "pairs": self.setting.space.n_pairs, "top_k": self.setting.top_k}
+        return Estimate(self.loss, self.pair_mechanism.sensitivity if self.pair_mechanism else "auto",
+                        self.spec.confidence, self._mechanism_rows(pair), accuracy, notes)
+
+    # -- the data-touching step ------------------------------------------------------------
+
+    def bounded_counts(self, backend: Backend, max_pairs: int | None = None) -> Exact:
+        """Exact counts over bounded data, choosing ``max_pairs`` privately if the spec says "auto".
+
+        Pass ``max_pairs`` to skip the choice (benchmarks comparing with and without noise).
+        """
+        s = self.setting
+        scan = getattr(backend, "scan", None)
+        if scan is None:
+            raise QueryError("analysis", "this backend cannot read tables row by row, which bundle discovery "
+                             "needs", "Use the embedded Polars backend")
+        frame = scan(s.dataset_dir, s.metadata, s.table)
+        events = [person_events(frame, s.unit, s.item, s.time, s.space, s.filters, start, end).collect()
+                  for start, end in s.periods]
+        pairs = [person_pairs(e.lazy(), s.window_seconds, s.space).collect() for e in events]
+        if max_pairs is None:
+            max_pairs = self.pair_mechanism.sensitivity if self.pair_mechanism else self._choose(pairs)
+        return Exact(max_pairs, [bounded_pair_counts(p, s.space, max_pairs) for p in pairs],
+                     *map(list, zip(*(bounded_item_counts(e, s.space, s.max_items) for e in events))))
+
+    def _choose(self, pairs: list[pl.DataFrame]) -> int:
+        """The pairs-per-person quantile, by permute-and-flip over public candidates."""
+        candidates = bound_candidates(MAX_PAIRS_PER_PERSON)
+        people = pairs_per_person(pairs, MAX_PAIRS_PER_PERSON + 1)[1:]  # people with n = 1, 2, ... pairs
+        cumulative = np.concatenate(([0], np.cumsum(people)))
+        index = np.asarray(candidates) - 1  # people[n - 1] has n pairs
+        below = cumulative[index]  # fewer than c pairs
+        above = cumulative[-1] - cumulative[index + 1]  # more than c pairs
+        scores = quantile_scores(below, above, self.spec.pairs_quantile)
+        return candidates[self.selector.release(scores.tolist())]  # type: ignore[union-attr]
+
+    def release(self, exact: Exact) -> list[tables.NoisyCounts]:
+        """Add the noise: every pair count, every item count and the people total, per period."""
+        pair_mechanism = self.pair_mechanism or LaplaceVector.for_epsilon(exact.max_pairs, self.pair_epsilon)  # type: ignore[arg-type]
+        released = []
+        for pairs, items, people in zip(exact.pairs, exact.items, exact.people):
+            noisy_items = self.item_mechanism.release([*items.tolist(), people])
+            released.append(tables.NoisyCounts(np.asarray(pair_mechanism.release(pairs.tolist()), dtype=np.int64),
+                                               np.asarray(noisy_items[:-1], dtype=np.int64), int(noisy_items[-1]),
+                                               pair_mechanism, self.item_mechanism))
+        return released
+
+    def execute(self, backend: Backend) -> Result:
+        exact = self.bounded_counts(backend)
+        return self.answer(self.release(exact), exact.max_pairs)
+
+    def answer(self, released: list[tables.NoisyCounts], max_pairs: int) -> Result:
+        """The answer's tables from released counts (post-processing only)."""
+        s, spec = self.setting, self.spec
+        notes = list(self.notes)
+        notes.append(f"each person counts in at most {max_pairs} pairs and {s.max_items} items; counts describe "
+                     "that bounded data (people with more pairs are partly counted)")
+        mechanisms = self._mechanism_rows(released[0].pair_mechanism, max_pairs if self.selector else None)
+        per_period = []
+        for counts in released:
+            top = tables.top_pairs(counts, s.top_k)
+            pairs = tables.pair_table(counts, s.space, s.item, top, s.alpha, spec.min_confidence)
+            per_period.append((top, pairs, tables.bundle_table(pairs, counts, s.item, s.alpha,
+                                                               spec.max_bundle_size)))
+        if len(released) == 1:
+            top, pairs, bundles = per_period[0]
+            noise = pairs.height - int((pairs["ci_low"] > 0).sum())
+            if noise:
+                notes.append(f"{noise} of the top {pairs.height} pairs have counts indistinguishable from noise "
+                             "(interval includes 0) and are not used for bundles")
+            if bundles.height == 0:
+                notes.append("no bundle: no pair is both above its noise and confident enough "
+                             f"(confidence lower bound at least {spec.min_confidence} one way)")
+            return Result(pairs, self.loss, max_pairs, spec.confidence, mechanisms, spec, notes,
+                          tables={"bundles": bundles, "items": tables.item_table(released[0], s.space, s.item,
+                                                                                 s.alpha)})
+        (top_a, pairs_a, bundles_a), (top_b, pairs_b, bundles_b) = per_period
+        union = np.array(sorted(set(top_a.tolist()) | set(top_b.tolist())), dtype=np.int64)
+        changes = tables.change_table(released[0], released[1], s.space, s.item, union, s.alpha)
+        epsilon = float((self.loss.epsilon - (self.selector.loss.epsilon if self.selector else 0)) / 2)
+        notes.append(f"both periods draw on the budget of the same people: the loss is the sum of the two "
+                     f"periods' (epsilon {epsilon:.4g} each"
+                     + (" plus the choice of pairs per person)" if self.selector else ")"))
+        return Result(changes, self.loss, max_pairs, spec.confidence, mechanisms, spec, notes,
+                      tables={"bundles": tables.bundle_change_table(bundles_a, bundles_b, changes, s.item),
+                              "baseline_pairs": pairs_a, "period_pairs": pairs_b,
+                              "baseline_bundles": bundles_a, "period_bundles": bundles_b})
+
+
+class _Bundles(Analysis):
+    """Plans both analyses; they differ only in their periods."""
+
+    def __init__(self, name: str, spec_model: type[AnalysisSpec]) -> None:
+        self.name = name
+        self.spec_model = spec_model
+
+    def plan(self, spec: AnalysisSpec, metadata: DatasetMetadata, dataset_dir: Path,
+             limits: EngineLimits) -> BundlesPlan:
+        assert isinstance(spec, (BundlesSpec, BundleChangesSpec))
+        setting = _setting(spec, metadata, Path(dataset_dir), limits)
+        if (spec.epsilon is None) == (spec.accuracy is None):
+            raise QueryError("epsilon", "give either a privacy loss 'epsilon' or a target 'accuracy', not both"
+                             if spec.epsilon is not None else "give a privacy loss 'epsilon' or a target 'accuracy'",
+                             'For example "epsilon": 0.5, or "accuracy": 100 for ±100 people at the confidence')
+        if spec.epsilon is not None and spec.epsilon > limits.max_epsilon:
+            raise QueryError("epsilon", f"{spec.epsilon} is above the maximum {limits.max_epsilon} per query",
+                             "Ask with a smaller privacy loss")
+        if not 0.5 <= spec.confidence <= 0.999:
+            raise QueryError("confidence", f"must be between 0.5 and 0.999, got {spec.confidence}", "Use e.g. 0.95")
+        if spec.max_pairs != "auto" and not 1 <= spec.max_pairs <= MAX_PAIRS_PER_PERSON:
+            raise QueryError("max_pairs", f"must be between 1 and {MAX_PAIRS_PER_PERSON}, got {spec.max_pairs}",
+                             'Give a whole number of pairs per person, or "auto"')
+        if not 0.5 <= spec.pairs_quantile <= 0.99:
+            raise QueryError("pairs_quantile", f"must be between 0.5 and 0.99, got {spec.pairs_quantile}",
+                             "Use e.g. 0.9")
+        if not 0 <= spec.min_confidence <= 1:
+            raise QueryError("min_confidence", f"must be between 0 and 1, got {spec.min_confidence}", "Use e.g. 0.2")
+        if not 2 <= spec.max_bundle_size <= 4:
+            raise QueryError("max_bundle_size", f"must be 2, 3 or 4, got {spec.max_bundle_size}",
+                             "Bundles are assembled from 2 to 4 items")
+        periods = len(setting.periods)
+        if spec.accuracy is not None:
+            if spec.max_pairs == "auto":
+                raise QueryError("max_pairs", "a target accuracy needs a fixed number of pairs per person, "
+                                 "because the noise is calibrated before any data is read",
+                                 "Give max_pairs as a whole number, or ask with 'epsilon'")
+            if not (math.isfinite(spec.accuracy) and spec.accuracy >= 1):
+                raise QueryError("accuracy", f"counts of people are whole numbers, so a half-width of "
+                                 f"{spec.accuracy} cannot be promised", "Ask for an accuracy of at least 1")
+            pair = LaplaceVector.for_accuracy(spec.max_pairs, spec.accuracy, setting.alpha)
+            items = LaplaceVector.for_accuracy(setting.max_items + 1, spec.accuracy, setting.alpha)
+            return BundlesPlan(spec, setting, items, pair, None, None, _notes(setting))
+        epsilon = Fraction(repr(spec.epsilon))
+        selector = None
+        if spec.max_pairs == "auto":
+            selector = NoisyMin.for_epsilon(quantile_sensitivity(spec.pairs_quantile, 1),
+                                            float(epsilon * SELECTION_SHARE))
+            epsilon -= Fraction(selector.loss.epsilon)
+        per_period = epsilon / periods
+        pair_epsilon = float(per_period * PAIR_SHARE)
+        items = LaplaceVector.for_epsilon(setting.max_items + 1, float(per_period - Fraction(pair_epsilon)))
+        if spec.max_pairs == "auto":
+            return BundlesPlan(spec, setting, items, None, pair_epsilon, selector, _notes(setting))
+        pair = LaplaceVector.for_epsilon(spec.max_pairs, pair_epsilon)
+        return BundlesPlan(spec, setting, items, pair, None, None, _notes(setting))
+
+
+def _notes(setting: Setting) -> list[str]:
+    days = setting.window_seconds // 86400
+    return [f"pairs: two different {setting.item} values used by the same person at most {days} days apart "
+            f"(times to the second), counted once per person"]
+
+
+def _setting(spec: BundlesSpec | BundleChangesSpec, metadata: DatasetMetadata, dataset_dir: Path,
+             limits: EngineLimits) -> Setting:
+    """Validate everything but the privacy parameters, from the spec and the public metadata only."""
+    if spec.dataset is not None and spec.dataset != metadata.name:
+        raise QueryError("dataset", f"this dataset is '{metadata.name}', not '{spec.dataset}'",
+                         "Name the dataset you are querying, or leave 'dataset' out")
+    table = metadata.tables.get(spec.table)
+    if table is None:
+        raise QueryError("table", f"no table '{spec.table}'", f"Use one of {sorted(metadata.tables)}")
+    item = table.columns.get(spec.item)
+    if item is None or item.identifier or spec.item == metadata.privacy_unit or item.keys is None:
+        problem = (f"unknown column '{spec.item}'" if item is None else
+                   f"'{spec.item}' has no public key set (a catalogue)" if item.keys is None and not item.identifier
+                   else f"'{spec.item}' is an identifier")
+        raise QueryError("item", problem, "Name a column whose public keys are the catalogue, e.g. 'service_id'")
+    time = table.columns.get(spec.time)
+    if time is None or time.type != "datetime":
+        raise QueryError("time", f"'{spec.time}' is not a time column of table '{spec.table}'",
+                         "Name a datetime column, e.g. 'request_time'")
+    space = PairSpace(tuple(item.keys))
+    if space.n_items < 2:
+        raise QueryError("item", f"'{spec.item}' has fewer than two keys, so it has no pairs",
+                         "Name a column with a catalogue of at least two items")
+    if space.n_pairs > MAX_CATALOGUE_PAIRS:
+        raise QueryError("item", f"a catalogue of {space.n_items} items has {space.n_pairs:,} pairs, more than "
+                         f"the {MAX_CATALOGUE_PAIRS:,} allowed", "Name a column with a smaller catalogue")
+    for index, spec_filter in enumerate(spec.filters):
+        if spec_filter.column == spec.time:
+            raise QueryError(f"filters.{index}", f"'{spec.time}' is the time column of the analysis",
+                             "Give the time range as 'period' instead")
+    # Reuse the aggregate queries' validation of filters (keys, types, buckets).
+    probe = QuerySpec(table=spec.table, aggregate="count", filters=spec.filters, epsilon=limits.max_epsilon)
+    filters = resolve(probe, metadata, dataset_dir, limits).filters
+    bounds = tuple(_naive(b) for b in time.bounds)  # type: ignore[union-attr]
+    if isinstance(spec, BundleChangesSpec):
+        periods = (_period("baseline", spec.baseline, bounds), _period("period", spec.period, bounds))
+    else:
+        periods = (_period("period", spec.period, bounds) if spec.period else bounds,)
+    if not 1 <= spec.window_days <= MAX_WINDOW_DAYS:
+        raise QueryError("window_days", f"must be between 1 and {MAX_WINDOW_DAYS} days, got {spec.window_days}",
+                         "Use e.g. 30")
+    for name, (start, end) in zip(("baseline", "period") if len(periods) > 1 else ("period",), periods):
+        length = math.ceil((end - start) / timedelta(days=1))
+        if spec.window_days > length:
+            raise QueryError("window_days", f"the window ({spec.window_days} days) is longer than the {name} "
+                             f"({length} days)", f"Use a window of at most {length} days, or a longer {name}")
+    top_k = min(DEFAULT_TOP_K, space.n_pairs) if spec.top_k is None else spec.top_k
+    if not 1 <= top_k <= min(MAX_TOP_K, space.n_pairs):
+        raise QueryError("top_k", f"must be between 1 and {min(MAX_TOP_K, space.n_pairs)} (the catalogue has "
+                         f"{space.n_pairs:,} pairs), got {top_k}",
+                         f"Ask for at most {min(MAX_TOP_K, space.n_pairs)} pairs")
+    max_items = min(metadata.max_contributions, space.n_items) if spec.max_items is None else spec.max_items
+    if not 1 <= max_items <= space.n_items:
+        raise QueryError("max_items", f"must be between 1 and {space.n_items} (the catalogue's size), "
+                         f"got {max_items}", "Give the number of distinct items counted per person")
+    unit = UNIT if table.privacy_unit_via else metadata.privacy_unit
+    return Setting(metadata, dataset_dir, spec.table, unit, spec.item, spec.time, space, filters, periods,
+                   spec.window_days * 86400, top_k, max_items, 1 - spec.confidence)
+
+
+def _naive(moment: object) -> datetime:
+    return _utc(moment if isinstance(moment, datetime) else datetime.fromisoformat(str(moment)))
+
+
+def _period(name: str, period: Period, bounds: tuple[datetime, datetime]) -> tuple[datetime, datetime]:
+    """A period clamped to the declared bounds; refused if empty or outside them."""
+    start, end = _utc(period.start), _utc(period.end)
+    if start >= end:
+        raise QueryError(name, f"starts ({start}) at or after it ends ({end})", "Give a start before the end")
+    if start >= bounds[1] or end <= bounds[0]:
+        raise QueryError(name, f"lies outside the dataset's period {bounds[0]} to {bounds[1]}",
+                         "Choose a period inside the dataset's period")
+    return max(start, bounds[0]), min(end, bounds[1])
+
+
+def _utc(moment: datetime) -> datetime:
+    """Stored times are naive UTC; an aware time is converted, not just stripped."""
+    offset = moment.utcoffset()
+    return moment if offset is None else (moment - offset).replace(tzinfo=None)
+
+
+register(_Bundles("bundles", BundlesSpec))
+register(_Bundles("bundle_changes", BundleChangesSpec))
+register(_Bundles("bundle-changes", BundleChangesSpec))

@@ -1,0 +1,146 @@
+"""Pairs of catalogue items used by the same person within a time window, bounded per person.
+
+This module is the data-touching half of bundle discovery, in plain Polars (OpenDP's
+Polars API cannot express the per-person pair construction). It computes **exact**
+counts over **bounded** data; the noise is added by the caller with OpenDP
+mechanisms whose sensitivity is the bound (:mod:`queries.analyses.bundles`).
+
+The bounding rules, all public and each depending on one person's own rows only
+(so adding or removing a person changes nobody else's contribution):
+
+1. at most :data:`MAX_ROWS` rows per person are read (the first in the table's stable
+   random order, ``__civicdp_rank``); filters and the period apply to those rows;
+2. a person's *pairs* are the distinct unordered pairs {a, b} of different catalogue
+   items with a use of ``a`` and a use of ``b`` at most ``window`` apart (inclusive);
+3. each person keeps at most ``max_pairs`` of their pairs, chosen by a hash of
+   (person, pair): a person adds 1 to at most ``max_pairs`` pair counts, so the vector
+   of all pair counts has L1 sensitivity ``max_pairs``;
+4. for the per-item people counts, each person keeps at most ``max_items`` of their
+   distinct items (same kind of hash choice) and counts once in the people total: L1
+   sensitivity ``max_items + 1`` for the vector [items..., people].
+
+Pairs are indexed over the public catalogue (``keys``): pair (i, j), i < j, of the
+catalogue positions has index ``i * n - i * (i + 1) / 2 + (j - i - 1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import polars as pl
+
+from queries.backend import RowFilter
+from queries.polars_backend import RANK, _filter_expr
+
+#: Rows read per person (a public computational bound; the demo data has at most 1000).
+MAX_ROWS = 1000
+#: Time keys are ``seconds * _SLOTS + position``: unique per person, order-preserving.
+_SLOTS = 2048  # must be at least 2 * MAX_ROWS - 1 (see person_pairs)
+_PAIR_SEED = 0x9A1E5
+_ITEM_SEED = 0x17E35
+
+PERSON, ITEM, KEY, PAIR = "__person", "__item", "__time_key", "__pair"
+
+
+@dataclass(frozen=True)
+class PairSpace:
+    """The public catalogue and its pairs."""
+
+    keys: tuple[int | str | bool, ...]
+
+    @property
+    def n_items(self) -> int:
+        return len(self.keys)
+
+    @property
+    def n_pairs(self) -> int:
+        return self.n_items * (self.n_items - 1) // 2
+
+    def index(self, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        """Compact index of pairs (i, j) with i < j (catalogue positions)."""
+        i, j = np.asarray(i, dtype=np.int64), np.asarray(j, dtype=np.int64)
+        return i * self.n_items - i * (i + 1) // 2 + (j - i - 1)
+
+    def members(self) -> tuple[np.ndarray, np.ndarray]:
+        """Catalogue positions (i, j) of every pair, in index order."""
+        i, j = np.triu_indices(self.n_items, k=1)
+        return i.astype(np.int64), j.astype(np.int64)
+
+
+def person_events(frame: pl.LazyFrame, unit: str, item: str, time: str, space: PairSpace,
+                  filters: tuple[RowFilter, ...], start: datetime, end: datetime) -> pl.LazyFrame:
+    """A person's bounded, filtered uses: ``[__person, __item, __time_key]``, sorted by person and time.
+
+    ``frame`` is the ranked table (``backend.scan``). Items outside the catalogue are
+    dropped (the output never depends on which other values occur).
+    """
+    codes = pl.col(item).replace_strict(list(space.keys), list(range(space.n_items)), default=None,
+                                        return_dtype=pl.Int32)
+    conditions = [pl.col(RANK) <= MAX_ROWS, pl.col(time) >= start, pl.col(time) < end,
+                  *(_filter_expr(f) for f in filters)]
+    seconds = (pl.col(time) - pl.lit(start)).dt.total_seconds().cast(pl.Int64)
+    events = (frame.filter(pl.all_horizontal(conditions))
+              .select(pl.col(unit).alias(PERSON), codes.alias(ITEM), seconds.alias(KEY))
+              .drop_nulls()
+              .sort(PERSON, KEY))
+    # events: [__person, __item, seconds since start]; at most MAX_ROWS per person, so the
+    # position within the person fits below _SLOTS and makes every time key unique.
+    position = pl.int_range(pl.len(), dtype=pl.Int64).over(PERSON)
+    return events.with_columns(pl.col(KEY) * _SLOTS + position)
+
+
+def person_pairs(events: pl.LazyFrame, window_seconds: int, space: PairSpace) -> pl.LazyFrame:
+    """Each person's distinct pairs within the window: ``[__person, __pair]`` (compact index).
+
+    A rolling window over the time keys ending at each use collects the items used at
+    most ``window_seconds`` before it. Keys are ``s * SLOTS + p`` with positions
+    ``p < MAX_ROWS``: for two uses with ``d`` whole seconds between them the key gap lies
+    within ``d * SLOTS ± (MAX_ROWS - 1)``, so a window of ``window * SLOTS + MAX_ROWS``
+    units holds exactly the uses with ``d <= window`` (as ``SLOTS >= 2 * MAX_ROWS - 1``).
+    """
+    span = window_seconds * _SLOTS + MAX_ROWS
+    windows = events.rolling(index_column=KEY, period=f"{span}i", group_by=PERSON).agg(
+        pl.col(ITEM).alias("__window"))
+    # windows: [__person, __time_key, __window]; the use itself is the last in its window
+    other = pl.col("__window")
+    pairs = (windows.with_columns(pl.col("__window").list.last().alias(ITEM))
+             .explode("__window")
+             .filter(other != pl.col(ITEM)))
+    low = pl.min_horizontal(ITEM, "__window").cast(pl.Int64)
+    high = pl.max_horizontal(ITEM, "__window").cast(pl.Int64)
+    index = low * space.n_items - low * (low + 1) // 2 + (high - low - 1)
+    # pairs: [__person, __pair], each distinct pair of a person once
+    return pairs.select(PERSON, index.alias(PAIR)).unique()
+
+
+def _keep_per_person(frame: pl.DataFrame, column: str, limit: int, seed: int) -> pl.DataFrame:
+    """At most ``limit`` rows per person, chosen by a hash of (person, value): stable per person."""
+    order = pl.struct(PERSON, column).hash(seed=seed)
+    return frame.filter(order.rank("ordinal").over(PERSON) <= limit)
+
+
+def pairs_per_person(pairs: list[pl.DataFrame], limit: int) -> np.ndarray:
+    """``people[n]``: people with n pairs, n = 0..limit (the last entry: limit or more).
+
+    With several periods a person's number is their largest over the periods, so each
+    person is still counted once.
+    """
+    per_period = [p.group_by(PERSON).len() for p in pairs]
+    per_person = pl.concat(per_period).group_by(PERSON).agg(pl.col("len").max())["len"]
+    return np.bincount(np.minimum(per_person.to_numpy().astype(np.int64), limit), minlength=limit + 1)
+
+
+def bounded_pair_counts(pairs: pl.DataFrame, space: PairSpace, max_pairs: int) -> np.ndarray:
+    """People per pair, each person counted in at most ``max_pairs`` pairs (exact)."""
+    kept = _keep_per_person(pairs, PAIR, max_pairs, _PAIR_SEED)
+    return np.bincount(kept[PAIR].to_numpy(), minlength=space.n_pairs).astype(np.int64)
+
+
+def bounded_item_counts(events: pl.DataFrame, space: PairSpace, max_items: int) -> tuple[np.ndarray, int]:
+    """People per item (at most ``max_items`` items per person) and the number of people (exact)."""
+    distinct = events.select(PERSON, ITEM).unique()
+    kept = _keep_per_person(distinct, ITEM, max_items, _ITEM_SEED)
+    counts = np.bincount(kept[ITEM].to_numpy(), minlength=space.n_items).astype(np.int64)
+    return counts, int(distinct[PERSON].n_unique())
