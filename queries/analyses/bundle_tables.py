@@ -14,6 +14,12 @@ Intervals (at ``confidence = 1 - alpha``, per row):
 - a change of support between two periods: the four counts at ``alpha / 4`` each.
 
 An interval's end is left empty (null) when a denominator could be zero or negative.
+
+A pair is *linked* (may join a bundle) when its count exceeds the half-width at
+``alpha / number of catalogue pairs`` — simultaneous over every pair, because the top
+pairs are selected as the largest of all noisy counts — and one of its confidences'
+lower ends reaches ``min_confidence``. On data without any pair, no bundle is reported
+with probability at least ``confidence``.
 """
 
 from __future__ import annotations
@@ -87,7 +93,11 @@ def pair_table(counts: NoisyCounts, space: PairSpace, item: str, top: np.ndarray
         lift_low = np.where((n_a + item4 > 0) & (n_b + item4 > 0), lift_low, np.nan)
         lift_high = np.where((n_a - item4 > 0) & (n_b - item4 > 0),
                              (n_ab + pair4) * (people + item4) / ((n_a - item4) * (n_b - item4)), np.nan)
-    linked = (n_ab - half > 0) & (np.fmax(np.nan_to_num(conf_ab[1]), np.nan_to_num(conf_ba[1])) >= min_confidence)
+    # Linked only if the count is above zero for every catalogue pair at once (Bonferroni
+    # over all pairs): the top pairs are the largest of many noisy counts, so a per-pair
+    # interval would "find" links in pure noise.
+    link_half = counts.pair_half(alpha / max(space.n_pairs, 1))
+    linked = (n_ab - link_half > 0) & (np.fmax(np.nan_to_num(conf_ab[1]), np.nan_to_num(conf_ba[1])) >= min_confidence)
     keys = list(space.keys)
     return pl.DataFrame({
         "rank": np.arange(1, len(top) + 1, dtype=np.int64),
