@@ -1,0 +1,83 @@
+"""HTTP schemas of feeds: a steward's definition, what consumers and oversight are shown."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FEED_NAME = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+AGENCY = r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,99})$"
+
+
+class FeedDefinition(BaseModel):
+    """What a steward sends to define a feed."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=FEED_NAME, description="Lower-case letters, digits, '.', '_' and '-'")
+    dataset: str = Field(min_length=1, max_length=100)
+    specs: list[dict[str, Any]] = Field(min_length=1, max_length=20,
+                                        description="Query or analysis specs, each with its epsilon (or accuracy); "
+                                                    "their losses add up to the loss per release")
+    schedule: str = Field(min_length=1, max_length=100,
+                          description="daily, weekly (Mondays), monthly (the 1st), at 00:00 UTC, or a cron "
+                                      "expression in UTC such as '0 6 * * mon'")
+    releases: int = Field(ge=1, le=1000, description="How many releases the feed announces (its horizon)")
+    start: datetime | None = Field(default=None, description="First possible release time (default: now)")
+    agencies: list[Annotated[str, Field(pattern=AGENCY)]] = Field(min_length=1, max_length=50,
+                                description="Agencies whose feed consumers may read it ('*': every agency)")
+
+
+class FeedSummary(BaseModel):
+    """A feed as its consumers see it."""
+
+    name: str
+    dataset: str
+    schedule: str
+    releases: int = Field(description="Releases announced")
+    produced: int = Field(description="Releases produced so far")
+    latest: int | None = Field(description="Number of the latest release, if any")
+    next_release_at: datetime | None
+    epsilon_per_release: float
+    url: str
+
+
+class FeedOverview(BaseModel):
+    """A feed as stewards and oversight see it: its schedule, what it spent and what it will spend."""
+
+    name: str
+    dataset: str
+    schedule: str
+    cron: str = Field(description="The schedule as a crontab (UTC)")
+    start: datetime
+    end: datetime = Field(description="Time of the last announced release")
+    agencies: list[str]
+    active: bool
+    releases: int
+    produced: int
+    refused: int = Field(description="Periods with a refused attempt and no release")
+    loss_micro_per_release: int
+    announced_micro: int = Field(description="Loss per release x releases: the feed's allocation")
+    spent_micro: int = Field(description="Charged to the feed's allocation so far")
+    planned_micro: int = Field(description="What the releases not yet produced will charge")
+    next_release_at: datetime | None
+    last_refusal: dict[str, Any] | None = Field(description="Period, time and reason of the latest refusal")
+    created_at: datetime
+    created_by: str | None
+
+
+class FeedReleaseOut(BaseModel):
+    """A produced release (the signed document itself is fetched from ``url``)."""
+
+    feed: str
+    number: int
+    period: str
+    sha256: str
+    signature: str
+    epsilon: float
+    loss_micro: int
+    origin: str
+    created_at: datetime
+    fresh: bool = Field(description="Produced by this request (false: it existed already, nothing was charged)")
+    url: str

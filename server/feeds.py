@@ -1,0 +1,561 @@
+"""Agency feeds: scheduled, signed aggregate releases, charged once and read by many.
+
+A steward **defines** a feed — a dataset, query specs, a schedule and the agencies
+that may read it. The specs are planned at once (cost known, no data read): their
+losses add up to the loss per release, and the announced total (loss per release x
+releases announced) must fit the dataset's lifetime budget left after the other
+feeds' outstanding allocations, while the most releases of any calendar month must fit
+the dataset's monthly cap. The total becomes the feed's own ledger scope (``feed``,
+subject the feed's name, period ``lifetime``), so the feed can never spend more than
+it announced.
+
+A **release** is made when its period is due (the scheduler, :mod:`server.feed_scheduler`)
+or when a steward triggers the next one. It runs like a query: plan -> pre-check the
+budgets -> compute -> in ONE transaction claim the period (unique ``(feed, period)``),
+store the signed canonical bytes, charge the feed allocation, the dataset's month and
+the dataset's lifetime, and record it. A second process producing the same period
+fails on the unique constraint and its transaction, charge included, rolls back; its
+computed answer never leaves. A refusal (a scope without room, a spec that no longer
+fits the dataset) is stored and recorded, the scheduler does not try that period again,
+and stewards see the reason (``GET /v1/feeds/overview``, ``civicdp feeds list``) and may
+trigger it again. Reading a release costs nothing: it is the stored bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, NoReturn
+
+from sqlalchemy import func
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine as DbEngine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from audit.release_signature import FORMAT, canonical_bytes, sign_release
+from audit.signing import SigningKey
+from policies.actions import Action
+from policies.enforcer import PolicyStore
+from privacy.errors import PrivacyError
+from privacy.loss import MICRO
+from queries.engine import AnalysisPlan, Engine, Plan
+from queries.errors import DatasetUnavailable, QueryError
+from queries.request import Request, parse_request
+from server import ledger, registry
+from server.audit_log import record
+from server.caller import Caller
+from server.db import reader, session_scope
+from server.errors import Conflict, InvalidRequest, NotFound
+from server.feed_models import Feed, FeedRefusal, FeedRelease
+from server.feed_schedule import Schedule, parse_schedule, period_label
+from server.feed_schemas import FeedDefinition, FeedOverview, FeedReleaseOut, FeedSummary
+from server.models import BudgetCap, Dataset, Release
+
+logger = logging.getLogger("civicdp.feeds")
+SCHEDULER, STEWARD = "scheduler", "steward"
+RESERVED = {"overview"}  # path segments under /v1/feeds that are not feeds
+
+
+class FeedRefused(Exception):
+    """A release that was not produced; the reason is recorded and shown to stewards."""
+
+    def __init__(self, reason: str, budget: ledger.BudgetRefused | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.budget = budget
+
+
+@dataclass(frozen=True)
+class ReleaseView:
+    """A stored release, detached from its session."""
+
+    feed: str
+    number: int
+    period: str
+    sha256: str
+    signature: str
+    loss_micro: int
+    origin: str
+    created_at: datetime
+    release_id: int | None
+    fresh: bool = False
+
+    def out(self) -> FeedReleaseOut:
+        return FeedReleaseOut(feed=self.feed, number=self.number, period=self.period, sha256=self.sha256,
+                              signature=self.signature, epsilon=self.loss_micro / MICRO, loss_micro=self.loss_micro,
+                              origin=self.origin, created_at=self.created_at, fresh=self.fresh,
+                              url=release_url(self.feed, self.number))
+
+
+def release_url(feed: str, number: int | str) -> str:
+    return f"/v1/feeds/{feed}/releases/{number}"
+
+
+def feed_scopes(feed: str, now: datetime) -> list[ledger.Scope]:
+    """What one release of ``feed`` is charged to: its allocation, the dataset's month and lifetime."""
+    return [ledger.Scope(ledger.FEED, feed, ledger.LIFETIME_PERIOD),
+            ledger.Scope(ledger.DATASET, ledger.ANY, ledger.period_of(now)),
+            ledger.Scope(ledger.LIFETIME, ledger.ANY, ledger.LIFETIME_PERIOD)]
+
+
+@lru_cache(maxsize=256)
+def _schedule(text: str, start: datetime, releases: int) -> Schedule:
+    return parse_schedule(text, start, releases)
+
+
+def schedule_of(feed: Feed) -> Schedule:
+    start = feed.start if feed.start.utcoffset() is not None else feed.start.replace(tzinfo=timezone.utc)
+    return _schedule(feed.schedule, start, feed.releases)
+
+
+def _plain(value: Any) -> Any:
+    """A JSON value with one written form: no NaN or infinity (null), times in ISO form."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, datetime):
+        return (value.astimezone(timezone.utc) if value.utcoffset() is not None else value).isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def _utc(when: datetime) -> datetime:
+    return when.replace(tzinfo=timezone.utc) if when.utcoffset() is None else when
+
+
+def _insert_ignoring_duplicates(session: Session, model: type, row: dict[str, Any], keys: list[str]) -> int:
+    dialect = session.get_bind().dialect.name
+    builder = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return int(session.execute(builder(model).values(**row).on_conflict_do_nothing(index_elements=keys)).rowcount)
+
+
+class FeedService:
+    """Defines feeds, produces and refuses their releases, and reads them back."""
+
+    def __init__(self, db: DbEngine, engine: Engine, policies: PolicyStore, caps: ledger.CapDefaults,
+                 signing_key: Callable[[], SigningKey]) -> None:
+        self.db = db
+        self.engine = engine
+        self.policies = policies
+        self.caps = caps
+        self._signing_key = signing_key
+        self.stopping = threading.Event()  # set on shutdown: a long catch-up stops between releases
+
+    @classmethod
+    def of(cls, state: Any) -> FeedService:
+        """The service over a server's ``AppState``."""
+        return cls(state.db, state.queries.engine, state.policies, state.caps, lambda: state.signing_key)
+
+    # -- planning ------------------------------------------------------------------------
+
+    def _plan_specs(self, row: Dataset, specs: list[Any]) -> list[tuple[Request, Plan | AnalysisPlan]]:
+        """Every spec planned against ``row`` (no data read); InvalidRequest names the spec and field."""
+        plans = []
+        metadata = registry.metadata_of(row)
+        for i, raw in enumerate(specs):
+            where = f"specs[{i}]"
+            if not isinstance(raw, dict):
+                raise InvalidRequest(where, "a spec is a JSON object", "Write each spec as in POST /v1/queries")
+            if raw.get("dataset", row.name) != row.name:
+                raise InvalidRequest(f"{where}.dataset", f"names {raw.get('dataset')!r}, not the feed's dataset "
+                                     f"{row.name!r}", "Leave 'dataset' out of feed specs, or name the feed's dataset")
+            try:
+                spec = parse_request({**raw, "dataset": row.name})
+                plan = self.engine.plan(spec, metadata, Path(row.path))
+            except QueryError as exc:
+                raise InvalidRequest(f"{where}.{exc.field}" if exc.field else where, exc.problem,
+                                     exc.fix or "See the query spec fields in the README") from None
+            except PrivacyError as exc:
+                raise InvalidRequest(f"{where}.epsilon", str(exc), "Give a finite privacy loss greater than 0") from None
+            if plan.loss.delta != 0:
+                raise InvalidRequest(where, "the spec spends delta, which feeds do not account",
+                                     "Use a pure-epsilon spec")
+            plans.append((spec, plan))
+        return plans
+
+    # -- definition -------------------------------------------------------------------------
+
+    def define(self, caller: Caller | None, body: FeedDefinition, now: datetime | None = None) -> FeedOverview:
+        """Check and store a feed definition, open its allocation and share it; nothing changes if refused."""
+        now = now or datetime.now(timezone.utc)
+        if body.name in RESERVED:
+            raise InvalidRequest("name", f"{body.name!r} is reserved", "Choose another feed name")
+        agencies = sorted(set(body.agencies))
+        start = _utc(body.start) if body.start else now
+        schedule = parse_schedule(body.schedule, start, body.releases)
+        with session_scope(self.db) as session:
+            if session.exec(select(Feed).where(Feed.name == body.name)).first() is not None:
+                raise Conflict(f"a feed named '{body.name}' exists already; choose another name")
+            row = session.exec(select(Dataset).where(Dataset.name == body.dataset)).first()
+            if row is None:
+                known = [d.name for d in registry.all_datasets(session)]
+                raise InvalidRequest("dataset", f"no dataset named {body.dataset!r}",
+                                     f"Use one of {known}" if known else "Register the dataset first")
+            plans = self._plan_specs(row, body.specs)
+            loss = sum(plan.loss.micro_epsilon for _, plan in plans)
+            total = loss * body.releases
+            self._check_announcement(session, row.name, body.name, loss, total, schedule, now)
+            specs = [json.loads(spec.canonical()) for spec, _ in plans]
+            feed = Feed(name=body.name, dataset=row.name, specs_json=json.dumps(specs, sort_keys=True),
+                        schedule=schedule.text, cron=schedule.cron, start=start, releases=body.releases,
+                        loss_micro=loss, total_micro=total, agencies_json=json.dumps(agencies),
+                        created_by=caller.name if caller else None)
+            session.add(feed)
+            cap = session.exec(select(BudgetCap).where(BudgetCap.dataset == row.name,
+                                                       BudgetCap.scope == ledger.FEED,
+                                                       BudgetCap.subject == body.name)).first()
+            cap = cap or BudgetCap(dataset=row.name, scope=ledger.FEED, subject=body.name, cap_micro=total)
+            cap.cap_micro = total
+            session.add(cap)
+            session.flush()
+            record(session, caller, "feed.define", f"feed:{body.name}", dataset=row.name, schedule=schedule.text,
+                   cron=schedule.cron, start=start, releases=body.releases, loss_micro_per_release=loss,
+                   announced_micro=total, agencies=agencies, specs=specs)
+        # After the commit: a link for a feed that was never stored would be harmless, but pointless.
+        for agency in agencies:
+            self.policies.register_feed(body.name, agency)
+        return self.overview_of(body.name, now)
+
+    def _check_announcement(self, session: Session, dataset: str, name: str, loss: int, total: int,
+                            schedule: Schedule, now: datetime) -> None:
+        month, lifetime = ledger.statuses(session, dataset, [
+            ledger.Scope(ledger.DATASET, ledger.ANY, ledger.period_of(now)),
+            ledger.Scope(ledger.LIFETIME, ledger.ANY, ledger.LIFETIME_PERIOD)], defaults=self.caps)
+        per_month = schedule.most_in_one_month() * loss
+        if per_month > month.cap_micro:
+            raise InvalidRequest("schedule", f"up to {schedule.most_in_one_month()} releases in one month at "
+                                 f"epsilon {loss / MICRO:g} each need {per_month / MICRO:g}, above the dataset's "
+                                 f"monthly cap of {month.cap_micro / MICRO:g}",
+                                 "Release less often, or spend less per release (a smaller epsilon per spec)")
+        committed = 0
+        for other in session.exec(select(Feed).where(Feed.dataset == dataset, Feed.active == True)):  # noqa: E712
+            (allocation,) = ledger.statuses(session, dataset, [ledger.Scope(ledger.FEED, other.name,
+                                                                             ledger.LIFETIME_PERIOD)],
+                                            defaults=self.caps)
+            committed += max(other.total_micro - allocation.spent_micro, 0)
+        room = lifetime.remaining_micro - committed
+        if total > room:
+            raise InvalidRequest("releases", f"the feed announces epsilon {total / MICRO:g} in total "
+                                 f"({loss / MICRO:g} per release x {schedule.releases} releases), but the dataset's "
+                                 f"lifetime budget has {lifetime.remaining_micro / MICRO:g} left, of which "
+                                 f"{committed / MICRO:g} is committed to other feeds",
+                                 f"Announce at most {max(room, 0) // max(loss, 1)} releases, or spend less per release")
+
+    def share(self, caller: Caller | None, name: str, agency: str, *, shared: bool = True) -> list[str]:
+        """Let ``agency``'s feed consumers read the feed (or stop them); the agencies afterwards."""
+        with session_scope(self.db) as session:
+            feed = self._feed(session, name)
+            agencies = set(json.loads(feed.agencies_json))
+            agencies = agencies | {agency} if shared else agencies - {agency}
+            feed.agencies_json = json.dumps(sorted(agencies))
+            session.add(feed)
+            record(session, caller, "feed.share" if shared else "feed.unshare", f"feed:{name}", agency=agency)
+        if shared:
+            self.policies.register_feed(name, agency)
+        else:
+            self.policies.unassign(f"feed:{name}", "feed:*", agency)
+        return sorted(agencies)
+
+    # -- releases -------------------------------------------------------------------------
+
+    @staticmethod
+    def _feed(session: Session, name: str) -> Feed:
+        feed = session.exec(select(Feed).where(Feed.name == name)).first()
+        if feed is None:
+            raise NotFound(f"no feed named '{name}'")
+        return feed
+
+    @staticmethod
+    def _view(feed: Feed, row: FeedRelease, fresh: bool = False) -> ReleaseView:
+        return ReleaseView(feed.name, row.number, row.period, row.sha256, row.signature, row.loss_micro, row.origin,
+                           _utc(row.created_at), row.release_id, fresh)
+
+    def trigger(self, caller: Caller | None, name: str, now: datetime | None = None) -> ReleaseView:
+        """Produce the feed's earliest release not produced yet (due or not); FeedRefused if it cannot be."""
+        now = now or datetime.now(timezone.utc)
+        with Session(reader(self.db)) as session:
+            feed = self._feed(session, name)
+            done = set(session.exec(select(FeedRelease.number).where(FeedRelease.feed_id == feed.id)))
+        if not feed.active:
+            raise Conflict(f"feed '{name}' is stopped")
+        number = next((n for n in range(1, feed.releases + 1) if n not in done), None)
+        if number is None:
+            raise Conflict(f"feed '{name}' has produced all {feed.releases} releases it announced; "
+                           "define a new feed to continue")
+        return self.produce(feed, number, caller, STEWARD, now)
+
+    def run_due(self, now: datetime | None = None) -> list[ReleaseView | FeedRefused]:
+        """Produce every due release not yet produced or refused (catching up after downtime)."""
+        now = now or datetime.now(timezone.utc)
+        outcomes: list[ReleaseView | FeedRefused] = []
+        with Session(reader(self.db)) as session:
+            feeds = list(session.exec(select(Feed).where(Feed.active == True).order_by(Feed.id)))  # noqa: E712
+            attempted = {(feed_id, period) for feed_id, period in session.exec(
+                select(FeedRelease.feed_id, FeedRelease.period))}
+            attempted |= {(feed_id, period) for feed_id, period in session.exec(
+                select(FeedRefusal.feed_id, FeedRefusal.period).where(FeedRefusal.attempt == 0))}
+        for feed in feeds:
+            try:
+                for number, when in schedule_of(feed).due(now):
+                    if self.stopping.is_set():
+                        return outcomes
+                    if (feed.id, period_label(when)) in attempted:
+                        continue
+                    try:
+                        outcomes.append(self.produce(feed, number, None, SCHEDULER, now))
+                    except FeedRefused as refused:
+                        outcomes.append(refused)
+            except Exception:  # noqa: BLE001 - one broken feed must not stop the others
+                logger.exception("feed %s: scheduled release failed; retrying at the next check", feed.name)
+        return outcomes
+
+    def produce(self, feed: Feed, number: int, caller: Caller | None, origin: str, now: datetime) -> ReleaseView:
+        """Release ``number`` of ``feed``: computed, signed, charged and recorded once, or refused."""
+        period = period_label(schedule_of(feed).time_of(number))
+        with Session(reader(self.db)) as session:
+            existing = session.exec(select(FeedRelease).where(FeedRelease.feed_id == feed.id,
+                                                              FeedRelease.period == period)).first()
+            if existing is not None:
+                return self._view(feed, existing)
+            row = session.exec(select(Dataset).where(Dataset.name == feed.dataset)).first()
+        if row is None:
+            self._refuse(feed, number, period, caller, origin, f"dataset {feed.dataset!r} is no longer registered")
+        try:
+            plans = self._plan_specs(row, json.loads(feed.specs_json))
+        except InvalidRequest as exc:
+            self._refuse(feed, number, period, caller, origin,
+                         f"a spec no longer fits dataset {row.name} version {row.version}: {exc}")
+        loss = sum(plan.loss.micro_epsilon for _, plan in plans)
+        scopes = feed_scopes(feed.name, now)
+        try:
+            with Session(reader(self.db)) as session:
+                ledger.precheck(session, feed.dataset, scopes, loss, defaults=self.caps)
+        except ledger.BudgetRefused as refused:
+            self._refuse(feed, number, period, caller, origin, str(refused), refused)
+        try:
+            results = [(spec, plan, self.engine.execute(plan)) for spec, plan in plans]
+        except DatasetUnavailable as exc:
+            self._refuse(feed, number, period, caller, origin, str(exc))
+        key = self._signing_key()
+        document = _plain({
+            "format": FORMAT, "feed": feed.name, "number": number, "releases": feed.releases, "period": period,
+            "schedule": feed.schedule, "dataset": row.name, "dataset_version": row.version,
+            "released_at": now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "loss": {"epsilon_micro": loss, "delta": 0},
+            "signed_by": f"{key.name}+{key.verifier.id.hex()}",
+            "results": [{"query": json.loads(spec.canonical()), "loss_micro": plan.loss.micro_epsilon,
+                         "columns": result.table.columns, "rows": result.table.to_dicts(),
+                         "tables": {name: {"columns": t.columns, "rows": t.to_dicts()}
+                                    for name, t in result.tables.items()},
+                         "contributions": result.contributions, "confidence": result.confidence,
+                         "mechanisms": result.mechanisms, "notes": result.notes}
+                        for spec, plan, result in results],
+        })
+        data = canonical_bytes(document)
+        digest = hashlib.sha256(data).hexdigest()
+        signature = sign_release(key, data)
+        feed_query = json.dumps({"feed": feed.name, "number": number, "period": period,
+                                 "specs": json.loads(feed.specs_json)}, sort_keys=True, separators=(",", ":"))
+        try:
+            with session_scope(self.db) as session:
+                # The claim first: a concurrent producer of this period waits here, then fails.
+                claim = FeedRelease(feed_id=feed.id, number=number, period=period, sha256=digest,
+                                    signature=signature, loss_micro=loss, origin=origin)
+                session.add(claim)
+                session.flush()
+                stored = Release(dataset=row.name, dataset_version=row.version,
+                                 query_hash=hashlib.sha256(feed_query.encode()).hexdigest(),
+                                 canonical_query=feed_query, loss_micro=loss, result_json=data.decode(),
+                                 result_hash=digest, account_id=caller.account_id if caller else None)
+                session.add(stored)
+                session.flush()
+                claim.release_id = stored.id
+                session.add(claim)
+                charges = ledger.charge(session, row.name, scopes, loss, defaults=self.caps,
+                                        account_id=caller.account_id if caller else None, release_id=stored.id)
+                record(session, caller, "feed.release", f"feed:{feed.name}", dataset=row.name,
+                       dataset_version=row.version, feed=feed.name, number=number, period=period, origin=origin,
+                       release_id=stored.id, loss_micro=loss, result_hash=digest, signature=signature,
+                       ledger=[{"budget_id": c.budget_id, "before_micro": c.spent_before_micro,
+                                "after_micro": c.spent_after_micro} for c in charges])
+                session.flush()
+                view = self._view(feed, claim, fresh=True)
+        except ledger.BudgetRefused as refused:
+            self._refuse(feed, number, period, caller, origin, str(refused), refused)
+        except IntegrityError:
+            # Another process (or steward) released this period first: theirs stands, nothing was charged here.
+            with Session(reader(self.db)) as session:
+                existing = session.exec(select(FeedRelease).where(FeedRelease.feed_id == feed.id,
+                                                                  FeedRelease.period == period)).first()
+            if existing is None:
+                raise
+            return self._view(feed, existing)
+        return view
+
+    def _refuse(self, feed: Feed, number: int, period: str, caller: Caller | None, origin: str, reason: str,
+                budget: ledger.BudgetRefused | None = None) -> NoReturn:
+        """Store and record the refusal (once per scheduler period), then raise FeedRefused."""
+        with session_scope(self.db) as session:
+            if origin == SCHEDULER:
+                attempt = 0
+            else:
+                latest = session.execute(select(func.max(FeedRefusal.attempt)).where(
+                    FeedRefusal.feed_id == feed.id, FeedRefusal.period == period)).scalar_one_or_none()
+                attempt = (latest or 0) + 1
+            inserted = _insert_ignoring_duplicates(session, FeedRefusal, {
+                "feed_id": feed.id, "number": number, "period": period, "attempt": attempt, "reason": reason,
+                "origin": origin, "created_at": datetime.now(timezone.utc)}, ["feed_id", "period", "attempt"])
+            if inserted:
+                record(session, caller, "feed.release", f"feed:{feed.name}", "refused", reason=reason,
+                       dataset=feed.dataset, feed=feed.name, number=number, period=period, origin=origin,
+                       loss_micro=0)
+        raise FeedRefused(f"release {number} of feed '{feed.name}' (period {period}) was not produced: {reason}",
+                          budget)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def readable(self, caller: Caller, now: datetime | None = None) -> list[FeedSummary]:
+        """The feeds ``caller`` may read (decided by the policy store, feed by feed)."""
+        now = now or datetime.now(timezone.utc)
+        with Session(reader(self.db)) as session:
+            feeds = list(session.exec(select(Feed).order_by(Feed.name)))
+            out = []
+            for feed in feeds:
+                if not self.policies.check(caller.subject, caller.agency, f"feed:{feed.name}",
+                                           Action.FEED_READ).allowed:
+                    continue
+                numbers = list(session.exec(select(FeedRelease.number).where(FeedRelease.feed_id == feed.id)))
+                out.append(FeedSummary(name=feed.name, dataset=feed.dataset, schedule=feed.schedule,
+                                       releases=feed.releases, produced=len(numbers),
+                                       latest=max(numbers) if numbers else None,
+                                       next_release_at=schedule_of(feed).next_after(now) if feed.active else None,
+                                       epsilon_per_release=feed.loss_micro / MICRO, url=f"/v1/feeds/{feed.name}"))
+        return out
+
+    def release(self, name: str, which: str) -> tuple[Feed, FeedRelease, bytes]:
+        """The feed, the release (``latest`` or its number) and its signed bytes; NotFound if none."""
+        with Session(reader(self.db)) as session:
+            feed = self._feed(session, name)
+            query = select(FeedRelease).where(FeedRelease.feed_id == feed.id)
+            if which == "latest":
+                row = session.exec(query.order_by(FeedRelease.number.desc())).first()  # type: ignore[attr-defined]
+                if row is None:
+                    raise NotFound(f"feed '{name}' has no release yet; its first is due at "
+                                   f"{schedule_of(feed).time_of(1):%Y-%m-%d %H:%M} UTC")
+            else:
+                if not which.isdigit() or not 1 <= int(which) <= 10**6:
+                    raise InvalidRequest("release", f"{which[:40]!r} is not a release number",
+                                         "Ask for 'latest' or a release number (1, 2, ...)")
+                row = session.exec(query.where(FeedRelease.number == int(which))).first()
+                if row is None:
+                    raise NotFound(f"feed '{name}' has no release {int(which)}")
+            stored = session.get(Release, row.release_id)
+            if stored is None:  # defensive: both rows are written in one transaction
+                raise NotFound(f"release {row.number} of feed '{name}' is missing its document")
+            session.expunge(feed)
+            session.expunge(row)
+            return feed, row, stored.result_json.encode()
+
+    def index(self, name: str, base_url: str, public_key: str) -> dict[str, Any]:
+        """The feed's releases as a JSON Feed 1.1 document (newest first), with civicdp extensions."""
+        with Session(reader(self.db)) as session:
+            feed = self._feed(session, name)
+            rows = list(session.exec(select(FeedRelease).where(FeedRelease.feed_id == feed.id)
+                                     .order_by(FeedRelease.number.desc())))  # type: ignore[attr-defined]
+        schedule = schedule_of(feed)
+        base = base_url.rstrip("/")
+        return {
+            "version": "https://jsonfeed.org/version/1.1",
+            "title": f"civicdp feed {feed.name}",
+            "home_page_url": f"{base}/docs",
+            "feed_url": f"{base}/v1/feeds/{feed.name}",
+            "description": f"{feed.schedule} differentially private releases of dataset {feed.dataset}, "
+                           f"signed with Ed25519",
+            "items": [{
+                "id": f"{feed.name}/{row.number}",
+                "url": f"{base}{release_url(feed.name, row.number)}",
+                "title": f"{feed.name} release {row.number} of {feed.releases} ({row.period})",
+                "content_text": f"Release {row.number} of feed {feed.name} for period {row.period}: "
+                                f"epsilon {row.loss_micro / MICRO:g}, SHA-256 {row.sha256}",
+                "date_published": _utc(row.created_at).isoformat(),
+                "_civicdp": {"number": row.number, "period": row.period, "sha256": row.sha256,
+                             "signature": row.signature, "loss_micro": row.loss_micro,
+                             "csv_url": f"{base}{release_url(feed.name, row.number)}?format=csv",
+                             "signature_url": f"{base}{release_url(feed.name, row.number)}/signature"},
+            } for row in rows],
+            "_civicdp": {"dataset": feed.dataset, "schedule": feed.schedule, "cron": feed.cron,
+                         "releases": feed.releases, "loss_micro_per_release": feed.loss_micro,
+                         "next_release_at": (lambda t: t.isoformat() if t else None)(
+                             schedule.next_after(datetime.now(timezone.utc)) if feed.active else None),
+                         "public_key": public_key},
+        }
+
+    # -- oversight ------------------------------------------------------------------------
+
+    def overview(self, now: datetime | None = None) -> list[FeedOverview]:
+        """Every feed: schedule, agencies, what it spent and what it will spend, the latest refusal."""
+        now = now or datetime.now(timezone.utc)
+        with Session(reader(self.db)) as session:
+            names = list(session.exec(select(Feed.name).order_by(Feed.name)))
+        return [self.overview_of(name, now) for name in names]
+
+    def overview_of(self, name: str, now: datetime | None = None) -> FeedOverview:
+        now = now or datetime.now(timezone.utc)
+        with Session(reader(self.db)) as session:
+            feed = self._feed(session, name)
+            released = {period for (period,) in session.execute(
+                select(FeedRelease.period).where(FeedRelease.feed_id == feed.id))}
+            refusals = list(session.exec(select(FeedRefusal).where(FeedRefusal.feed_id == feed.id)
+                                         .order_by(FeedRefusal.id)))  # type: ignore[arg-type]
+            (allocation,) = ledger.statuses(session, feed.dataset, [
+                ledger.Scope(ledger.FEED, feed.name, ledger.LIFETIME_PERIOD)], defaults=self.caps)
+        schedule = schedule_of(feed)
+        last = refusals[-1] if refusals else None
+        return FeedOverview(
+            name=feed.name, dataset=feed.dataset, schedule=feed.schedule, cron=feed.cron, start=_utc(feed.start),
+            end=schedule.end, agencies=json.loads(feed.agencies_json), active=feed.active, releases=feed.releases,
+            produced=len(released), refused=len({r.period for r in refusals} - released),
+            loss_micro_per_release=feed.loss_micro, announced_micro=feed.total_micro,
+            spent_micro=allocation.spent_micro, planned_micro=(feed.releases - len(released)) * feed.loss_micro,
+            next_release_at=schedule.next_after(now) if feed.active else None,
+            last_refusal=None if last is None else {"number": last.number, "period": last.period,
+                                                    "time": _utc(last.created_at).isoformat(),
+                                                    "origin": last.origin, "reason": last.reason},
+            created_at=_utc(feed.created_at), created_by=feed.created_by)
+
+
+def release_csv(data: bytes, query: int = 0, table: str = "main") -> str:
+    """One table of a release as CSV (derived from the signed JSON, which is what verifies)."""
+    document = json.loads(data)
+    results = document["results"]
+    if not 0 <= query < len(results):
+        raise InvalidRequest("query", f"the release has {len(results)} results, numbered from 0",
+                             f"Ask for query=0 to {len(results) - 1}")
+    result = results[query]
+    part = result if table == "main" else result.get("tables", {}).get(table)
+    if part is None:
+        raise InvalidRequest("table", f"result {query} has no table {table[:40]!r}",
+                             f"Ask for one of {['main', *result.get('tables', {})]}")
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(part["columns"])
+    for row in part["rows"]:
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in part["columns"]])
+    return out.getvalue()

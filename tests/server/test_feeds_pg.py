@@ -1,0 +1,131 @@
+"""Two scheduler processes over one PostgreSQL database make exactly one release per period.
+
+Each process builds its own server state (engine, pool, policy store) on the same schema
+and, on a common signal, runs the scheduler's check three times at the same moment, with
+twenty hourly periods due. Their computations are slowed down so that both compute the same
+periods (the test checks that they did); the unique ``(feed, period)`` constraint
+must let exactly one transaction per period — with its charge and its audit entry — commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from server import ledger
+from server.bootstrap import build_state
+from server.feed_models import FeedRelease
+from server.feed_schemas import FeedDefinition
+from server.feeds import FeedService
+from server.models import AuditEntry, Budget, LedgerEntry, Release
+from tests.server.api_fixtures import DATASET, make_dataset_folder, prepare_state, settings_for
+
+ROOT = Path(__file__).resolve().parents[2]
+PERIODS = 20
+LOSS = 50_000
+NOW = datetime.now(timezone.utc).replace(minute=30, second=0, microsecond=0)
+
+#: One "server process": its own state on the shared database, started on a signal.
+WORKER = r"""
+import json, sys, time
+from datetime import datetime
+from pathlib import Path
+
+from server.bootstrap import build_state
+from server.feeds import FeedService
+from server.settings import Settings
+
+data_dir, url, sync, name, now = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5]
+state = build_state(Settings(data_dir=data_dir, database_url=url, feeds_scheduler=False))
+try:
+    feeds = FeedService.of(state)
+    computed = []
+    execute = feeds.engine.execute
+
+    def slow_execute(plan, *args, **kwargs):
+        # A slower computation widens the window between "not released yet?" and the commit,
+        # so both processes compute the same periods and only the database can keep one.
+        computed.append(1)
+        time.sleep(0.1)
+        return execute(plan, *args, **kwargs)
+
+    feeds.engine.execute = slow_execute
+    (sync / f"{name}.ready").touch()
+    deadline = time.monotonic() + 60
+    while not (sync / "go").exists():
+        if time.monotonic() > deadline:
+            sys.exit("no go signal")
+        time.sleep(0.002)
+    fresh = [r.number for _ in range(3) for r in feeds.run_due(datetime.fromisoformat(now)) if getattr(r, "fresh", False)]
+finally:
+    state.close()
+print(json.dumps({"fresh": fresh, "computed": len(computed)}))
+"""
+
+
+@pytest.mark.postgres
+def test_two_scheduler_processes_make_exactly_one_release_per_period(pg_url: str, tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "state", pg_url, feeds_scheduler=False)
+    prepare_state(settings, make_dataset_folder(tmp_path / "datasets"))
+    state = build_state(settings)
+    try:
+        start = NOW.replace(minute=0) - timedelta(hours=PERIODS - 1, minutes=1)
+        FeedService.of(state).define(None, FeedDefinition(
+            name="hourly", dataset=DATASET, specs=[{"aggregate": "count", "group_by": ["channel"], "epsilon": 0.05}],
+            schedule="0 * * * *", releases=PERIODS, start=start, agencies=["health"]), now=NOW)
+    finally:
+        state.close()
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    names = ("server-a", "server-b")
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(settings.data_dir), pg_url, str(tmp_path), name,
+                                 NOW.isoformat()], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for name in names]
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"{name}.ready").exists() for name in names):
+            assert all(w.poll() is None for w in workers), [w.communicate() for w in workers]
+            assert time.monotonic() < deadline, "workers did not start"
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        reports = []
+        for worker in workers:
+            out, err = worker.communicate(timeout=120)
+            assert worker.returncode == 0, err
+            reports.append(json.loads(out))
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.communicate()
+
+    fresh = sorted(n for r in reports for n in r["fresh"])
+    assert sum(r["computed"] for r in reports) > PERIODS, f"the processes never raced: {reports}"
+    assert fresh == list(range(1, PERIODS + 1)), f"each period produced once in all: {reports}"
+    state = build_state(settings)
+    try:
+        with Session(state.db) as session:
+            releases = list(session.exec(select(FeedRelease)).scalars())
+            assert sorted(r.number for r in releases) == list(range(1, PERIODS + 1))
+            assert len({r.period for r in releases}) == PERIODS
+            assert session.execute(select(func.count()).select_from(Release)).scalar_one() == PERIODS
+            (allocation,) = session.execute(select(Budget.spent_micro).where(
+                Budget.scope == ledger.FEED, Budget.subject == "hourly")).scalars()
+            assert allocation == PERIODS * LOSS, "charged once per period"
+            lifetime = session.execute(select(Budget.spent_micro).where(Budget.scope == ledger.LIFETIME)).scalar_one()
+            assert lifetime == PERIODS * LOSS
+            assert session.execute(select(func.count()).select_from(LedgerEntry)).scalar_one() == 3 * PERIODS
+            made = session.execute(select(func.count()).select_from(AuditEntry).where(
+                AuditEntry.action == "feed.release", AuditEntry.decision == "allowed")).scalar_one()
+            assert made == PERIODS
+    finally:
+        state.close()
