@@ -40,6 +40,10 @@ class Action(StrEnum):
     BUDGET_MANAGE = "budget.manage"
     AUDIT_READ = "audit.read"
     FEED_READ = "feed.read"
+    FEED_MANAGE = "feed.manage"  # define feeds and trigger releases
+    MONITOR_MANAGE = "monitor.manage"  # define monitors, append their batches (stewards)
+    MONITOR_READ = "monitor.read"  # monitors, their losses, releases and alerts (oversight, stewards)
+    MONITOR_SUBSCRIBE = "monitor.subscribe"  # follow a monitor of one's own agency and read its alerts
 
 
 class ColumnClass(StrEnum):

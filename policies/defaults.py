@@ -28,8 +28,9 @@ DATASET_CAP = PUBLIC_CAP  # a query naming no column (a row count) is as reveali
 STEWARD_SERVER_ACTIONS = (
     Action.ACCOUNT_MANAGE, Action.KEY_MANAGE, Action.ROLE_MANAGE, Action.POLICY_MANAGE,
     Action.DATASET_MANAGE, Action.BUDGET_MANAGE, Action.DATASET_LIST, Action.BUDGET_READ_ALL,
+    Action.FEED_MANAGE, Action.MONITOR_MANAGE, Action.MONITOR_READ,
 )
-OVERSIGHT_SERVER_ACTIONS = (Action.AUDIT_READ, Action.BUDGET_READ_ALL, Action.DATASET_LIST)
+OVERSIGHT_SERVER_ACTIONS = (Action.AUDIT_READ, Action.BUDGET_READ_ALL, Action.DATASET_LIST, Action.MONITOR_READ)
 
 
 class RuleSink(Protocol):
@@ -47,7 +48,7 @@ def default_rules(store: RuleSink) -> None:
     every = WILDCARD
     analyst, steward, oversight = Role.ANALYST, Role.STEWARD, Role.OVERSIGHT
 
-    for action in (Action.DATASET_LIST, Action.BUDGET_READ_OWN):
+    for action in (Action.DATASET_LIST, Action.BUDGET_READ_OWN, Action.MONITOR_SUBSCRIBE):
         store.allow(analyst, every, SERVER, action)
     for action in (Action.DATASET_LIST, Action.DATASET_READ, Action.RELEASE_READ):
         store.allow(analyst, every, ALL_DATASETS, action)

@@ -204,3 +204,109 @@ class Client:
         if response.status_code >= 400:
             self._raise(response)
         return response.text
+
+    # -- feed consumers: scheduled, signed releases -------------------------------------------
+
+    def feeds(self) -> list[dict[str, Any]]:
+        """The feeds you may read: schedule, releases produced, the latest one's number."""
+        return self._call("GET", "/feeds")
+
+    def feed_index(self, name: str, etag: str | None = None) -> dict[str, Any] | None:
+        """The feed's releases (JSON Feed 1.1, newest first); None if unchanged since ``etag``.
+
+        The document's ``etag`` key holds the value to pass next time (polling costs nothing).
+        """
+        response = self._http.get(f"/feeds/{name}", headers={"If-None-Match": etag} if etag else None)
+        if response.status_code == 304:
+            return None
+        if response.status_code >= 400:
+            self._raise(response)
+        return {**response.json(), "etag": response.headers.get("ETag")}
+
+    def feed_release(self, name: str, release: str | int = "latest", *, verify: bool = True,
+                     public_key: str | None = None) -> list[pd.DataFrame]:
+        """One release of a feed: a DataFrame per spec, after checking the server's signature.
+
+        Each frame's ``.attrs`` holds ``query``, ``loss_micro``, ``tables`` (further tables as
+        DataFrames), ``release`` (feed, number, period, dataset, dataset_version, released_at,
+        sha256) and ``verified``. ``public_key`` is the server's verifier key as obtained out of
+        band (``civicdp audit public-key`` on the server); without one the key is fetched from
+        the server, which detects altered or corrupted releases but not a server that lies
+        about its own key. Raises :class:`queries.release_check.SignatureInvalid` if the
+        signature does not verify.
+        """
+        import hashlib
+        import json
+
+        from queries.release_check import SignatureInvalid, check_release
+
+        response = self._http.get(f"/feeds/{name}/releases/{release}")
+        if response.status_code >= 400:
+            self._raise(response)
+        data = response.content
+        if verify:
+            keys = [public_key] if public_key else [k for k in self.audit_public_key().splitlines() if k.strip()]
+            failures = []
+            for key in keys:
+                try:
+                    check_release(data, response.headers.get("Civicdp-Signature", ""), key)
+                    break
+                except SignatureInvalid as exc:
+                    failures.append(str(exc))
+            else:
+                raise SignatureInvalid(failures[0] if failures else "no public key to verify the release with")
+        document = json.loads(data)
+        meta = {k: document[k] for k in ("feed", "number", "period", "dataset", "dataset_version", "released_at")}
+        meta["sha256"] = hashlib.sha256(data).hexdigest()
+        frames = []
+        for result in document["results"]:
+            frame = pd.DataFrame(result["rows"], columns=result["columns"])
+            frame.attrs.update({
+                "query": result["query"], "loss_micro": result["loss_micro"], "release": meta, "verified": verify,
+                "contributions": result["contributions"], "confidence": result["confidence"],
+                "tables": {n: pd.DataFrame(t["rows"], columns=t["columns"]) for n, t in result["tables"].items()},
+            })
+            frames.append(frame)
+        return frames
+
+    # -- service performance and monitoring ---------------------------------------------
+
+    def performance_report(self, spec: dict[str, Any]) -> pd.DataFrame:
+        """The performance report (long table: by, key, metric, value, ci_low, ci_high); wide
+        tables per grouping in ``.attrs["tables"]`` (``by_department``, ...)."""
+        return self.run({"analysis": "performance_report", **spec})
+
+    def lagged_points(self, spec: dict[str, Any]) -> pd.DataFrame:
+        """Flagged services and steps, ranked; all cells in ``.attrs["tables"]`` (services, steps)."""
+        return self.run({"analysis": "lagged_points", **spec})
+
+    def department_scores(self, spec: dict[str, Any]) -> pd.DataFrame:
+        """Observed / expected duration per department with intervals and rank ranges."""
+        return self.run({"analysis": "department_scores", **spec})
+
+    def monitors(self) -> list[dict[str, Any]]:
+        """Monitors you may see, with their total losses and progress."""
+        return self._call("GET", "/monitors")
+
+    def define_monitor(self, definition: dict[str, Any]) -> dict[str, Any]:
+        """Define a monitor (stewards); its total loss for the whole horizon is charged now."""
+        return self._call("POST", "/monitors", json=definition)
+
+    def append_batch(self, monitor: str, parquet: bytes, start: str, end: str) -> dict[str, Any]:
+        """Append a Parquet batch of events covering ``[start, end)`` (stewards): released steps and alerts."""
+        return self._call("POST", f"/monitors/{monitor}/batches", content=parquet, params={"start": start, "end": end},
+                          headers={"Content-Type": "application/octet-stream"})
+
+    def monitor_releases(self, monitor: str) -> pd.DataFrame:
+        """Released values: one row per step and group (value, running value and their intervals)."""
+        rows = [{"step": r["step"], "step_start": r["step_start"], **row}
+                for r in self._call("GET", f"/monitors/{monitor}/releases") for row in r["rows"]]
+        return pd.DataFrame(rows)
+
+    def subscribe(self, monitor: str, callback_url: str | None = None) -> dict[str, Any]:
+        """Follow a monitor of your agency; alerts are POSTed to ``callback_url`` if given."""
+        return self._call("POST", f"/monitors/{monitor}/subscriptions", json={"callback_url": callback_url})
+
+    def alerts(self, monitor: str, after: int = 0) -> pd.DataFrame:
+        """Alerts raised by the monitor's rules (which rule, which value, its interval)."""
+        return pd.DataFrame(self._call("GET", f"/monitors/{monitor}/alerts", params={"after": after}))

@@ -21,6 +21,8 @@ from queries.engine import Engine, LocalDataset, Result
 from queries.errors import QueryError
 from server.cli_audit import audit
 from server.cli_admin import accounts, budgets, datasets, keys, roles
+from server.cli_feeds import feeds
+from server.cli_monitors import monitors
 from server.settings import Settings
 
 app = typer.Typer(help="civicdp: differentially private statistics on public-service use.",
@@ -32,6 +34,8 @@ app.add_typer(roles, name="roles")
 app.add_typer(datasets, name="datasets")
 app.add_typer(budgets, name="budgets")
 app.add_typer(audit, name="audit")
+app.add_typer(feeds, name="feeds")
+app.add_typer(monitors, name="monitors")
 
 
 def _fail(message: str) -> None:

@@ -45,6 +45,12 @@ from server.models import Budget, BudgetCap, LedgerEntry
 #: Scope kinds, in the order a request's scopes are listed.
 ANALYST, AGENCY, DATASET, LIFETIME = "analyst", "agency", "dataset", "lifetime"
 KINDS = (ANALYST, AGENCY, DATASET, LIFETIME)
+#: A feed's allocation on its dataset (subject: the feed's name, period "lifetime"): the
+#: total its definition announced. Charged with the dataset's monthly and lifetime
+#: scopes at each release (server/feeds.py), never by a query. Its default cap is 0:
+#: only a ``BudgetCap`` row written when the feed is defined opens it.
+FEED = "feed"
+SCOPE_KINDS = (*KINDS, FEED)
 #: The subject of scopes that belong to the dataset itself, and of default caps.
 ANY = "*"
 #: The period of the lifetime scope.
@@ -108,6 +114,7 @@ class CapDefaults:
             AGENCY: self.agency_month_micro,
             DATASET: self.dataset_month_micro,
             LIFETIME: self.lifetime_micro,
+            FEED: 0,
         }[kind]
 
 
@@ -194,6 +201,7 @@ class BudgetRefused(BudgetExhausted):
             AGENCY: f"budget of agency {status.subject}",
             DATASET: "monthly budget",
             LIFETIME: "lifetime budget",
+            FEED: f"allocation of feed {status.subject}",
         }[status.scope]
         where = f"for dataset {status.dataset}"
         if status.period != LIFETIME_PERIOD:
@@ -275,13 +283,13 @@ def _check_scopes(dataset: str, scopes: list[Scope]) -> list[Scope]:
         # The same row twice would be charged twice.
         raise ValueError(f"duplicate scopes in {scopes}")
     for scope in scopes:
-        if scope.kind not in KINDS:
+        if scope.kind not in SCOPE_KINDS:
             raise ValueError(f"unknown scope kind {scope.kind!r}")
         if not isinstance(scope.subject, str) or not scope.subject or len(scope.subject) > _SUBJECT_MAX:
             raise ValueError(f"bad subject in {scope}")
-        if scope.kind == LIFETIME:
+        if scope.kind in (LIFETIME, FEED):
             if scope.period != LIFETIME_PERIOD:
-                raise ValueError(f"the lifetime scope has period {LIFETIME_PERIOD!r}, got {scope.period!r}")
+                raise ValueError(f"the {scope.kind} scope has period {LIFETIME_PERIOD!r}, got {scope.period!r}")
         elif not isinstance(scope.period, str) or not _MONTH.match(scope.period):
             raise ValueError(f"a {scope.kind} scope needs a 'YYYY-MM' period, got {scope.period!r}")
     return scopes
@@ -499,7 +507,7 @@ def apply_cap(session: Session, dataset: str, kind: str, subject: str, cap_micro
     what is spent is allowed: further charges are refused, nothing is refunded.
     Returns the number of rows updated.
     """
-    if kind not in KINDS:
+    if kind not in SCOPE_KINDS:
         raise ValueError(f"unknown scope kind {kind!r}")
     if isinstance(cap_micro, bool) or not isinstance(cap_micro, int) or not 0 <= cap_micro <= 2**62:
         raise ValueError(f"a cap must be an integer number of micro-epsilon >= 0, got {cap_micro!r}")
@@ -530,6 +538,6 @@ def budgets_for(session: Session, dataset: str | None = None, subject: str | Non
         query = query.where(Budget.subject == subject)
     if now is not None:
         query = query.where(Budget.period.in_([period_of(now), LIFETIME_PERIOD]))
-    order = {kind: i for i, kind in enumerate(KINDS)}
+    order = {kind: i for i, kind in enumerate(SCOPE_KINDS)}
     rows = [BudgetStatus(*row) for row in session.execute(query).all()]
-    return sorted(rows, key=lambda b: (b.dataset, order.get(b.scope, len(KINDS)), b.subject, b.period))
+    return sorted(rows, key=lambda b: (b.dataset, order.get(b.scope, len(SCOPE_KINDS)), b.subject, b.period))

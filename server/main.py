@@ -11,7 +11,8 @@ from fastapi import FastAPI
 from server import errors
 from server.audit_http import AuditMiddleware, audit_checkpoints
 from server.bootstrap import build_state
-from server.routes import admin, audit, budgets, datasets, health, queries, releases
+from server.feed_scheduler import start_feeds, stop_feeds
+from server.routes import admin, audit, budgets, datasets, feeds, health, monitors, queries, releases
 from server.settings import Settings
 
 DESCRIPTION = """Differentially private statistics on public-service use.
@@ -29,17 +30,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = build_state(settings)
         app.state.civicdp = state
+        scheduler = start_feeds(state)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(audit_checkpoints, state)
             try:
                 yield
             finally:
                 tasks.cancel_scope.cancel()
+                stop_feeds(scheduler)
                 state.close()
 
     app = FastAPI(title="civicdp", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     errors.install(app)
     app.add_middleware(AuditMiddleware)
-    for module in (health, datasets, queries, budgets, releases, admin, audit):
+    for module in (health, datasets, queries, budgets, releases, admin, audit, feeds, monitors):
         app.include_router(module.router, prefix="/v1")
     return app

@@ -62,3 +62,6 @@ def run_tour(data: Path, people: int, engine: Engine, console: Console) -> None:
     from server.tour_bundles import show_bundles
 
     show_bundles(data, dataset, console)
+    from server.tour_performance import show_performance
+
+    show_performance(data, dataset, console)

@@ -2,7 +2,8 @@
 
 ``generate(people, out, seed)`` writes a realistic year (2025) of public-service
 use events (``events.parquet``), the public service catalogue
-(``services.parquet``), the processing steps of every event (``steps.parquet``),
+(``services.parquet``, with the public target of each step in
+``service_steps.parquet``), the processing steps of every event (``steps.parquet``),
 the data owner's declaration (``metadata.json``) and the planted ground truth
 (``bundles.json``, ``ground_truth.json``: service bundles used together within
 30 days, lagged services and lagged steps).  Everything is drawn with numpy's
@@ -117,6 +118,7 @@ class Catalogue:
     step_weight: np.ndarray  # (300, 6) share of duration, 0 beyond n_steps
     service_lag: np.ndarray  # duration multiplier, 1 unless lagged
     step_lag: np.ndarray  # (300, 6) lagged step: times the longest other step, else 0
+    planned_weight: np.ndarray  # (300, 6) share of duration as planned (before lags): public step targets
 
 
 def _zipf(rng: np.random.Generator, n: int, exponent: float) -> np.ndarray:
@@ -170,12 +172,13 @@ def _build_catalogue(rng: np.random.Generator) -> Catalogue:
     step_lag[lag_svc, lag_step] = rng.uniform(4.0, 8.0, N_LAGGED_STEPS)
     # A lagged step takes `factor` times the service's longest other step; the
     # service's total duration is unchanged (the other steps shrink).
+    planned_weight = step_weight.copy()
     others = np.where(step_lag > 0, 0.0, step_weight).max(axis=1)
     step_weight = np.where(step_lag > 0, step_lag * others[:, None], step_weight)
     step_weight /= step_weight.sum(axis=1, keepdims=True)
     return Catalogue(names, subject, complexity, target, popularity,
                      business / business.sum(), np.cumsum(channel_p, axis=1),
-                     n_steps, step_department, step_weight, service_lag, step_lag)
+                     n_steps, step_department, step_weight, service_lag, step_lag, planned_weight)
 
 
 def _sample_counts(rng: np.random.Generator, people: int) -> tuple[np.ndarray, np.ndarray]:
@@ -362,8 +365,20 @@ def _metadata(seed: int, people: int) -> dict:
                           "ended": {"type": "datetime", "bounds": steps_span},
                       }},
         },
-        "catalogue": {"path": "services.parquet"},
+        "catalogue": {"path": "services.parquet", "steps_path": "service_steps.parquet"},
     }
+
+
+def _step_catalogue(cat: Catalogue) -> pl.DataFrame:
+    """Public targets of each service's processing steps: its target split as planned (before lags)."""
+    svc, step = np.nonzero(np.arange(MAX_STEPS)[None, :] < cat.n_steps[:, None])
+    hours = np.maximum(np.round(cat.target_hours[svc] * cat.planned_weight[svc, step], 1), 0.1)
+    # service_steps: [service_id, step, target_hours]
+    return pl.DataFrame({
+        "service_id": [SERVICE_IDS[s] for s in svc],
+        "step": pl.Series(step + 1, dtype=pl.Int64),
+        "target_hours": pl.Series(hours, dtype=pl.Float64),
+    })
 
 
 def _ground_truth(cat: Catalogue, bundles: list[dict]) -> dict:
@@ -445,12 +460,14 @@ def generate(people: int, out: Path, seed: int = 0) -> DemoSummary:
         "complexity": pl.Series(cat.complexity, dtype=pl.Int64),
         "target_hours": pl.Series(cat.target_hours, dtype=pl.Float64),
     })
+    service_steps = _step_catalogue(cat)
     truth = _ground_truth(cat, bundles)
     paths = {name: out / name for name in (
-        "events.parquet", "services.parquet", "steps.parquet", "bundles.json",
-        "ground_truth.json", "metadata.json")}
+        "events.parquet", "services.parquet", "service_steps.parquet", "steps.parquet",
+        "bundles.json", "ground_truth.json", "metadata.json")}
     events.write_parquet(paths["events.parquet"])
     services.write_parquet(paths["services.parquet"])
+    service_steps.write_parquet(paths["service_steps.parquet"])
     steps.write_parquet(paths["steps.parquet"])
     for name, obj in (("bundles.json", bundles), ("ground_truth.json", truth),
                       ("metadata.json", _metadata(seed, people))):

@@ -7,7 +7,8 @@ one agency only), so the analysts' columns read "own agency" and "other agency".
 table is what the default rules (policies/defaults.py) and GOVERNANCE.md say: analysts
 query and read releases where their agency may, stewards manage but never query,
 oversight reads budgets and releases everywhere but never queries or manages, the feed
-consumer gets nothing but health (feeds come later), only oversight reads the audit log,
+consumer reads the feeds shared with its agency and nothing else (stewards define and trigger
+feeds, oversight and stewards see their overview), only oversight reads the audit log,
 and anonymous callers get 401 on everything but health, readiness and the log's public key.
 
 Cells in ``KNOWN_GAPS`` are what governance asks for but the server does not do yet;
@@ -27,6 +28,13 @@ import pytest
 from policies.actions import Role
 from server import admin, registry
 from server.db import session_scope
+from server.feed_schemas import FeedDefinition
+from server.feeds import FeedService
+from sqlmodel import select
+
+from server.caller import Caller
+from server.models import Account
+from server.monitors import MonitorService
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import (
     ANALYST, DATASET, FEED, OTHER_ANALYST, OVERSIGHT, STEWARD, Api, count_query, make_dataset_folder, running_api,
@@ -37,6 +45,7 @@ CALLERS = (STEWARD, ANALYST, OTHER_ANALYST, OVERSIGHT, FEED, ANONYMOUS)
 SHARED, HEALTH_ONLY, TRANSPORT_ONLY = DATASET, "health-only", "transport-only"
 AGENCY_DATASETS = {HEALTH_ONLY: "health", TRANSPORT_ONLY: "transport"}
 SPARE = "spare"  # an account without roles, for the key and role endpoints
+FEED_NAME = "matrix-feed"  # shared with health: only health's feed consumer reads it
 #: The table's labels for the three datasets.
 DATASETS = {"shared": SHARED, "health-only": HEALTH_ONLY, "transport-only": TRANSPORT_ONLY}
 
@@ -77,6 +86,22 @@ EXPECTED_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
     "GET /v1/audit/proofs/inclusion":                     (403,    403,        403,           200,       403,  401),
     "GET /v1/audit/proofs/consistency":                   (403,    403,        403,           200,       403,  401),
     "GET /v1/audit/export":                               (403,    403,        403,           200,       403,  401),
+    "GET /v1/feeds":                                      (200,    200,        200,           200,       200,  401),
+    "GET /v1/feeds/overview":                             (200,    403,        403,           200,       403,  401),
+    "POST /v1/feeds":                                     (201,    403,        403,           403,       403,  401),
+    "POST /v1/feeds/{name}/releases":                     (201,    403,        403,           403,       403,  401),
+    "GET /v1/feeds/{name}":                               (403,    403,        403,           403,       200,  401),
+    "GET /v1/feeds/{name}/releases/{release}":            (403,    403,        403,           403,       200,  401),
+    "GET /v1/feeds/{name}/releases/{release}/signature":  (403,    403,        403,           403,       200,  401),
+    "GET /v1/monitors":                                   (200,    200,        200,           200,       403,  401),
+    "POST /v1/monitors":                                  (201,    403,        403,           403,       403,  401),
+    "GET /v1/monitors/{name}":                            (200,    200,        403,           200,       403,  401),
+    "DELETE /v1/monitors/{name}":                         (200,    403,        403,           403,       403,  401),
+    "POST /v1/monitors/{name}/batches":                   (201,    403,        403,           403,       403,  401),
+    "GET /v1/monitors/{name}/releases":                   (200,    200,        403,           200,       403,  401),
+    "GET /v1/monitors/{name}/alerts":                     (200,    200,        403,           200,       403,  401),
+    "GET /v1/monitors/{name}/alerts/stream":              (200,    200,        403,           200,       403,  401),
+    "POST /v1/monitors/{name}/subscriptions":             (403,    201,        403,           403,       403,  401),
 }
 EXPECTED = {(caller, endpoint): status for endpoint, row in EXPECTED_TABLE.items()
             for caller, status in zip(CALLERS, row, strict=True)}
@@ -136,7 +161,40 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
             response = api.query(owner, count_query(dataset=dataset))
             assert response.status_code == 200, response.text
             releases[dataset] = response.json()["release_id"]
+        # A feed of the shared dataset for health's feed consumers, with its first release.
+        feeds = FeedService.of(api.state)
+        feeds.define(None, FeedDefinition(name=FEED_NAME, dataset=SHARED, specs=[count_query(epsilon=0.05)],
+                                          schedule="monthly", releases=10, agencies=["health"]))
+        feeds.trigger(None, FEED_NAME)
+        # A monitor of health's, which health's analyst follows.
+        _new_monitor(api, MONITOR_NAME)
+        assert api.post(ANALYST, f"/v1/monitors/{MONITOR_NAME}/subscriptions", json={}).status_code == 201
         yield Matrix(api, releases, folder)
+
+
+MONITOR_NAME = "matrix-monitor"
+
+
+def _monitor_spec(name: str) -> dict[str, Any]:
+    return {"name": name, "dataset": SHARED, "metric": "count", "group_by": "channel", "step": "day",
+            "start": "2025-01-01T00:00:00", "horizon": 4, "epsilon": 0.01, "agency": "health"}
+
+
+def _new_monitor(api: Api, name: str) -> str:
+    with session_scope(api.state.db) as session:
+        account = session.exec(select(Account).where(Account.name == STEWARD)).one()
+        steward = Caller(account_id=account.id or 0, name=STEWARD, agency=account.agency)
+    MonitorService(api.state.db, api.settings.data_dir, api.state.caps).define(steward, _monitor_spec(name))
+    return name
+
+
+def _batch_request(m: Matrix) -> Request:
+    from tests.server.test_monitors import batch
+
+    name = _new_monitor(m.api, f"m-{uuid.uuid4().hex[:8]}")
+    return ("POST", f"/v1/monitors/{name}/batches", {
+        "content": batch(0, 1), "headers": {"Content-Type": "application/octet-stream"},
+        "params": {"start": "2025-01-01T00:00:00", "end": "2025-01-02T00:00:00"}})
 
 
 # -- the requests, one per endpoint ------------------------------------------------------
@@ -201,6 +259,28 @@ REQUESTS: dict[str, Callable[[Matrix], Request]] = {
     "GET /v1/audit/proofs/consistency": lambda m: ("GET", "/v1/audit/proofs/consistency",
                                                    {"params": {"first": 1, "second": 2}}),
     "GET /v1/audit/export": lambda m: ("GET", "/v1/audit/export", {}),
+    "GET /v1/feeds": lambda m: ("GET", "/v1/feeds", {}),
+    "GET /v1/feeds/overview": lambda m: ("GET", "/v1/feeds/overview", {}),
+    "POST /v1/feeds": lambda m: ("POST", "/v1/feeds", {"json": {
+        "name": f"new-{uuid.uuid4().hex[:8]}", "dataset": SHARED, "specs": [count_query(epsilon=0.01)],
+        "schedule": "monthly", "releases": 1, "agencies": ["health"]}}),
+    "POST /v1/feeds/{name}/releases": lambda m: ("POST", f"/v1/feeds/{FEED_NAME}/releases", {}),
+    "GET /v1/feeds/{name}": lambda m: ("GET", f"/v1/feeds/{FEED_NAME}", {}),
+    "GET /v1/feeds/{name}/releases/{release}": lambda m: ("GET", f"/v1/feeds/{FEED_NAME}/releases/1", {}),
+    "GET /v1/feeds/{name}/releases/{release}/signature": lambda m: ("GET", f"/v1/feeds/{FEED_NAME}/releases/1/signature",
+                                                                  {}),
+    "GET /v1/monitors": lambda m: ("GET", "/v1/monitors", {}),
+    "POST /v1/monitors": lambda m: ("POST", "/v1/monitors", {"json": _monitor_spec(f"m-{uuid.uuid4().hex[:8]}")}),
+    "GET /v1/monitors/{name}": lambda m: ("GET", f"/v1/monitors/{MONITOR_NAME}", {}),
+    "DELETE /v1/monitors/{name}": lambda m: ("DELETE", f"/v1/monitors/{_new_monitor(m.api, f'm-{uuid.uuid4().hex[:8]}')}",
+                                             {}),
+    "POST /v1/monitors/{name}/batches": _batch_request,
+    "GET /v1/monitors/{name}/releases": lambda m: ("GET", f"/v1/monitors/{MONITOR_NAME}/releases", {}),
+    "GET /v1/monitors/{name}/alerts": lambda m: ("GET", f"/v1/monitors/{MONITOR_NAME}/alerts", {}),
+    "GET /v1/monitors/{name}/alerts/stream": lambda m: ("GET", f"/v1/monitors/{MONITOR_NAME}/alerts/stream",
+                                                        {"params": {"once": "true"}}),
+    "POST /v1/monitors/{name}/subscriptions": lambda m: ("POST", f"/v1/monitors/{MONITOR_NAME}/subscriptions",
+                                                         {"json": {}}),
 }
 assert set(REQUESTS) == set(EXPECTED_TABLE), set(REQUESTS) ^ set(EXPECTED_TABLE)
 

@@ -29,8 +29,8 @@ SERVICES_SCHEMA = {
     "service_id": pl.String, "name": pl.String, "department": pl.String,
     "complexity": pl.Int64, "target_hours": pl.Float64,
 }
-FILES = ("events.parquet", "services.parquet", "steps.parquet", "bundles.json",
-         "ground_truth.json", "metadata.json")
+FILES = ("events.parquet", "services.parquet", "service_steps.parquet", "steps.parquet",
+         "bundles.json", "ground_truth.json", "metadata.json")
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_metadata_matches_data(demo: tuple[DemoSummary, Path]) -> None:
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["name"] == "civic-demo" and meta["version"] == f"{SEED}-{PEOPLE}"
     assert meta["privacy_unit"] == "person_id" and meta["max_contributions"] == 10
-    assert meta["catalogue"] == {"path": "services.parquet"}
+    assert meta["catalogue"] == {"path": "services.parquet", "steps_path": "service_steps.parquet"}
     assert meta["tables"]["steps"]["privacy_unit_via"] == {"table": "events", "on": "event_id"}
     for table, df in (("events", events), ("steps", steps)):
         cols = meta["tables"][table]["columns"]

@@ -1,0 +1,401 @@
+"""Monitors: a metric per group and time step, released continually within one fixed loss.
+
+A monitor is defined by a data steward (``MonitorSpec``): a metric — ``count`` of events,
+``mean`` of a bounded column, or ``share_above`` a threshold — per public group and per
+time step (hour, day or week) from ``start`` for ``horizon`` steps, a total privacy loss
+for the whole horizon, and alert rules ("above / below a preset value") evaluated on the
+released values (post-processing, no extra loss).
+
+This module validates a spec against the public metadata (errors name the field and
+never depend on data), bounds new events per person **across the whole horizon** (each
+person's first ``L`` rows in arrival order, then in a hash order of the row; the count of
+rows a person has used is carried from batch to batch), computes each step's exact
+vector, and turns released tree nodes into values with intervals. The noise is drawn by
+:class:`privacy.continual.TreeCounter` (binary-tree mechanism) through
+:mod:`privacy.mechanisms`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from privacy import accuracy
+from privacy.bounding import quantized_bound
+from privacy.continual import MAX_HORIZON, TreeCounter
+from privacy.loss import PrivacyLoss, compose
+from queries.errors import QueryError
+from queries.metadata import DatasetMetadata, TableMeta
+
+STEP_SECONDS = {"hour": 3600, "day": 86400, "week": 7 * 86400}
+MAX_RULES = 50
+MAX_GROUPS = 10_000
+_ROW_SEED = 0x0A1E47
+
+
+class AlertRule(BaseModel):
+    """Fire when a released value is above (or below) ``value``; ``group`` None means every group."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    op: Literal["above", "below"]
+    value: float = Field(allow_inf_nan=False)
+    group: str | int | None = None
+    on: Literal["step", "running"] = "step"
+    certain: bool = False  # fire only when the whole interval lies beyond the value
+
+    def text(self, metric: str) -> str:
+        where = f" in {self.group}" if self.group is not None else ""
+        what = "running " if self.on == "running" else ""
+        how = " (certainly)" if self.certain else ""
+        return f"{what}{metric}{where} {self.op} {self.value:g}{how}"
+
+
+class MonitorSpec(BaseModel):
+    """A monitor's definition; see the module docstring."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    dataset: str
+    table: str = "events"
+    metric: Literal["count", "mean", "share_above"]
+    column: str | None = None
+    threshold: float | None = Field(default=None, allow_inf_nan=False)
+    group_by: str | None = None
+    time: str = "request_time"
+    step: Literal["hour", "day", "week"] = "day"
+    start: datetime
+    horizon: int = Field(ge=1, le=MAX_HORIZON)
+    epsilon: float = Field(gt=0, allow_inf_nan=False)
+    contributions: int | None = Field(default=None, ge=1)
+    confidence: float = Field(default=0.95, ge=0.5, le=0.999)
+    rules: tuple[AlertRule, ...] = Field(default=(), max_length=MAX_RULES)
+    agency: str | None = None
+
+    def canonical(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_monitor(raw: Any) -> MonitorSpec:
+    """Validate a monitor document; errors name the field and how to fix it."""
+    if isinstance(raw, MonitorSpec):
+        return raw
+    if not isinstance(raw, dict):
+        raise QueryError("monitor", "a monitor must be a JSON object", "See the README's monitor example")
+    try:
+        return MonitorSpec.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "literal")))
+        raise QueryError(where or "monitor", first["msg"].rstrip("."),
+                         _FIXES.get(str(first["loc"][0]) if first["loc"] else "", "")) from None
+
+
+_FIXES = {
+    "metric": "Use count, mean or share_above",
+    "step": "Use hour, day or week",
+    "horizon": f"Give the number of steps to watch, 1 to {MAX_HORIZON}",
+    "epsilon": "Give the total privacy loss for the whole horizon, e.g. 1",
+    "rules": 'Write rules like {"op": "above", "value": 100}',
+}
+
+
+@dataclass(frozen=True)
+class ResolvedMonitor:
+    """A validated monitor with its trees (the whole horizon's mechanisms) fixed."""
+
+    spec: MonitorSpec
+    table: TableMeta
+    unit_column: str
+    keys: tuple[Any, ...]  # public groups ("all" when not grouped)
+    contributions: int
+    trees: dict[str, TreeCounter]  # counts | above (share: [above..., not above...]) | sums + counts
+    lower: float = 0.0
+    upper: float = 0.0
+    resolution: float = 1.0
+
+    @property
+    def loss(self) -> PrivacyLoss:
+        return compose(t.loss for t in self.trees.values())
+
+    @property
+    def step_seconds(self) -> int:
+        return STEP_SECONDS[self.spec.step]
+
+    @property
+    def start(self) -> datetime:
+        return _naive(self.spec.start)
+
+    @property
+    def end(self) -> datetime:
+        return self.start + timedelta(seconds=self.step_seconds * self.spec.horizon)
+
+    def step_start(self, step: int) -> datetime:
+        return self.start + timedelta(seconds=self.step_seconds * step)
+
+    def complete_steps(self, covered_until: datetime) -> int:
+        """How many steps end at or before ``covered_until`` (capped at the horizon)."""
+        seconds = (covered_until - self.start).total_seconds()
+        return max(0, min(self.spec.horizon, math.floor(seconds / self.step_seconds)))
+
+    def widths(self) -> dict[str, int]:
+        n = len(self.keys)
+        return {"above": 2 * n} if self.spec.metric == "share_above" else {name: n for name in self.trees}
+
+
+def _naive(moment: datetime) -> datetime:
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
+
+
+def resolve_monitor(spec: MonitorSpec, metadata: DatasetMetadata) -> ResolvedMonitor:
+    """Check the spec against the public metadata and calibrate the trees (no data read)."""
+    if spec.dataset != metadata.name:
+        raise QueryError("dataset", f"this dataset is '{metadata.name}', not '{spec.dataset}'", "Name it")
+    table = metadata.tables.get(spec.table)
+    if table is None:
+        raise QueryError("table", f"no table '{spec.table}'", f"Use one of {sorted(metadata.tables)}")
+    if table.privacy_unit_via is not None:
+        raise QueryError("table", f"'{spec.table}' has no person column of its own",
+                         "Monitor a table that holds the privacy unit, e.g. events")
+    time = table.columns.get(spec.time)
+    if time is None or time.type != "datetime":
+        raise QueryError("time", f"'{spec.time}' is not a time column of '{spec.table}'", "Name the request time")
+    keys: tuple[Any, ...] = ("all",)
+    if spec.group_by is not None:
+        group = table.columns.get(spec.group_by)
+        if group is None:
+            raise QueryError("group_by", f"unknown column '{spec.group_by}'", f"Use one of {sorted(table.columns)}")
+        if group.keys is None:
+            raise QueryError("group_by", f"'{spec.group_by}' has no public key set",
+                             "Group by a column with declared keys, e.g. department")
+        keys = tuple(group.keys)
+        if len(keys) > MAX_GROUPS:
+            raise QueryError("group_by", f"more than {MAX_GROUPS} groups", "Group by a coarser column")
+    contributions = spec.contributions or metadata.max_contributions
+    if contributions > metadata.max_contributions_limit:
+        raise QueryError("contributions", f"must be at most {metadata.max_contributions_limit}", "Choose fewer")
+    lo_t, hi_t = (_naive(b if isinstance(b, datetime) else datetime.fromisoformat(str(b)))  # type: ignore[arg-type]
+                  for b in time.bounds)  # type: ignore[union-attr]
+    start = _naive(spec.start)
+    if start < lo_t - timedelta(days=366 * 50) or start.year > 9000:
+        raise QueryError("start", "the start is not a plausible time", "Give an ISO time such as 2026-01-01T00:00")
+    trees: dict[str, TreeCounter] = {}
+    lower = upper = 0.0
+    resolution = 1.0
+    if spec.metric == "count":
+        if spec.column is not None or spec.threshold is not None:
+            raise QueryError("column", "a count monitor takes no column or threshold", "Remove them")
+        trees["counts"] = TreeCounter.for_epsilon(spec.horizon, contributions, spec.epsilon)
+    else:
+        if spec.column is None:
+            raise QueryError("column", f"a {spec.metric} monitor needs a numeric column", "Name it, e.g. duration_hours")
+        column = table.columns.get(spec.column)
+        if column is None:
+            raise QueryError("column", f"unknown column '{spec.column}'", f"Use one of {sorted(table.columns)}")
+        if column.identifier or column.type not in ("int", "float") or column.bounds is None:
+            raise QueryError("column", f"'{spec.column}' is not a numeric column with declared bounds",
+                             "Name a measured column with public bounds")
+        lower, upper = float(column.bounds[0]), float(column.bounds[1])  # type: ignore[arg-type]
+        if spec.metric == "share_above":
+            if spec.threshold is None:
+                raise QueryError("threshold", "a share_above monitor needs a threshold", "E.g. 48 (hours)")
+            if not lower <= spec.threshold < upper:
+                raise QueryError("threshold", f"{spec.threshold:g} is outside the column's bounds "
+                                 f"[{lower:g}, {upper:g})", "Choose a threshold inside the bounds")
+            trees["above"] = TreeCounter.for_epsilon(spec.horizon, contributions, spec.epsilon)
+        else:
+            if spec.threshold is not None:
+                raise QueryError("threshold", "a mean monitor takes no threshold", "Remove it")
+            resolution = column.value_resolution
+            unit = quantized_bound(lower - (lower + upper) / 2, upper - (lower + upper) / 2, resolution)
+            trees["sums"] = TreeCounter.for_epsilon(spec.horizon, contributions, spec.epsilon / 2, unit)
+            trees["counts"] = TreeCounter.for_epsilon(spec.horizon, contributions, spec.epsilon / 2)
+    for index, rule in enumerate(spec.rules):
+        if rule.group is not None and not any(type(rule.group) is type(k) and rule.group == k for k in keys):
+            raise QueryError(f"rules.{index}.group", f"{rule.group!r} is not a group of this monitor",
+                             f"Use one of {list(keys)[:12]} or leave 'group' out")
+        if spec.metric == "share_above" and not 0 <= rule.value <= 1:
+            raise QueryError(f"rules.{index}.value", "a share lies between 0 and 1", "Give e.g. 0.3")
+    return ResolvedMonitor(spec, table, _unit(metadata), keys, contributions, trees, lower, upper, resolution)
+
+
+def _unit(metadata: DatasetMetadata) -> str:
+    return metadata.privacy_unit
+
+
+# -- batches ---------------------------------------------------------------------------
+
+_TYPES = {"int": pl.datatypes.IntegerType, "float": pl.datatypes.FloatType, "str": pl.String,
+          "bool": pl.Boolean, "datetime": pl.Datetime}
+
+
+def check_batch(monitor: ResolvedMonitor, frame: pl.DataFrame, start: datetime, end: datetime,
+                covered_until: datetime | None) -> None:
+    """Refuse a batch whose schema, time range or order does not fit (raises QueryError)."""
+    start, end = _naive(start), _naive(end)
+    declared = list(monitor.table.columns)
+    if sorted(frame.columns) != sorted(declared):
+        missing = sorted(set(declared) - set(frame.columns))
+        extra = sorted(set(frame.columns) - set(declared))
+        raise QueryError("batch", "the batch's columns do not match the dataset's table"
+                         + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""),
+                         f"Send exactly the columns {declared}")
+    for name, meta in monitor.table.columns.items():
+        dtype = frame.schema[name]
+        wanted = _TYPES[meta.type]
+        ok = isinstance(dtype, wanted) if isinstance(wanted, type) and wanted in (pl.Datetime,) else (
+            dtype == wanted if wanted in (pl.String, pl.Boolean) else isinstance(dtype, wanted))  # type: ignore[arg-type]
+        if dtype == pl.Null and meta.nullable:
+            ok = True
+        if not ok:
+            raise QueryError("batch", f"column '{name}' has type {dtype}, the dataset declares {meta.type}",
+                             "Convert the column to the declared type")
+        if not meta.nullable and frame[name].null_count():
+            raise QueryError("batch", f"column '{name}' has missing values but is declared without them",
+                             "Fill or drop those rows")
+    if not start < end:
+        raise QueryError("end", "a batch's end must come after its start", "Give start < end")
+    if start < monitor.start:
+        raise QueryError("start", f"the batch starts before the monitor ({monitor.start.isoformat()})",
+                         "Send only events from the monitor's start on")
+    if covered_until is not None and start < covered_until:
+        raise QueryError("start", f"the batch overlaps or precedes data already received (up to "
+                         f"{covered_until.isoformat()})", "Send batches in time order, without overlaps")
+    if end > monitor.end:
+        raise QueryError("end", f"the batch ends at {end.isoformat()}, beyond the monitor's horizon "
+                         f"(its last step ends at {monitor.end.isoformat()})",
+                         "Trim the batch to the horizon, or define a new monitor for later events")
+    times = frame[monitor.spec.time].cast(pl.Datetime("us"))
+    if frame.height and (times.min() < start or times.max() >= end):  # type: ignore[operator]
+        raise QueryError("batch", "some events lie outside the batch's declared time range",
+                         "Declare the range the events cover, or split the batch")
+
+
+def step_vectors(monitor: ResolvedMonitor, rows: pl.DataFrame, first: int, last: int,
+                 used: dict[Any, int]) -> tuple[dict[str, np.ndarray], dict[Any, int]]:
+    """Exact per-step vectors for steps ``first .. last`` (inclusive) and the updated per-person use.
+
+    ``rows`` holds every received event of those steps. Each person keeps rows while their
+    use over the horizon stays within the bound: earlier steps first, then a hash order of
+    the row's own content, so the kept rows depend on that person's rows alone.
+    """
+    spec = monitor.spec
+    n_steps = last - first + 1
+    group = spec.group_by
+    t = pl.col(spec.time).cast(pl.Datetime("us"))
+    step = ((t - pl.lit(monitor.start)).dt.total_seconds() // monitor.step_seconds).cast(pl.Int64)
+    frame = rows.with_columns(step.alias("__step"),
+                              pl.struct(rows.columns).hash(seed=_ROW_SEED).alias("__order"))
+    frame = frame.filter(pl.col("__step").is_between(first, last))
+    if spec.column is not None:
+        frame = frame.filter(pl.col(spec.column).is_not_null())
+    unit = monitor.unit_column
+    prior = pl.DataFrame({unit: list(used), "__used": list(used.values())},
+                         schema={unit: frame.schema[unit], "__used": pl.Int64})
+    ranked = frame.sort(unit, "__step", "__order").with_columns(
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over(unit).alias("__rank"))
+    ranked = ranked.join(prior, on=unit, how="left").with_columns(pl.col("__used").fill_null(0))
+    kept = ranked.filter(pl.col("__used") + pl.col("__rank") <= monitor.contributions)
+    # kept: [unit, __step, group, column, ...] at most L rows per person over the horizon
+    updated = dict(used)
+    for person, count in kept.group_by(unit).len().iter_rows():
+        updated[person] = updated.get(person, 0) + int(count)
+    n = len(monitor.keys)
+    if group is None:
+        codes = np.zeros(kept.height, dtype=np.int64)
+    else:
+        codes = kept[group].cast(pl.String).replace_strict([str(k) for k in monitor.keys], list(range(n)),
+                                                           default=-1, return_dtype=pl.Int64).to_numpy()
+    steps = kept["__step"].to_numpy() - first
+    valid = codes >= 0
+    cell = steps[valid] * n + codes[valid]
+    out: dict[str, np.ndarray] = {}
+    if spec.metric == "count":
+        out["counts"] = np.bincount(cell, minlength=n_steps * n).reshape(n_steps, n)
+    elif spec.metric == "share_above":
+        x = kept[spec.column].cast(pl.Float64).to_numpy()[valid]  # type: ignore[index]
+        late = (x > spec.threshold).astype(np.int64)
+        above = np.bincount(cell, weights=late, minlength=n_steps * n).reshape(n_steps, n)
+        total = np.bincount(cell, minlength=n_steps * n).reshape(n_steps, n)
+        out["above"] = np.concatenate([above, total - above], axis=1).round().astype(np.int64)
+    else:
+        x = kept[spec.column].cast(pl.Float64).to_numpy()[valid]  # type: ignore[index]
+        middle = (monitor.lower + monitor.upper) / 2
+        units = np.round((np.clip(x, monitor.lower, monitor.upper) - middle) / monitor.resolution)
+        out["sums"] = np.bincount(cell, weights=units, minlength=n_steps * n).reshape(n_steps, n).round().astype(np.int64)
+        out["counts"] = np.bincount(cell, minlength=n_steps * n).reshape(n_steps, n)
+    return out, updated
+
+
+def step_rows(monitor: ResolvedMonitor, step: int, leaves: dict[str, list[int]],
+              running: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """Released values of one step per group: its own value and the running value, with intervals.
+
+    ``leaves`` are the step's noisy leaf vectors, ``running`` the noisy totals of steps
+    ``0 .. step`` (sums of at most ``levels`` nodes). Pure post-processing.
+    """
+    spec = monitor.spec
+    alpha = 1 - spec.confidence
+    rows = []
+    for index, key in enumerate(monitor.keys):
+        row: dict[str, Any] = {"group": key}
+        for label, source, half in (("", leaves, lambda tree, a: tree.leaf_half_width(a)),
+                                    ("running_", running, lambda tree, a: tree.prefix_half_width(step, a))):
+            value, low, high = _value(monitor, index, source, lambda name, a: half(monitor.trees[name], a), alpha)
+            row.update({f"{label}value": value, f"{label}ci_low": low, f"{label}ci_high": high})
+        rows.append(row)
+    return rows
+
+
+def _value(monitor: ResolvedMonitor, i: int, vectors: dict[str, list[int]], half: Any,
+           alpha: float) -> tuple[float | None, float, float]:
+    metric = monitor.spec.metric
+    n = len(monitor.keys)
+    if metric == "count":
+        value = float(vectors["counts"][i])
+        h = half("counts", alpha)
+        return value, value - h, value + h
+    if metric == "share_above":
+        a, b = float(vectors["above"][i]), float(vectors["above"][n + i])
+        h = half("above", alpha / 2)
+        a_lo, a_hi, b_lo, b_hi = max(a - h, 0), max(a + h, 0), max(b - h, 0), max(b + h, 0)
+        share = max(a, 0) / (max(a, 0) + max(b, 0)) if max(a, 0) + max(b, 0) > 0 else None
+        low = a_lo / (a_lo + b_hi) if a_lo + b_hi > 0 else 0.0
+        high = a_hi / (a_hi + b_lo) if a_hi + b_lo > 0 else 1.0
+        return share, low, high
+    middle = (monitor.lower + monitor.upper) / 2
+    s = float(vectors["sums"][i]) * monitor.resolution
+    c = float(vectors["counts"][i])
+    interval = accuracy.ratio(s, half("sums", alpha / 2) * monitor.resolution, c, half("counts", alpha / 2),
+                              monitor.lower - middle, monitor.upper - middle)
+    value = min(monitor.upper, max(monitor.lower, middle + s / c)) if c > 0 else None
+    return value, middle + interval.low, middle + interval.high
+
+
+def fired(monitor: ResolvedMonitor, rows: list[dict[str, Any]]) -> list[tuple[int, AlertRule, dict[str, Any]]]:
+    """The rules that fire on one step's released rows: (rule index, rule, row)."""
+    out = []
+    for index, rule in enumerate(monitor.spec.rules):
+        for row in rows:
+            if rule.group is not None and row["group"] != rule.group:
+                continue
+            prefix = "" if rule.on == "step" else "running_"
+            value = row[f"{prefix}value"]
+            if value is None:
+                continue
+            if rule.certain:  # the interval's far end must be beyond the preset value too
+                above, below = row[f"{prefix}ci_low"] > rule.value, row[f"{prefix}ci_high"] < rule.value
+            else:
+                above, below = value > rule.value, value < rule.value
+            if (rule.op == "above" and above) or (rule.op == "below" and below):
+                out.append((index, rule, row))
+    return out

@@ -1,0 +1,402 @@
+"""Monitors on the server: define (charge once), append batches, release steps, raise alerts.
+
+Flow of a definition: validate against the dataset's public metadata → in ONE
+transaction: store the monitor, charge its total loss for the whole horizon to the
+dataset's month and lifetime scopes (conditional update, as for queries), record it.
+
+Flow of a batch (steward): validate its schema, time range and order against the
+monitor (refused: nothing written, nothing changed) → write it atomically (temporary
+file + rename) into the monitor's folder under ``data_dir/monitors/<id>/`` → release
+every step the batch completes: bound rows per person across the whole horizon, draw
+the tree nodes that end at that step, turn them into step and running values with
+intervals, evaluate the alert rules (post-processing) → in ONE transaction: the batch,
+nodes, releases, alerts and their records. Nothing is charged per batch: the tree's
+noise was calibrated for the whole horizon, so no number of batches can spend more
+than the declared total. If the transaction fails, the new batch file is removed; the
+per-person use already written stays (a conservative over-count, never an under-count).
+
+Alerts are delivered after the commit: to HTTP callbacks of subscribers (``httpx``,
+short timeout, on a background thread, each outcome recorded) and to server-sent-event
+streams, which read new alerts from the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from sqlalchemy.engine import Engine as DbEngine
+from sqlmodel import Session, select
+
+from policies.actions import Action
+from queries.errors import QueryError
+from queries.monitoring import ResolvedMonitor, check_batch, fired, parse_monitor, resolve_monitor, step_rows, step_vectors
+from server import ledger, registry
+from server.caller import Caller
+from server.db import reader, session_scope
+from server.errors import Conflict, NotFound
+from server.monitor_models import Monitor, MonitorAlert, MonitorBatch, MonitorNode, MonitorRelease, MonitorSubscription
+from server.service import canonical_json, record
+
+MAX_BATCH_BYTES = 512 * 1024 * 1024
+CALLBACK_TIMEOUT = 3.0
+_LOCKS: dict[int, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock(monitor_id: int) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(monitor_id, threading.Lock())
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
+def _naive(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def monitor_scopes(now: datetime) -> list[ledger.Scope]:
+    """A monitor's loss protects everyone in the dataset: its month and lifetime scopes."""
+    return [ledger.Scope(ledger.DATASET, ledger.ANY, ledger.period_of(now)),
+            ledger.Scope(ledger.LIFETIME, ledger.ANY, ledger.LIFETIME_PERIOD)]
+
+
+class MonitorService:
+    """Monitors of registered datasets; state in the database and under ``state_dir``."""
+
+    def __init__(self, db: DbEngine, state_dir: Path, caps: ledger.CapDefaults) -> None:
+        self.db = db
+        self.state_dir = Path(state_dir)
+        self.caps = caps
+
+    # -- reading -----------------------------------------------------------------------
+
+    def _get(self, session: Session, name: str) -> Monitor:
+        row = session.exec(select(Monitor).where(Monitor.name == name)).first()
+        if row is None:
+            raise NotFound(f"no monitor named '{name}'; list them with GET /v1/monitors")
+        return row
+
+    def _resolved(self, session: Session, row: Monitor) -> ResolvedMonitor:
+        spec = parse_monitor(json.loads(row.definition_json))
+        return resolve_monitor(spec, registry.metadata_of(registry.get(session, row.dataset)))
+
+    def get(self, name: str) -> Monitor:
+        with Session(reader(self.db)) as session:
+            return self._get(session, name)
+
+    def list(self, agency: str | None = None) -> list[Monitor]:
+        with Session(reader(self.db)) as session:
+            query = select(Monitor).order_by(Monitor.id)
+            if agency is not None:
+                query = query.where(Monitor.agency == agency)
+            return list(session.exec(query))
+
+    def releases(self, name: str, after_step: int = -1) -> list[MonitorRelease]:
+        with Session(reader(self.db)) as session:
+            row = self._get(session, name)
+            return list(session.exec(select(MonitorRelease).where(MonitorRelease.monitor_id == row.id,
+                                                                  MonitorRelease.step > after_step)
+                                     .order_by(MonitorRelease.step)))
+
+    def alerts(self, name: str, after_id: int = 0) -> list[MonitorAlert]:
+        with Session(reader(self.db)) as session:
+            row = self._get(session, name)
+            return list(session.exec(select(MonitorAlert).where(MonitorAlert.monitor_id == row.id,
+                                                                MonitorAlert.id > after_id)
+                                     .order_by(MonitorAlert.id)))
+
+    def is_subscribed(self, name: str, account: str) -> bool:
+        with Session(reader(self.db)) as session:
+            row = self._get(session, name)
+            return session.exec(select(MonitorSubscription).where(
+                MonitorSubscription.monitor_id == row.id, MonitorSubscription.account == account)).first() is not None
+
+    # -- defining ----------------------------------------------------------------------
+
+    def define(self, caller: Caller, raw: Any) -> Monitor:
+        spec = parse_monitor(raw)
+        now = datetime.now(timezone.utc)
+        with session_scope(self.db) as session:
+            dataset = registry.get(session, spec.dataset)
+            monitor = resolve_monitor(spec, registry.metadata_of(dataset))
+            if session.exec(select(Monitor).where(Monitor.name == spec.name)).first() is not None:
+                raise Conflict(f"a monitor named '{spec.name}' exists already; choose another name")
+            loss = monitor.loss.micro_epsilon
+            row = Monitor(name=spec.name, dataset=spec.dataset, agency=spec.agency or caller.agency,
+                          definition_json=canonical_json(spec.canonical()), start=_aware(monitor.start),
+                          step_seconds=monitor.step_seconds, horizon=spec.horizon, loss_micro=loss,
+                          created_by=caller.name)
+            session.add(row)
+            session.flush()
+            try:
+                charges = ledger.charge(session, spec.dataset, monitor_scopes(now), loss, defaults=self.caps,
+                                        account_id=caller.account_id)
+            except ledger.BudgetRefused as refused:
+                refusal = refused
+            else:
+                refusal = None
+                record(session, caller, Action.MONITOR_MANAGE.value, f"monitor:{spec.name}", dataset=spec.dataset,
+                       event="monitor.define", definition=spec.canonical(), loss_micro=loss,
+                       levels={k: t.levels for k, t in monitor.trees.items()},
+                       ledger=[{"budget_id": c.budget_id, "before_micro": c.spent_before_micro,
+                                "after_micro": c.spent_after_micro} for c in charges])
+            if refusal is not None:
+                raise refusal
+        return self.get(spec.name)
+
+    def record_refusal(self, caller: Caller, name: str, reason: str, event: str) -> None:
+        with session_scope(self.db) as session:
+            record(session, caller, Action.MONITOR_MANAGE.value, f"monitor:{name}", "refused", reason=reason,
+                   event=event)
+
+    def subscribe(self, caller: Caller, name: str, callback_url: str | None) -> dict[str, Any]:
+        with session_scope(self.db) as session:
+            row = self._get(session, name)
+            existing = session.exec(select(MonitorSubscription).where(
+                MonitorSubscription.monitor_id == row.id, MonitorSubscription.account == caller.name)).first()
+            sub = existing or MonitorSubscription(monitor_id=row.id or 0, account=caller.name)
+            sub.callback_url = callback_url
+            session.add(sub)
+            record(session, caller, Action.MONITOR_SUBSCRIBE.value, f"monitor:{name}", event="monitor.subscribe",
+                   callback=bool(callback_url))
+            return {"monitor": name, "account": caller.name, "callback_url": callback_url}
+
+    def deactivate(self, caller: Caller, name: str) -> Monitor:
+        with session_scope(self.db) as session:
+            row = self._get(session, name)
+            row.active = False
+            session.add(row)
+            record(session, caller, Action.MONITOR_MANAGE.value, f"monitor:{name}", event="monitor.deactivate")
+        return self.get(name)
+
+    # -- batches -----------------------------------------------------------------------
+
+    def folder(self, monitor_id: int) -> Path:
+        return self.state_dir / "monitors" / str(monitor_id)
+
+    def append(self, caller: Caller, name: str, data: bytes, start: datetime, end: datetime) -> dict[str, Any]:
+        """Accept one batch and release the steps it completes; raises QueryError on a bad batch."""
+        if len(data) > MAX_BATCH_BYTES:
+            raise QueryError("batch", f"a batch may have at most {MAX_BATCH_BYTES} bytes", "Split it")
+        try:
+            frame = pl.read_parquet(io.BytesIO(data))
+        except Exception:  # noqa: BLE001 - any unreadable body is the same refusal
+            raise QueryError("batch", "the body is not a readable Parquet file",
+                             "Send the batch as Parquet bytes (Content-Type: application/octet-stream)") from None
+        with Session(reader(self.db)) as session:
+            row = self._get(session, name)
+            monitor = self._resolved(session, row)
+        assert row.id is not None
+        with _lock(row.id):
+            with Session(reader(self.db)) as session:
+                row = self._get(session, name)  # fresh: covered_until may have moved
+            if not row.active:
+                raise QueryError("monitor", f"monitor '{name}' is no longer active", "Define a new monitor")
+            check_batch(monitor, frame, start, end, _naive(row.covered_until))
+            return self._accept(caller, row, monitor, frame, data, _naive(start), _naive(end))  # type: ignore[arg-type]
+
+    def _accept(self, caller: Caller, row: Monitor, monitor: ResolvedMonitor, frame: pl.DataFrame, data: bytes,
+                start: datetime, end: datetime) -> dict[str, Any]:
+        folder = self.folder(row.id or 0)
+        with Session(reader(self.db)) as session:
+            batches = list(session.exec(select(MonitorBatch).where(MonitorBatch.monitor_id == row.id)
+                                        .order_by(MonitorBatch.seq)))
+            nodes = {(n.level, n.index): json.loads(n.values_json) for n in session.exec(
+                select(MonitorNode).where(MonitorNode.monitor_id == row.id))}
+        seq = len(batches) + 1
+        path = folder / f"batch-{seq:06d}.parquet"
+        _write_atomic(path, data)
+        try:
+            first, last = row.released_steps, monitor.complete_steps(end) - 1
+            new_nodes: dict[tuple[int, int], dict[str, list[int]]] = {}
+            released: list[tuple[int, list[dict[str, Any]]]] = []
+            if last >= first:
+                released, new_nodes = self._release(monitor, folder, [b.path for b in batches] + [str(path)],
+                                                    first, last, nodes)
+            with session_scope(self.db) as session:
+                stored = session.get(Monitor, row.id)
+                assert stored is not None
+                batch = MonitorBatch(monitor_id=row.id or 0, seq=seq, start=_aware(start), end=_aware(end),  # type: ignore[arg-type]
+                                     rows=frame.height, path=str(path), sha256=hashlib.sha256(data).hexdigest())
+                session.add(batch)
+                for (level, index), values in new_nodes.items():
+                    session.add(MonitorNode(monitor_id=row.id or 0, level=level, index=index,
+                                            values_json=canonical_json(values)))
+                alerts: list[MonitorAlert] = []
+                for step, rows in released:
+                    session.add(MonitorRelease(monitor_id=row.id or 0, step=step,
+                                               step_start=_aware(monitor.step_start(step)),  # type: ignore[arg-type]
+                                               rows_json=canonical_json(rows)))
+                    for index, rule, hit in fired(monitor, rows):
+                        value = hit["value"] if rule.on == "step" else hit["running_value"]
+                        low = hit["ci_low"] if rule.on == "step" else hit["running_ci_low"]
+                        high = hit["ci_high"] if rule.on == "step" else hit["running_ci_high"]
+                        alerts.append(MonitorAlert(monitor_id=row.id or 0, step=step,
+                                                   step_start=_aware(monitor.step_start(step)),  # type: ignore[arg-type]
+                                                   rule=index, rule_text=rule.text(monitor.spec.metric),
+                                                   group=str(hit["group"]), value=float(value), ci_low=float(low),
+                                                   ci_high=float(high)))
+                session.add_all(alerts)
+                stored.covered_until = _aware(end)
+                stored.released_steps = max(stored.released_steps, last + 1)
+                if stored.released_steps >= stored.horizon:
+                    stored.active = False
+                session.add(stored)
+                session.flush()
+                target = f"monitor:{row.name}"
+                record(session, caller, Action.MONITOR_MANAGE.value, target, event="monitor.batch",
+                       dataset=row.dataset, seq=seq, start=start.isoformat(), end=end.isoformat(),
+                       sha256=batch.sha256, loss_micro=0)
+                for step, rows in released:
+                    record(session, caller, Action.MONITOR_MANAGE.value, target, event="monitor.release",
+                           dataset=row.dataset, step=step, loss_micro=0,
+                           result_hash=hashlib.sha256(canonical_json(rows).encode()).hexdigest())
+                for alert in alerts:
+                    record(session, caller, Action.MONITOR_MANAGE.value, target, event="monitor.alert",
+                           dataset=row.dataset, step=alert.step, rule=None, rule_index=alert.rule,
+                           rule_text=alert.rule_text, group=alert.group, value=alert.value,
+                           ci_low=alert.ci_low, ci_high=alert.ci_high)
+                alert_out = [alert_dict(a, row.name) for a in alerts]
+        except BaseException:
+            path.unlink(missing_ok=True)  # the batch was not accepted: leave no file behind
+            raise
+        self._deliver(row, alert_out)
+        return {"monitor": row.name, "seq": seq, "rows": frame.height, "released_steps": [s for s, _ in released],
+                "alerts": alert_out}
+
+    def _release(self, monitor: ResolvedMonitor, folder: Path, paths: list[str], first: int, last: int,
+                 nodes: dict[tuple[int, int], dict[str, list[int]]]) -> tuple[list[tuple[int, list[dict[str, Any]]]],
+                                                                            dict[tuple[int, int], dict[str, list[int]]]]:
+        """Release steps ``first .. last``: new tree nodes and each step's rows (noise drawn here)."""
+        begin, stop = monitor.step_start(first), monitor.step_start(last + 1)
+        time = pl.col(monitor.spec.time).cast(pl.Datetime("us"))
+        rows = pl.concat([pl.read_parquet(p).filter((time >= begin) & (time < stop)) for p in paths],
+                         how="vertical_relaxed")
+        used_path, leaves_path = folder / "contributions.parquet", folder / "exact-leaves.npz"
+        used: dict[Any, int] = {}
+        if used_path.exists():
+            table = pl.read_parquet(used_path)
+            used = dict(zip(table["unit"].to_list(), table["used"].to_list()))
+        exact, used = step_vectors(monitor, rows, first, last, used)
+        # The exact leaves (microdata aggregates, kept like the data) build the upper nodes.
+        leaves: dict[str, np.ndarray] = {}
+        if leaves_path.exists():
+            with np.load(leaves_path) as stored:
+                leaves = {k: stored[k] for k in stored.files}
+        for name, vectors in exact.items():
+            width = vectors.shape[1]
+            previous = leaves.get(name, np.zeros((0, width), dtype=np.int64))
+            leaves[name] = np.concatenate([previous[:first], vectors])
+        # Person use first (conservative if anything below fails), then the leaves.
+        unit_series = pl.Series("unit", list(used))
+        _write_atomic(used_path, _parquet(pl.DataFrame([unit_series, pl.Series("used", list(used.values()),
+                                                                               dtype=pl.Int64)])))
+        buffer = io.BytesIO()
+        np.savez(buffer, **leaves)
+        _write_atomic(leaves_path, buffer.getvalue())
+        new_nodes: dict[tuple[int, int], dict[str, list[int]]] = {}
+        released = []
+        all_nodes = dict(nodes)
+        for step in range(first, last + 1):
+            for name, tree in monitor.trees.items():
+                for node in tree.completed_by(step):
+                    key = (node.level, node.index)
+                    exact_node = leaves[name][node.first:node.last + 1].sum(axis=0)
+                    all_nodes.setdefault(key, {})[name] = tree.release(exact_node.tolist())
+                    new_nodes.setdefault(key, {})[name] = all_nodes[key][name]
+            leaf = {name: all_nodes[(0, step)][name] for name in monitor.trees}
+            tree0 = next(iter(monitor.trees.values()))
+            running = {name: np.sum([all_nodes[(n.level, n.index)][name] for n in tree0.prefix(step)], axis=0).tolist()
+                       for name in monitor.trees}
+            released.append((step, step_rows(monitor, step, leaf, running)))
+        return released, new_nodes
+
+    # -- delivery ----------------------------------------------------------------------
+
+    def _deliver(self, row: Monitor, alerts: list[dict[str, Any]]) -> None:
+        if not alerts:
+            return
+        with Session(reader(self.db)) as session:
+            targets = [(s.account, s.callback_url) for s in session.exec(
+                select(MonitorSubscription).where(MonitorSubscription.monitor_id == row.id)) if s.callback_url]
+        if targets:
+            threading.Thread(target=self._post_all, args=(row.name, targets, alerts), daemon=True).start()
+
+    def _post_all(self, name: str, targets: list[tuple[str, str]], alerts: list[dict[str, Any]]) -> None:
+        import httpx
+
+        for account, url in targets:
+            try:
+                response = httpx.post(url, json={"monitor": name, "alerts": alerts}, timeout=CALLBACK_TIMEOUT)
+                outcome, detail = ("allowed", {"status": response.status_code}) if response.status_code < 400 else (
+                    "error", {"status": response.status_code})
+            except httpx.HTTPError as exc:
+                outcome, detail = "error", {"reason": type(exc).__name__}
+            try:
+                with session_scope(self.db) as session:
+                    record(session, None, Action.MONITOR_SUBSCRIBE.value, f"monitor:{name}", outcome,
+                           event="monitor.alert_delivery", account=account, alerts=len(alerts), **detail)
+            except Exception:  # noqa: BLE001 - delivery bookkeeping never breaks the server
+                pass
+
+
+def _parquet(frame: pl.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.write_parquet(buffer)
+    return buffer.getvalue()
+
+
+def alert_dict(alert: MonitorAlert, monitor: str) -> dict[str, Any]:
+    return {"id": alert.id, "monitor": monitor, "step": alert.step,
+            "step_start": _aware(alert.step_start).isoformat(),  # type: ignore[union-attr]
+            "rule": alert.rule, "rule_text": alert.rule_text, "group": alert.group,
+            "value": alert.value, "ci_low": alert.ci_low, "ci_high": alert.ci_high}
+
+
+def monitor_dict(row: Monitor) -> dict[str, Any]:
+    return {"name": row.name, "dataset": row.dataset, "agency": row.agency,
+            "definition": json.loads(row.definition_json),
+            "loss": {"epsilon": row.loss_micro / 1_000_000, "delta": 0.0},
+            "start": _aware(row.start).isoformat(), "step_seconds": row.step_seconds,  # type: ignore[union-attr]
+            "horizon": row.horizon, "released_steps": row.released_steps,
+            "covered_until": _aware(row.covered_until).isoformat() if row.covered_until else None,
+            "active": row.active, "created_by": row.created_by,
+            "created_at": _aware(row.created_at).isoformat()}  # type: ignore[union-attr]
+
+
+def release_dict(release: MonitorRelease) -> dict[str, Any]:
+    return {"step": release.step, "step_start": _aware(release.step_start).isoformat(),  # type: ignore[union-attr]
+            "rows": json.loads(release.rows_json)}
+
+
+__all__ = ["MonitorService", "alert_dict", "monitor_dict", "release_dict"]
