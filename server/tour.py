@@ -1,4 +1,5 @@
-"""``civicdp tour``: the four W1 questions asked of the demo data through the engine."""
+"""``civicdp tour``: the four W1 questions, bundle discovery and service performance, asked
+of the demo data through the engine."""
 
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ def _accuracy(accuracy: dict) -> str:
 
 def run_tour(data: Path, people: int, engine: Engine, console: Console) -> None:
     from server.cli import print_result
+    from server.tour_bundles import show_bundles
+    from server.tour_performance import show_performance
     from synthetic.demo_data import generate
 
     if not (data / "metadata.json").exists():
@@ -57,11 +60,7 @@ def run_tour(data: Path, people: int, engine: Engine, console: Console) -> None:
             result.table = result.table.sort("value", descending=True)  # post-processing: free
         print_result(result, limit=12)
         total = result.loss if total is None else total + result.loss
+    total = total + show_bundles(data, dataset, console) + show_performance(data, dataset, console)  # type: ignore[operator]
     console.rule()
-    console.print(f"total privacy loss of the tour: {total} (pure differential privacy, per person)")
-    from server.tour_bundles import show_bundles
-
-    show_bundles(data, dataset, console)
-    from server.tour_performance import show_performance
-
-    show_performance(data, dataset, console)
+    console.print(f"total privacy loss of the tour: {total} (pure differential privacy, per person; the losses "
+                  "of separate questions add up)")

@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from privacy.loss import PrivacyLoss
 from queries.engine import LocalDataset
 
 SPEC = {"analysis": "bundles", "window_days": 30, "top_k": 50, "epsilon": 0.5}
@@ -21,8 +22,8 @@ def _planted(data: Path) -> list[frozenset[str]]:
     return [frozenset(b["services"]) for b in json.loads(path.read_text())]
 
 
-def show_bundles(data: Path, dataset: LocalDataset, console: Console) -> None:
-    """Ask the ``bundles`` analysis of the demo data and compare with the planted bundles."""
+def show_bundles(data: Path, dataset: LocalDataset, console: Console) -> PrivacyLoss:
+    """Ask the ``bundles`` analysis of the demo data and compare with the planted bundles; its loss."""
     console.rule("Bundles: which services do the same people use within 30 days?")
     estimate = dataset.estimate(SPEC)
     console.print(f"estimate (free, reads no data): {estimate.loss}; pair counts within "
@@ -65,6 +66,7 @@ def show_bundles(data: Path, dataset: LocalDataset, console: Console) -> None:
         console.print(f"note: {note}")
     console.print("compare two periods with examples/bundle_changes.json: "
                   "civicdp query data/demo examples/bundle_changes.json")
+    return result.loss
 
 
 def _num(value: float | None) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 import polars as pl
 from rich.console import Console
 
+from privacy.loss import PrivacyLoss
 from queries.engine import LocalDataset
 from queries.monitoring import fired, parse_monitor, resolve_monitor, step_rows, step_vectors
 
@@ -22,8 +23,8 @@ MONITOR = {"name": "tour-daily-volume", "metric": "count", "group_by": "channel"
            "rules": [{"op": "above", "value": 1000, "group": "counter", "certain": True}]}
 
 
-def show_performance(data: Path, dataset: LocalDataset, console: Console) -> None:
-    """Ask the three performance analyses of the demo data and run a monitor over March."""
+def show_performance(data: Path, dataset: LocalDataset, console: Console) -> PrivacyLoss:
+    """Ask the three performance analyses of the demo data and run a monitor over March; their loss."""
     from server.cli import print_table
 
     truth = json.loads((data / "ground_truth.json").read_text()) if (data / "ground_truth.json").exists() else {}
@@ -68,10 +69,10 @@ def show_performance(data: Path, dataset: LocalDataset, console: Console) -> Non
         console.print(f"note: {note}")
 
     console.rule("Monitoring: daily requests per channel in March, alert when the counter certainly gets > 1,000")
-    _monitor_march(dataset, console)
+    return report.loss + lagged.loss + scores.loss + _monitor_march(dataset, console)
 
 
-def _monitor_march(dataset: LocalDataset, console: Console) -> None:
+def _monitor_march(dataset: LocalDataset, console: Console) -> PrivacyLoss:
     """The monitor a steward would define, fed one day at a time (in-process, no server)."""
     spec = parse_monitor({**MONITOR, "dataset": dataset.metadata.name})
     monitor = resolve_monitor(spec, dataset.metadata)
@@ -103,3 +104,4 @@ def _monitor_march(dataset: LocalDataset, console: Console) -> None:
         for r in last))
     console.print(f"the whole month cost {monitor.loss} (binary tree, {tree0.levels} levels), "
                   "not a fresh loss per day; alerts are post-processing")
+    return monitor.loss
