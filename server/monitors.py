@@ -274,18 +274,14 @@ class MonitorService:
                 session.add(stored)
                 session.flush()
                 target = f"monitor:{row.name}"
+                # One entry for the request: the batch, each step it released and each alert.
                 record(session, caller, Action.MONITOR_MANAGE.value, target, event="monitor.batch",
                        dataset=row.dataset, seq=seq, start=start.isoformat(), end=end.isoformat(),
-                       sha256=batch.sha256, loss_micro=0)
-                for step, rows in released:
-                    record(session, caller, Action.MONITOR_MANAGE.value, target, event="monitor.release",
-                           dataset=row.dataset, step=step, loss_micro=0,
-                           result_hash=hashlib.sha256(canonical_json(rows).encode()).hexdigest())
-                for alert in alerts:
-                    record(session, caller, Action.MONITOR_MANAGE.value, target, event="monitor.alert",
-                           dataset=row.dataset, step=alert.step, rule=None, rule_index=alert.rule,
-                           rule_text=alert.rule_text, group=alert.group, value=alert.value,
-                           ci_low=alert.ci_low, ci_high=alert.ci_high)
+                       sha256=batch.sha256, loss_micro=0,
+                       releases=[{"step": step, "result_hash": hashlib.sha256(canonical_json(rows).encode()).hexdigest()}
+                                 for step, rows in released],
+                       alerts=[{"step": a.step, "rule_index": a.rule, "rule_text": a.rule_text, "group": a.group,
+                                "value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high} for a in alerts])
                 alert_out = [alert_dict(a, row.name) for a in alerts]
         except BaseException:
             path.unlink(missing_ok=True)  # the batch was not accepted: leave no file behind
