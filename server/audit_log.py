@@ -88,13 +88,17 @@ def _clip(text: str | None) -> str | None:
     return None if text is None else text[:MAX_TEXT]
 
 
+_BUMP = update(AuditHead.__table__).where(AuditHead.__table__.c.id == 1).values(  # type: ignore[attr-defined]
+    size=AuditHead.__table__.c.size + 1).returning(AuditHead.__table__.c.size)  # type: ignore[attr-defined]
+_INSERT = insert(AuditEntry.__table__)  # type: ignore[attr-defined]
+
+
 def append(session: Session, *, caller: Caller | None, action: str, target: str, decision: str,
            rule: list[str] | None = None, roles: list[str] | None = None, request: dict[str, Any] | None = None,
            detail: dict[str, Any] | None = None, dataset: str | None = None) -> AuditEntry:
     """Append one entry inside the caller's transaction and return it (numbered, hashed)."""
-    size = session.execute(
-        update(AuditHead).where(AuditHead.id == 1).values(size=AuditHead.size + 1).returning(AuditHead.size)
-    ).scalar_one()
+    connection = session.connection()  # Core statements built once: no ORM work per entry
+    size = connection.execute(_BUMP).scalar_one()
     now = datetime.now(timezone.utc)
     who = None if caller is None else {"account": caller.name, "account_id": caller.account_id,
                                        "agency": caller.agency, "roles": sorted(roles or [])}
@@ -105,7 +109,7 @@ def append(session: Session, *, caller: Caller | None, action: str, target: str,
               "account_id": caller.account_id if caller else None, "agency": caller.agency if caller else None,
               "action": action[:60], "target": _clip(target) or "", "dataset": _clip(dataset),
               "decision": decision[:20], "entry_json": data.decode(), "leaf_hash": leaf_hash(data).hex()}
-    session.execute(insert(AuditEntry).values(**values))  # a plain INSERT: no ORM bookkeeping per entry
+    connection.execute(_INSERT, values)
     return AuditEntry(**values)
 
 
