@@ -47,7 +47,7 @@ def _keys(values: list[str]) -> list[VerifierKey]:
         if path.is_file():
             texts = path.read_text().split()
         elif "+" in value:
-            texts = [value]
+            texts = value.split()  # e.g. "$(curl .../public-key)": one key per line
         else:
             _fail(f"--public-key {value!r} is neither a verifier key (name+id+key) nor a file")
         for text in texts:
