@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from queries.analyses import ANALYSES, AnalysisSpec
 from queries.errors import QueryError
-from queries.spec import QuerySpec, parse_spec
+from queries.spec import QuerySpec, parse_spec, spec_error
 
 Request = QuerySpec | AnalysisSpec
 
@@ -34,7 +34,4 @@ def parse_request(raw: Any) -> Request:
     try:
         return analysis.spec_model.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "literal")))
-        raise QueryError(where or "spec", first["msg"].rstrip("."),
-                         f"See the fields of a '{name}' analysis in the README") from None
+        raise spec_error(exc, {}, f"See the fields of a '{name}' analysis in the README") from None

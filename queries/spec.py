@@ -29,6 +29,29 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CanonicalSpec(_Strict):
+    """A request document with one canonical text (the key of stored releases and audit entries)."""
+
+    def canonical(self) -> str:
+        """Canonical JSON (sorted keys, defaults included): equal questions, equal text."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
+def no_booleans(value: Any) -> Any:
+    """JSON true/false is not a number here (pydantic would read it as 1/0)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    return value
+
+
+def spec_error(exc: ValidationError, fixes: dict[str, str], default_fix: str = "") -> QueryError:
+    """The first validation error as a QueryError naming the field, the problem and a fix."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "literal")))
+    fix = fixes.get(str(first["loc"][0]) if first["loc"] else "", default_fix)
+    return QueryError(where or "spec", first["msg"].rstrip("."), fix)
+
+
 class Filter(_Strict):
     """Keep rows whose public column equals a value, is one of values, or lies in a time range."""
 
@@ -53,7 +76,7 @@ class Grid(_Strict):
         return [round(self.start + i * self.step, digits) for i in range(count)]
 
 
-class QuerySpec(_Strict):
+class QuerySpec(CanonicalSpec):
     """One aggregate question about one table of a dataset."""
 
     dataset: str | None = None
@@ -72,16 +95,7 @@ class QuerySpec(_Strict):
     contributions: int | Literal["auto"] | None = None
     intervals: bool = True  # quantiles: spend part of the loss on value intervals
 
-    @field_validator("epsilon", "accuracy", "confidence", "contributions", mode="before")
-    @classmethod
-    def _no_booleans(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError("must be a number, not true or false")
-        return value
-
-    def canonical(self) -> str:
-        """Canonical JSON (sorted keys, defaults included): equal questions, equal text."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    _no_booleans = field_validator("epsilon", "accuracy", "confidence", "contributions", mode="before")(no_booleans)
 
 
 def parse_spec(raw: Any) -> QuerySpec:
@@ -100,10 +114,7 @@ def parse_spec(raw: Any) -> QuerySpec:
     try:
         return QuerySpec.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if not str(p).startswith(("function-", "literal")))
-        fix = _FIXES.get(str(first["loc"][0]) if first["loc"] else "", "")
-        raise QueryError(where or "spec", first["msg"].rstrip("."), fix) from None
+        raise spec_error(exc, _FIXES) from None
 
 
 _FIXES = {

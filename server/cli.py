@@ -19,8 +19,9 @@ from privacy.errors import PrivacyError
 from queries.context import EngineLimits
 from queries.engine import Engine, LocalDataset, Result
 from queries.errors import QueryError
-from server.cli_audit import audit
 from server.cli_admin import accounts, budgets, datasets, keys, roles
+from server.cli_audit import audit
+from server.cli_common import fail
 from server.cli_feeds import feeds
 from server.cli_monitors import monitors
 from server.settings import Settings
@@ -38,10 +39,6 @@ app.add_typer(feeds, name="feeds")
 app.add_typer(monitors, name="monitors")
 
 
-def _fail(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=2)
-
 
 def _engine() -> Engine:
     settings = Settings()
@@ -52,9 +49,9 @@ def _load(dataset: Path, spec_path: Path) -> tuple[LocalDataset, Any]:
     try:
         spec = json.loads(spec_path.read_text())
     except FileNotFoundError:
-        _fail(f"no query spec file at {spec_path}")
+        fail(f"no query spec file at {spec_path}")
     except json.JSONDecodeError as exc:
-        _fail(f"{spec_path} is not valid JSON ({exc.msg} at line {exc.lineno}); write the query as a JSON object")
+        fail(f"{spec_path} is not valid JSON ({exc.msg} at line {exc.lineno}); write the query as a JSON object")
     return LocalDataset(dataset, _engine()), spec
 
 
@@ -83,7 +80,7 @@ def query(
         local, raw = _load(dataset, spec)
         result = local.run(raw)
     except (QueryError, PrivacyError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         console.print_json(json.dumps(result_json(result)))
     else:
@@ -100,7 +97,7 @@ def estimate(
         local, raw = _load(dataset, spec)
         console.print_json(json.dumps(local.estimate(raw).as_dict()))
     except (QueryError, PrivacyError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @app.command()

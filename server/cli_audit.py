@@ -23,6 +23,7 @@ from audit.bundle import TamperDetected, verify_bundle
 from audit.checkpoint import Checkpoint, CheckpointError
 from audit.signing import KeyError_, SigningKey, VerifierKey
 from audit.witness import Witness, WitnessRefused
+from server.cli_common import fail
 from server.settings import Settings
 
 audit = typer.Typer(help="The tamper-evident audit log: verify, witness, inspect, export.", no_args_is_help=True)
@@ -35,10 +36,6 @@ PublicKeys = Annotated[list[str], typer.Option("--public-key", help="The log's v
                                                "(repeat for keys before and after a rotation)")]
 
 
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=code)
-
 
 def _keys(values: list[str]) -> list[VerifierKey]:
     keys = []
@@ -49,14 +46,14 @@ def _keys(values: list[str]) -> list[VerifierKey]:
         elif "+" in value:
             texts = value.split()  # e.g. "$(curl .../public-key)": one key per line
         else:
-            _fail(f"--public-key {value!r} is neither a verifier key (name+id+key) nor a file")
+            fail(f"--public-key {value!r} is neither a verifier key (name+id+key) nor a file")
         for text in texts:
             try:
                 keys.append(VerifierKey.parse(text))
             except KeyError_ as exc:
-                _fail(f"--public-key: {exc}")
+                fail(f"--public-key: {exc}")
     if not keys:
-        _fail("give the log's public key with --public-key (civicdp audit public-key prints it)")
+        fail("give the log's public key with --public-key (civicdp audit public-key prints it)")
     return keys
 
 
@@ -64,9 +61,9 @@ def _checkpoint_file(path: Path) -> Checkpoint:
     try:
         return Checkpoint.parse(path.read_text())
     except FileNotFoundError:
-        _fail(f"no checkpoint file at {path}")
+        fail(f"no checkpoint file at {path}")
     except (CheckpointError, UnicodeDecodeError) as exc:
-        _fail(f"{path} is not a checkpoint: {exc}")
+        fail(f"{path} is not a checkpoint: {exc}")
     raise AssertionError  # unreachable
 
 
@@ -106,11 +103,11 @@ def witness(
         with zipfile.ZipFile(source) as archive:
             heads = sorted(n for n in archive.namelist() if n.startswith("checkpoints/"))
             if not heads:
-                _fail(f"{source} holds no checkpoint")
+                fail(f"{source} holds no checkpoint")
             try:
                 checkpoint = Checkpoint.parse(archive.read(heads[-1]).decode())
             except (CheckpointError, UnicodeDecodeError) as exc:
-                _fail(f"the bundle's head checkpoint is not valid: {exc}")
+                fail(f"the bundle's head checkpoint is not valid: {exc}")
     else:
         checkpoint = _checkpoint_file(source)
     path_bytes = None
@@ -119,7 +116,7 @@ def witness(
             body = json.loads(proof.read_text())
             path_bytes = [bytes.fromhex(h) for h in body["path"]]
         except (OSError, ValueError, KeyError, TypeError):
-            _fail(f"{proof} is not a consistency proof (JSON with a 'path' of hex hashes)")
+            fail(f"{proof} is not a consistency proof (JSON with a 'path' of hex hashes)")
     try:
         cosigned = Witness(state).cosign(checkpoint, keys, proof=path_bytes, bundle=bundle)
     except WitnessRefused as exc:
@@ -143,17 +140,17 @@ def public_key_command(
         try:
             response = httpx.get(url.rstrip("/") + "/v1/audit/public-key", timeout=30)
         except httpx.HTTPError as exc:
-            _fail(f"could not reach {url}: {exc}")
+            fail(f"could not reach {url}: {exc}")
         console.print(response.text, end="", highlight=False, markup=False)
         return
     settings = Settings()
     path = settings.audit_key_path
     if not path.exists():
-        _fail(f"no signing key at {path}: start the server once (it creates the key), or give --url")
+        fail(f"no signing key at {path}: start the server once (it creates the key), or give --url")
     try:
         console.print(SigningKey.load(path).verifier.encode(), highlight=False, markup=False)
     except (KeyError_, PermissionError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @audit.command("rotate-key")
@@ -200,9 +197,9 @@ def _http(call):  # type: ignore[no-untyped-def]
     try:
         return call()
     except ClientError as exc:
-        _fail(f"the server refused: {exc}")
+        fail(f"the server refused: {exc}")
     except httpx.HTTPError as exc:
-        _fail(f"could not reach the server: {exc}")
+        fail(f"could not reach the server: {exc}")
 
 
 @audit.command()
@@ -257,7 +254,7 @@ def prove(url: Url = "http://127.0.0.1:8000", api_key: ApiKey = "",
         elif first is not None and second is not None:
             body = _http(lambda: client.audit_consistency_proof(first, second))
         else:
-            _fail("give --seq (inclusion) or --first and --second (consistency)")
+            fail("give --seq (inclusion) or --first and --second (consistency)")
     console.print(json.dumps(body, indent=1), highlight=False, markup=False)
 
 

@@ -26,6 +26,7 @@ from audit.release_signature import ReleaseSignatureError, verify_release
 from audit.signing import KeyError_, VerifierKey
 from queries.errors import QueryError
 from server.bootstrap import build_state
+from server.cli_common import fail
 from server.deps import AppState
 from server.errors import Conflict, InvalidRequest, NotFound
 from server.feed_schemas import FeedDefinition
@@ -37,10 +38,6 @@ feeds = typer.Typer(help="Agency feeds: scheduled, signed releases (define, list
                     no_args_is_help=True)
 
 
-def _fail(message: str, code: int = 2) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=code)
-
 
 @contextmanager
 def _service() -> Iterator[FeedService]:
@@ -48,7 +45,7 @@ def _service() -> Iterator[FeedService]:
     try:
         yield FeedService.of(state)
     except (NotFound, Conflict, InvalidRequest, QueryError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         state.close()
 
@@ -59,12 +56,12 @@ def define(definition: Annotated[Path, typer.Argument(help="The feed definition,
     try:
         body = FeedDefinition.model_validate(json.loads(definition.read_text()))
     except FileNotFoundError:
-        _fail(f"no feed definition at {definition}")
+        fail(f"no feed definition at {definition}")
     except json.JSONDecodeError as exc:
-        _fail(f"{definition} is not valid JSON ({exc.msg} at line {exc.lineno})")
+        fail(f"{definition} is not valid JSON ({exc.msg} at line {exc.lineno})")
     except ValidationError as exc:
         first = exc.errors()[0]
-        _fail(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
+        fail(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")
     with _service() as service:
         out = service.define(None, body)
     console.print(f"defined feed {out.name}: {out.releases} {out.schedule} releases of {out.dataset} from "
@@ -87,7 +84,7 @@ def trigger(name: str) -> None:
         try:
             view = service.trigger(None, name)
         except FeedRefused as refused:
-            _fail(refused.reason, code=1)
+            fail(refused.reason, code=1)
     state = "produced" if view.fresh else "already existed"
     console.print(f"release {view.number} of feed {name} (period {view.period}) {state}: "
                   f"epsilon {view.loss_micro / 1e6:g}, sha256 {view.sha256}")
@@ -114,12 +111,12 @@ def _public_key(value: str) -> VerifierKey:
     try:
         text = path.read_text() if len(value) < 4096 and path.is_file() else value
     except OSError as exc:
-        _fail(f"cannot read the public key file {value}: {exc.strerror}")
+        fail(f"cannot read the public key file {value}: {exc.strerror}")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     try:
         return VerifierKey.parse(lines[0] if lines else "")
     except KeyError_ as exc:
-        _fail(f"public key: {exc}")
+        fail(f"public key: {exc}")
     raise AssertionError  # unreachable: _fail exits
 
 
@@ -137,11 +134,11 @@ def verify(
         data = release.read_bytes()
         signature_text = signature.read_text()
     except OSError as exc:
-        _fail(f"cannot read {exc.filename}: {exc.strerror}")
+        fail(f"cannot read {exc.filename}: {exc.strerror}")
     try:
         document = verify_release(data, signature_text, key)
     except ReleaseSignatureError as exc:
-        _fail(f"NOT VERIFIED: {exc}", code=1)
+        fail(f"NOT VERIFIED: {exc}", code=1)
     console.print(f"verified: release {document['number']} of feed {document['feed']} (period "
                   f"{document['period']}, dataset {document['dataset']} version {document['dataset_version']}), "
                   f"signed by {key.name}+{key.id.hex()}", highlight=False)
@@ -161,13 +158,13 @@ def fetch(
         with httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=60) as client:
             answer = client.get(f"/v1/feeds/{name}/releases/{release}")
     except httpx.HTTPError as exc:
-        _fail(f"cannot reach {url}: {exc}")
+        fail(f"cannot reach {url}: {exc}")
     if answer.status_code != 200:
         try:
             detail = answer.json().get("detail", answer.text)
         except ValueError:
             detail = answer.text
-        _fail(f"HTTP {answer.status_code}: {detail}", code=1)
+        fail(f"HTTP {answer.status_code}: {detail}", code=1)
     number = json.loads(answer.content)["number"]
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{name}-{number}.json"

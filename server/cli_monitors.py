@@ -21,6 +21,7 @@ from privacy.errors import PrivacyError
 from queries.errors import QueryError
 from server.bootstrap import build_state
 from server.caller import Caller
+from server.cli_common import fail
 from server.errors import Conflict, NotFound
 from server.ledger import BudgetRefused
 from server.monitors import MonitorService, monitor_dict, release_dict
@@ -32,10 +33,6 @@ monitors = typer.Typer(help="Monitors: continual private releases with alerts (d
 OPERATOR = Caller(account_id=None, name="operator", agency="*")  # type: ignore[arg-type]
 
 
-def _fail(message: str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=2)
-
 
 @contextmanager
 def _service() -> Iterator[MonitorService]:
@@ -44,7 +41,7 @@ def _service() -> Iterator[MonitorService]:
     try:
         yield MonitorService(state.db, settings.data_dir, state.caps)
     except (NotFound, Conflict, QueryError, BudgetRefused, PrivacyError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         state.close()
 
@@ -55,9 +52,9 @@ def define(definition: Annotated[Path, typer.Argument(help="The monitor definiti
     try:
         body = json.loads(definition.read_text())
     except FileNotFoundError:
-        _fail(f"no monitor definition at {definition}")
+        fail(f"no monitor definition at {definition}")
     except json.JSONDecodeError as exc:
-        _fail(f"{definition} is not valid JSON ({exc.msg} at line {exc.lineno})")
+        fail(f"{definition} is not valid JSON ({exc.msg} at line {exc.lineno})")
     with _service() as service:
         row = monitor_dict(service.define(OPERATOR, body))
     console.print(f"defined monitor {row['name']} on {row['dataset']}: {row['horizon']} steps of "
@@ -73,7 +70,7 @@ def batch(
 ) -> None:
     """Append a batch of events; prints the steps it released and the alerts raised."""
     if not parquet.is_file():
-        _fail(f"no batch file at {parquet}")
+        fail(f"no batch file at {parquet}")
     with _service() as service:
         out = service.append(OPERATOR, name, parquet.read_bytes(), start, end)
     console.print(f"batch {out['seq']} of {name}: {out['rows']} rows; released steps {out['released_steps']}")

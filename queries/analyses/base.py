@@ -9,40 +9,28 @@ reads → charge → execute. A spec names it with ``"analysis": "<name>"``.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from privacy.loss import PrivacyLoss
 from queries.backend import Backend
 from queries.context import EngineLimits
 from queries.metadata import DatasetMetadata
 from queries.results import Estimate, Result
+from queries.spec import CanonicalSpec, no_booleans
 
 
-class AnalysisSpec(BaseModel):
+class AnalysisSpec(CanonicalSpec):
     """Fields every analysis spec has; subclasses add their own (unknown fields are refused)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     analysis: str
     dataset: str | None = None
     epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     confidence: float = Field(default=0.95, gt=0, lt=1)
 
-    @field_validator("epsilon", "confidence", mode="before")
-    @classmethod
-    def _no_booleans(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError("must be a number, not true or false")
-        return value
-
-    def canonical(self) -> str:
-        """Canonical JSON (sorted keys, defaults included): equal questions, equal text."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    _no_booleans = field_validator("epsilon", "confidence", mode="before")(no_booleans)
 
 
 class AnalysisPlan(ABC):

@@ -77,7 +77,9 @@ def test_demo_data_and_tour(tmp_path: Path) -> None:
     result = runner.invoke(app, ["tour", "--data", str(out)])
     assert result.exit_code == 0, result.output
     assert result.output.count("privacy loss spent") == 4
-    assert "total privacy loss of the tour: epsilon=1" in result.output
+    # W1 (1) + bundles (0.5) + report, lagged points, scores (1 each) + the monitor (0.5)
+    assert "total privacy loss of the tour: epsilon=5 " in result.output
+    assert result.output.rstrip().splitlines()[-1].startswith("total privacy loss of the tour")
 
 
 def test_missing_or_mismatched_data_files_fail_cleanly(make_dataset: MakeDataset, tmp_path: Path) -> None:
