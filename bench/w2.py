@@ -3,6 +3,7 @@
 Usage::
 
     python -m bench.w2 --people 200000 [--runs 5] [--seed 1] [--groceries ../shared/data/groceries]
+                       [--rule top_pairs|quantile]
 
 Generates (or reuses) the demo dataset in bench/out/, then for several runs asks the
 ``bundles`` analysis (top 50 pairs used by the same person within 30 days, epsilon 1)
@@ -16,7 +17,9 @@ Polars, timed in the same run.
 
 With ``--groceries`` it also runs on real grocery data (members, items, dates; see its
 README): overlap of the private top 20 pairs with the non-private top 20 at epsilon 1
-and 0.25, with and without noise, and with a fixed small number of pairs per person.
+and 0.25, with and without noise, with both rules that choose the pairs per person
+("auto") and with a fixed small number of pairs per person. ``--rule`` picks the rule of
+the demo runs (default: the analysis's default).
 """
 
 from __future__ import annotations
@@ -75,7 +78,11 @@ def _figures(top: np.ndarray, truth_top: set[int], planted_pairs: set[int]) -> t
     return len(chosen & planted_pairs) / len(planted_pairs), len(chosen & truth_top) / len(truth_top)
 
 
-def run_demo(data: Path, runs: int) -> None:
+def run_demo(data: Path, runs: int, rule: str | None = None) -> None:
+    global SPEC
+    if rule is not None:
+        SPEC = {**SPEC, "max_pairs_rule": rule}
+    print(f"spec: {SPEC}")
     engine = Engine()
     dataset = LocalDataset(data, engine)
     started = time.perf_counter()
@@ -150,8 +157,9 @@ def run_groceries(source: Path, runs: int) -> None:
     truth_top = set(np.argsort(-truth, kind="stable")[:20].tolist())
     print(f"\ngroceries ({dataset.metadata.tables['events'].columns['service_id'].keys.__len__()} items): "
           f"true top-20 counts {int(truth[list(truth_top)].min())}..{int(truth.max())} members")
-    for epsilon, max_pairs in itertools.product((1.0, 0.25), ("auto", 2, 5)):
-        spec = {**base, "epsilon": epsilon, "max_pairs": max_pairs}
+    settings = (("auto", "top_pairs"), ("auto", "quantile"), (2, None), (5, None))
+    for epsilon, (max_pairs, rule) in itertools.product((1.0, 0.25), settings):
+        spec = {**base, "epsilon": epsilon, "max_pairs": max_pairs, **({"max_pairs_rule": rule} if rule else {})}
         plan = engine.plan(spec, dataset.metadata, data)
         overlaps, quiet, chosen = [], [], []
         for _ in range(runs):
@@ -164,7 +172,8 @@ def run_groceries(source: Path, runs: int) -> None:
             overlaps.append(len(found & true_pairs) / 20)
             exact = top_pairs(without_noise(plan, engine, result.contributions), 20)  # type: ignore[arg-type]
             quiet.append(len(set(exact.tolist()) & truth_top) / 20)
-        print(f"  epsilon {epsilon:g}, max_pairs {max_pairs!s:>4}: overlap of private top 20 with true top 20 "
+        label = f"auto ({rule})" if rule else str(max_pairs)
+        print(f"  epsilon {epsilon:g}, max_pairs {label:>16}: overlap of private top 20 with true top 20 "
               f"median {statistics.median(overlaps):.2f} (runs {overlaps}); without noise "
               f"{statistics.median(quiet):.2f}; pairs per person {sorted(set(chosen))}")
 
@@ -176,6 +185,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: bench/out/w2-PEOPLE-SEED)")
     parser.add_argument("--groceries", type=Path, default=None, help="folder of Groceries_dataset.csv (optional)")
+    parser.add_argument("--rule", choices=("top_pairs", "quantile"), default=None,
+                        help='how "auto" chooses the pairs per person in the demo runs (default: the default rule)')
     parser.add_argument("--skip-demo", action="store_true", help="only the groceries figures")
     args = parser.parse_args()
     if not args.skip_demo:
@@ -186,7 +197,7 @@ def main() -> None:
             t = time.perf_counter()
             summary = generate(args.people, data, seed=args.seed)
             print(f"generated {summary.events:,} events for {args.people:,} people in {time.perf_counter() - t:.1f} s")
-        run_demo(data, args.runs)
+        run_demo(data, args.runs, args.rule)
     if args.groceries is not None:
         run_groceries(args.groceries, args.runs)
 

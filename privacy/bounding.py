@@ -73,3 +73,30 @@ def bound_scores(people_with_at_least: np.ndarray, candidates: list[int], target
 
 #: Sensitivity of :func:`bound_scores` (scores are in quarter-person units).
 BOUND_SCORE_SENSITIVITY = 4
+
+
+def top_count_scores(counts_by_bound: list[np.ndarray], top: int, noise: list[int]) -> np.ndarray:
+    """Integer scores (lower is better) of candidate bounds by how well the top counts clear the noise.
+
+    ``counts_by_bound[p][:, j]`` holds the exact bounded counts of every cell (e.g. every
+    catalogue pair) of period p under candidate bound j, and ``noise[j]`` a public integer
+    noise level for that bound (it depends on the bound, the loss and the number of cells
+    only). Candidate j scores ``noise[j] - min over periods of the top-th largest count``:
+    the best bound lifts the top-th count furthest above the noise that bound brings.
+
+    Sensitivity (see :data:`TOP_COUNT_SENSITIVITY`): for a fixed bound, adding or removing
+    one person moves each bounded count by 0 or 1, all in the same direction, and no one
+    else's contribution (the bound's rule uses the person's own rows only). An order
+    statistic of a vector whose entries each move by at most 1 moves by at most 1 (the
+    top-th largest of ``x`` and of ``x + d``, ``0 <= d <= 1``, differ by at most 1), and so
+    does a minimum over periods of such statistics. The noise term is public, so every
+    score moves by at most 1.
+    """
+    if not counts_by_bound or not 1 <= top <= counts_by_bound[0].shape[0]:
+        raise ValueError(f"top must be between 1 and the number of cells, got {top}")
+    kth = np.min([np.partition(c, -top, axis=0)[-top] for c in counts_by_bound], axis=0)
+    return np.asarray(noise, dtype=np.int64) - kth.astype(np.int64)
+
+
+#: L-infinity sensitivity of :func:`top_count_scores` (one person, any number of pairs).
+TOP_COUNT_SENSITIVITY = 1

@@ -14,7 +14,9 @@ The bounding rules, all public and each depending on one person's own rows only
    items with a use of ``a`` and a use of ``b`` at most ``window`` apart (inclusive);
 3. each person keeps at most ``max_pairs`` of their pairs, chosen by a hash of
    (person, pair): a person adds 1 to at most ``max_pairs`` pair counts, so the vector
-   of all pair counts has L1 sensitivity ``max_pairs``;
+   of all pair counts has L1 sensitivity ``max_pairs``. The bounds are nested (the pairs
+   kept under k are those of hash rank at most k), so the counts under every candidate
+   bound come from one pass (:func:`bounded_pair_counts_by_bound`);
 4. for the per-item people counts, each person keeps at most ``max_items`` of their
    distinct items (same kind of hash choice) and counts once in the people total: L1
    sensitivity ``max_items + 1`` for the vector [items..., people].
@@ -115,10 +117,14 @@ def person_pairs(events: pl.LazyFrame, window_seconds: int, space: PairSpace) ->
     return pairs.select(PERSON, index.alias(PAIR)).unique()
 
 
+def _rank_per_person(column: str, seed: int) -> pl.Expr:
+    """1, 2, ... within each person, in the order of a hash of (person, value): stable per person."""
+    return pl.struct(PERSON, column).hash(seed=seed).rank("ordinal").over(PERSON)
+
+
 def _keep_per_person(frame: pl.DataFrame, column: str, limit: int, seed: int) -> pl.DataFrame:
     """At most ``limit`` rows per person, chosen by a hash of (person, value): stable per person."""
-    order = pl.struct(PERSON, column).hash(seed=seed)
-    return frame.filter(order.rank("ordinal").over(PERSON) <= limit)
+    return frame.filter(_rank_per_person(column, seed) <= limit)
 
 
 def pairs_per_person(pairs: list[pl.DataFrame], limit: int) -> np.ndarray:
@@ -136,6 +142,27 @@ def bounded_pair_counts(pairs: pl.DataFrame, space: PairSpace, max_pairs: int) -
     """People per pair, each person counted in at most ``max_pairs`` pairs (exact)."""
     kept = _keep_per_person(pairs, PAIR, max_pairs, _PAIR_SEED)
     return np.bincount(kept[PAIR].to_numpy(), minlength=space.n_pairs).astype(np.int64)
+
+
+def bounded_pair_counts_by_bound(pairs: pl.DataFrame, space: PairSpace, bounds: list[int]) -> np.ndarray:
+    """People per pair under every bound at once: column j is ``bounded_pair_counts(pairs, space, bounds[j])``.
+
+    A person keeps the pairs of hash rank at most the bound, so one pass suffices: each
+    person-pair falls in the bucket of the smallest bound at or above its rank (ranks
+    above the largest bound are dropped), pairs are counted by (pair, bucket), and the
+    counts are cumulated over the buckets. ``bounds`` must be increasing.
+    """
+    edges = np.asarray(bounds, dtype=np.int64)
+    if edges.size == 0 or edges[0] < 1 or np.any(np.diff(edges) <= 0):
+        raise ValueError(f"bounds must be positive and increasing, got {bounds}")
+    # ranked: [__pair, __rank], rank 1.. within each person (the order bounded_pair_counts keeps)
+    ranked = (pairs.select(PAIR, _rank_per_person(PAIR, _PAIR_SEED).alias("__rank"))
+              .filter(pl.col("__rank") <= int(edges[-1])))
+    bucket_of_rank = np.searchsorted(edges, np.arange(1, edges[-1] + 1))  # rank r -> index of bound >= r
+    buckets = bucket_of_rank[ranked["__rank"].to_numpy().astype(np.int64) - 1]
+    cells = ranked[PAIR].to_numpy().astype(np.int64) * edges.size + buckets
+    counts = np.bincount(cells, minlength=space.n_pairs * edges.size).reshape(space.n_pairs, edges.size)
+    return np.cumsum(counts, axis=1)
 
 
 def bounded_item_counts(events: pl.DataFrame, space: PairSpace, max_items: int) -> tuple[np.ndarray, int]:

@@ -143,6 +143,107 @@ def test_a_heavy_person_moves_the_counts_by_at_most_the_declared_bounds(make_dat
     assert int((after.pairs[0] - before.pairs[0]).sum()) == 780
 
 
+def _heavy_person(services: tuple[str, ...], starts: tuple[datetime, ...]) -> list[tuple[int, str, datetime]]:
+    """One person using every service hourly from each start: every catalogue pair, in every period."""
+    return [(10_000, services[i % len(services)], start + timedelta(hours=i))
+            for start in starts for i in range(10 * len(services))]
+
+
+@pytest.mark.parametrize("periods", [
+    {},
+    {"analysis": "bundle_changes", "baseline": {"start": "2025-01-01", "end": "2025-04-01"},
+     "period": {"start": "2025-04-01", "end": "2025-07-01"}},
+], ids=["bundles", "bundle-changes"])
+def test_a_heavy_person_moves_each_top_pairs_score_by_at_most_the_declared_sensitivity(
+        make_dataset: MakeDataset, periods: dict[str, Any]) -> None:
+    """The "top_pairs" rule scores every candidate bound by its top_k-th bounded pair count
+    minus a public noise level. Adding a person with 400 uses of all 40 services (all 780
+    pairs, in each period) moves each score by at most the selector's sensitivity, 1, and
+    by exactly 1 for some candidate: a score that moved more (a sum of top counts, counts
+    under a data-dependent bound, a sum over periods) fails here."""
+    services = tuple(f"S{i:02d}" for i in range(40))  # 780 pairs
+    rows = _random_rows(300, seed=2, services=services, most=20)
+    heavy = _heavy_person(services, (datetime(2025, 2, 1), datetime(2025, 5, 1)))
+    metadata = _metadata(services)
+    small = make_dataset(_frame(rows), metadata, name="without")
+    large = make_dataset(_frame(rows + heavy), metadata, name="with")
+    for top_k in (1, 5, 50, 780):
+        spec = {"epsilon": 1, "top_k": top_k, "max_pairs_rule": "top_pairs", **periods}
+        plan = _plan(small, **spec)
+        assert plan.selector is not None and plan.selector.sensitivity == 1
+        candidates, before, scores_before = plan.top_pairs_scores(plan.person_pairs(small.engine.backend)[1])
+        large_plan = _plan(large, **spec)
+        _, after, scores_after = large_plan.top_pairs_scores(large_plan.person_pairs(large.engine.backend)[1])
+        change = scores_after - scores_before
+        assert np.abs(change).max() == plan.selector.sensitivity, f"top_k {top_k}: score changes {change}"
+        # The count vectors themselves: the heavy person adds min(k, 780) pairs under bound k.
+        for c_before, c_after in zip(before, after):
+            added = c_after - c_before
+            assert added.min() >= 0 and added.max() <= 1
+            assert added.sum(axis=0).tolist() == [min(k, 780) for k in candidates]
+        # Each column is exactly the counts the fixed bound gives.
+        for k in (1, 7, 44):
+            fixed = _plan(large, max_pairs=k, **spec).bounded_counts(large.engine.backend)
+            assert all((a[:, candidates.index(k)] == f).all() for a, f in zip(after, fixed.pairs))
+        assert len(after) == len(plan.setting.periods)
+
+
+def test_the_selectors_loss_is_a_tenth_of_epsilon_for_both_rules(make_dataset: MakeDataset) -> None:
+    dataset = make_dataset(_frame(_random_rows(50, seed=3)), _metadata())
+    for rule, sensitivity in (("top_pairs", 1), ("quantile", 9)):
+        plan = _plan(dataset, epsilon=2, max_pairs_rule=rule)
+        assert plan.selector is not None and plan.selector.sensitivity == sensitivity
+        assert float(plan.selector.loss.epsilon) == pytest.approx(0.2, abs=1e-9)
+        assert float(plan.loss.epsilon) == pytest.approx(2, abs=1e-9)
+        assert f"({rule} rule)" in plan.describe().mechanisms[-1]["role"]
+
+
+def _few_heavy_pairs() -> list[tuple[int, str, datetime]]:
+    """600 light users, each with one of three pairs (200 people per pair), and 150 heavy
+    users with 10–25 services within a few days (45–300 pairs each, at random)."""
+    services = tuple(f"S{i:02d}" for i in range(30))  # 435 pairs
+    rng = np.random.default_rng(11)
+    start, rows = datetime(2025, 3, 1), []
+    for person in range(600):
+        a, b = services[2 * (person % 3)], services[2 * (person % 3) + 1]
+        day = start + timedelta(days=int(rng.integers(0, 60)))
+        rows += [(person, a, day), (person, b, day + timedelta(days=1))]
+    for person in range(600, 750):
+        used = rng.choice(len(services), size=int(rng.integers(10, 26)), replace=False)
+        rows += [(person, services[i], start + timedelta(hours=int(h))) for h, i in enumerate(used)]
+    return rows
+
+
+def test_the_top_pairs_rule_chooses_a_small_bound_where_the_quantile_rule_chooses_a_large_one(
+        make_dataset: MakeDataset) -> None:
+    """Three pairs of 200 light users each are the top 3; a fifth of the people are heavy
+    users with 45–300 pairs. The 90% quantile of pairs per person is among the heavy users
+    (about 170), but every pair beyond the first only adds noise to the top 3: their
+    counts barely grow with the bound while the noise grows in proportion.
+
+    The scores are checked exactly; the private choices within margins that fail by chance
+    with probability below 1e-6 (bounded from the scores' gaps in the test itself).
+    """
+    services = tuple(f"S{i:02d}" for i in range(30))
+    dataset = make_dataset(_frame(_few_heavy_pairs()), _metadata(services))
+    top = _plan(dataset, epsilon=6, top_k=3, max_pairs_rule="top_pairs")
+    quantile = _plan(dataset, epsilon=6, top_k=3)  # the default rule
+    pairs = top.person_pairs(dataset.engine.backend)[1]
+    candidates, _, top_scores = top.top_pairs_scores(pairs)
+    assert candidates[int(np.argmin(top_scores))] == 1
+    _, quantile_scores = quantile.quantile_rule_scores(pairs)
+    assert candidates[int(np.argmin(quantile_scores))] >= 100
+    runs = 3
+    for plan, scores, good in ((top, top_scores, lambda k: k <= 44), (quantile, quantile_scores, lambda k: k >= 50)):
+        assert plan.selector is not None
+        # Permute-and-flip picks a candidate whose score is d above the best with
+        # probability at most exp(-d / scale): the chance of any bad pick in the runs below.
+        bad = np.array([s - scores.min() for k, s in zip(candidates, scores) if not good(k)], dtype=float)
+        assert runs * np.exp(-bad / plan.selector.scale).sum() < 1e-6
+        chosen = [plan.bounded_counts(dataset.engine.backend).max_pairs for _ in range(runs)]
+        assert all(good(k) for k in chosen), f"{plan.spec.max_pairs_rule}: {chosen}"
+
+
 def test_the_mechanisms_sensitivities_are_the_bounds(make_dataset: MakeDataset) -> None:
     dataset = make_dataset(_frame(_random_rows(50, seed=3)), _metadata())
     plan = _plan(dataset, epsilon=0.9, max_pairs=7, max_items=4)
