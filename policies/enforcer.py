@@ -11,6 +11,13 @@ action, an object never registered (see :mod:`policies.objects`), a subject with
 a matching grant, or an epsilon that is not a finite number above 0 is refused with a
 reason in plain words, and a deny rule always beats an allow rule. :meth:`check`
 returns a :class:`Decision` carrying the rule that decided, for the audit entry.
+
+A role held in the agency ``*`` holds in every agency, including the agency an object
+was registered for: besides the caller's own agency, the matcher evaluates the rules of
+such roles in each named agency where the object is linked (``linked_in_agency``, see
+``model.conf``). So a server-wide steward or oversight sees a dataset registered for
+``health`` alone, while a deny rule naming ``health`` or ``*`` still refuses them, and an
+analyst holding ``analyst`` in ``transport`` still does not see it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Any
 
 import casbin
 from casbin.core_enforcer import EnforceContext
@@ -64,8 +72,12 @@ class PolicyStore(CatalogMixin):
         self._adapter = adapter
         self._enforcer = casbin.SyncedEnforcer(casbin.Enforcer.new_model(text=model_text), adapter)
         self._enforcer.add_function("epsilon_within", epsilon_within)
+        self._enforcer.add_function("linked_in_agency", self._linked_in_agency)
         self._lock = threading.RLock()
         self._objects: frozenset[str] | None = None
+        # object -> the named agencies (never "*") in which it is a member of some group.
+        self._homes: dict[str, tuple[str, ...]] | None = None
+        self._g2: Any = None  # the role manager of g2, fetched with the index (outside enforce)
         # Decisions are pure functions of the request and the rules: remember them until
         # the rules change (every change clears this), so repeated requests cost a lookup.
         self._decisions: dict[tuple[object, ...], tuple[bool, list[str]]] = {}
@@ -105,6 +117,7 @@ class PolicyStore(CatalogMixin):
             with self._lock:
                 self._enforcer.load_policy()
                 self._objects = None
+                self._homes = None
                 self._decisions.clear()
         self.check_arity()
 
@@ -269,19 +282,49 @@ class PolicyStore(CatalogMixin):
         with self._lock:
             changed = bool(mutate())
             self._objects = None
+            self._homes = None
             self._decisions.clear()
             return changed
 
     def _known_objects(self) -> frozenset[str]:
         """Objects a request may name: group members and objects named by rules, but no bare group."""
         with self._lock:
-            if self._objects is None:
+            if self._objects is None or self._homes is None:
                 links = self._enforcer.get_named_grouping_policy("g2")
                 members = {link[0] for link in links}
                 groups = {link[1] for link in links} - members
                 named = {rule[2] for rule in self._enforcer.get_named_policy("p")}
+                homes: dict[str, set[str]] = {}
+                for member, _, agency in links:
+                    if agency != WILDCARD:
+                        homes.setdefault(member, set()).add(agency)
+                self._homes = {member: tuple(sorted(agencies)) for member, agencies in homes.items()}
+                self._g2 = self._enforcer.get_model()["g"]["g2"].rm
                 self._objects = frozenset((members | (named - groups)) - {WILDCARD})
             return self._objects
+
+    def _linked_in_agency(self, obj: str, group: str, rule_agency: str, effect: str) -> bool:
+        """Matcher function: is ``obj`` in ``group`` in a named agency that the rule covers?
+
+        True if some agency X other than ``*`` holds a link of ``obj`` (so the object exists
+        in X), the rule's agency is ``*`` or X, and ``obj`` is ``group`` itself, reaches
+        ``group`` through links made in X, or -- for a deny rule only -- ``group`` is ``*``.
+        The matcher calls this only for roles held in ``*`` (and deny rules naming the
+        account), so that they are evaluated where the object lives, not only in the
+        caller's own agency. Links in ``*`` are left to the matcher's first path: an object
+        shared with every agency is judged in the caller's agency as before.
+        """
+        homes = self._homes
+        if homes is None:  # check() builds the index before asking Casbin; be safe anyway
+            self._known_objects()
+            homes = self._homes or {}
+        agencies = homes.get(obj, ())
+        if not agencies:
+            return False
+        if group == WILDCARD:
+            return effect == DENY and (rule_agency == WILDCARD or rule_agency in agencies)
+        return any(self._g2.has_link(obj, group, agency) for agency in agencies
+                   if rule_agency in (WILDCARD, agency))
 
     def _describe_roles(self, subject: str) -> str:
         held = self.roles_of(subject)
