@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import ValidationError
 
 from queries.analyses import ANALYSES, AnalysisSpec
 from queries.errors import QueryError
-from queries.spec import QuerySpec, parse_spec, spec_error
+from queries.spec import QuerySpec, load_document, parse_spec, spec_error
 
 Request = QuerySpec | AnalysisSpec
 
@@ -18,12 +17,7 @@ def parse_request(raw: Any) -> Request:
     """A :class:`QuerySpec`, or the spec of the analysis named by ``"analysis"``."""
     if isinstance(raw, (QuerySpec, AnalysisSpec)):
         return raw
-    if isinstance(raw, (str, bytes)):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise QueryError("spec", f"not valid JSON ({exc.msg} at line {exc.lineno})",
-                             "Send the query as a JSON object") from None
+    raw = load_document(raw)
     if not isinstance(raw, dict) or "analysis" not in raw:
         return parse_spec(raw)
     name = raw["analysis"]

@@ -98,16 +98,22 @@ class QuerySpec(CanonicalSpec):
     _no_booleans = field_validator("epsilon", "accuracy", "confidence", "contributions", mode="before")(no_booleans)
 
 
+def load_document(raw: Any) -> Any:
+    """JSON text (str or bytes) decoded; anything else as it is."""
+    if not isinstance(raw, (str, bytes)):
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise QueryError("spec", f"not valid JSON ({exc.msg} at line {exc.lineno})",
+                         "Send the query as a JSON object") from None
+
+
 def parse_spec(raw: Any) -> QuerySpec:
     """Validate a spec document; errors name the field and how to fix it."""
     if isinstance(raw, QuerySpec):
         return raw
-    if isinstance(raw, (str, bytes)):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise QueryError("spec", f"not valid JSON ({exc.msg} at line {exc.lineno})",
-                             "Send the query as a JSON object") from None
+    raw = load_document(raw)
     if not isinstance(raw, dict):
         raise QueryError("spec", "a query must be a JSON object",
                          'For example {"aggregate": "count", "epsilon": 0.1}')
