@@ -88,7 +88,7 @@ def public_key(state: StateDep) -> PlainTextResponse:
     return PlainTextResponse("\n".join(keys) + "\n")
 
 
-def _size_within(state: StateDep, name: str, size: int, log_size: int) -> None:
+def _size_within(name: str, size: int, log_size: int) -> None:
     if size > log_size:
         raise InvalidRequest(name, f"the log has {log_size} entries, not {size}",
                              "Ask for a size no larger than the latest checkpoint's")
@@ -100,7 +100,7 @@ def inclusion(caller: CurrentCaller, state: StateDep, seq: Size, size: Size | No
     authorize(state, caller, Action.AUDIT_READ, "server")
     log_size = len(state.audit.sync())
     size = log_size if size is None else size
-    _size_within(state, "size", size, log_size)
+    _size_within("size", size, log_size)
     if seq >= size:
         raise InvalidRequest("seq", f"entry {seq} is not among the first {size} entries",
                              "Give a seq below the tree size")
@@ -112,7 +112,7 @@ def inclusion(caller: CurrentCaller, state: StateDep, seq: Size, size: Size | No
 def consistency(caller: CurrentCaller, state: StateDep, first: Size, second: Size) -> ConsistencyProofOut:
     authorize(state, caller, Action.AUDIT_READ, "server")
     log_size = len(state.audit.sync())
-    _size_within(state, "second", second, log_size)
+    _size_within("second", second, log_size)
     if first > second:
         raise InvalidRequest("first", f"first ({first}) is larger than second ({second})",
                              "Give the size you hold as first and the newer size as second")
