@@ -21,7 +21,7 @@ from queries.engine import Engine, LocalDataset, Result
 from queries.errors import QueryError
 from server.cli_admin import accounts, budgets, datasets, keys, roles
 from server.cli_audit import audit
-from server.cli_common import fail
+from server.cli_common import fail, read_json
 from server.cli_feeds import feeds
 from server.cli_monitors import monitors
 from server.settings import Settings
@@ -46,12 +46,7 @@ def _engine() -> Engine:
 
 
 def _load(dataset: Path, spec_path: Path) -> tuple[LocalDataset, Any]:
-    try:
-        spec = json.loads(spec_path.read_text())
-    except FileNotFoundError:
-        fail(f"no query spec file at {spec_path}")
-    except json.JSONDecodeError as exc:
-        fail(f"{spec_path} is not valid JSON ({exc.msg} at line {exc.lineno}); write the query as a JSON object")
+    spec = read_json(spec_path, "query spec file")
     return LocalDataset(dataset, _engine()), spec
 
 

@@ -20,6 +20,7 @@ from policies.actions import Role
 from queries.errors import QueryError
 from server import admin, ledger
 from server.bootstrap import build_state
+from server.cli_common import fail
 from server.db import session_scope
 from server.deps import AppState
 from server.errors import Conflict, NotFound
@@ -42,8 +43,7 @@ def _state() -> Iterator[AppState]:
     try:
         yield state
     except (NotFound, Conflict, QueryError, ValueError) as exc:
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(code=2) from None
+        fail(str(exc))
     finally:
         state.close()
 

@@ -26,7 +26,7 @@ from audit.release_signature import ReleaseSignatureError, verify_release
 from audit.signing import KeyError_, VerifierKey
 from queries.errors import QueryError
 from server.bootstrap import build_state
-from server.cli_common import fail
+from server.cli_common import fail, read_json
 from server.deps import AppState
 from server.errors import Conflict, InvalidRequest, NotFound
 from server.feed_schemas import FeedDefinition
@@ -53,12 +53,9 @@ def _service() -> Iterator[FeedService]:
 @feeds.command("define")
 def define(definition: Annotated[Path, typer.Argument(help="The feed definition, a JSON file")]) -> None:
     """Define a feed: name, dataset, specs, schedule, releases announced, agencies."""
+    raw = read_json(definition, "feed definition file")
     try:
-        body = FeedDefinition.model_validate(json.loads(definition.read_text()))
-    except FileNotFoundError:
-        fail(f"no feed definition at {definition}")
-    except json.JSONDecodeError as exc:
-        fail(f"{definition} is not valid JSON ({exc.msg} at line {exc.lineno})")
+        body = FeedDefinition.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         fail(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}")

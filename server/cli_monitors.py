@@ -21,7 +21,7 @@ from privacy.errors import PrivacyError
 from queries.errors import QueryError
 from server.bootstrap import build_state
 from server.caller import Caller
-from server.cli_common import fail
+from server.cli_common import fail, read_json
 from server.errors import Conflict, NotFound
 from server.ledger import BudgetRefused
 from server.monitors import MonitorService, monitor_dict, release_dict
@@ -49,12 +49,7 @@ def _service() -> Iterator[MonitorService]:
 @monitors.command("define")
 def define(definition: Annotated[Path, typer.Argument(help="The monitor definition, a JSON file")]) -> None:
     """Define a monitor; its total privacy loss for the whole horizon is charged now."""
-    try:
-        body = json.loads(definition.read_text())
-    except FileNotFoundError:
-        fail(f"no monitor definition at {definition}")
-    except json.JSONDecodeError as exc:
-        fail(f"{definition} is not valid JSON ({exc.msg} at line {exc.lineno})")
+    body = read_json(definition, "monitor definition file")
     with _service() as service:
         row = monitor_dict(service.define(OPERATOR, body))
     console.print(f"defined monitor {row['name']} on {row['dataset']}: {row['horizon']} steps of "
