@@ -9,11 +9,6 @@ must let exactly one transaction per period — with its charge and its audit en
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,8 +23,8 @@ from server.feed_schemas import FeedDefinition
 from server.feeds import FeedService
 from server.models import AuditEntry, Budget, LedgerEntry, Release
 from tests.server.api_fixtures import DATASET, make_dataset_folder, prepare_state, settings_for
+from tests.server.racing import race
 
-ROOT = Path(__file__).resolve().parents[2]
 PERIODS = 20
 LOSS = 50_000
 NOW = datetime.now(timezone.utc).replace(minute=30, second=0, microsecond=0)
@@ -85,28 +80,8 @@ def test_two_scheduler_processes_make_exactly_one_release_per_period(pg_url: str
     finally:
         state.close()
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    names = ("server-a", "server-b")
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(settings.data_dir), pg_url, str(tmp_path), name,
-                                 NOW.isoformat()], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for name in names]
-    try:
-        deadline = time.monotonic() + 60
-        while not all((tmp_path / f"{name}.ready").exists() for name in names):
-            assert all(w.poll() is None for w in workers), [w.communicate() for w in workers]
-            assert time.monotonic() < deadline, "workers did not start"
-            time.sleep(0.01)
-        (tmp_path / "go").touch()
-        reports = []
-        for worker in workers:
-            out, err = worker.communicate(timeout=120)
-            assert worker.returncode == 0, err
-            reports.append(json.loads(out))
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.communicate()
+    reports = race(WORKER, tmp_path, {name: [str(settings.data_dir), pg_url, str(tmp_path), name, NOW.isoformat()]
+                                      for name in ("server-a", "server-b")})
 
     fresh = sorted(n for r in reports for n in r["fresh"])
     assert sum(r["computed"] for r in reports) > PERIODS, f"the processes never raced: {reports}"

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
@@ -38,8 +34,8 @@ from server.ledger import (
 )
 from server.models import Account, Budget, BudgetCap, LedgerEntry, Release
 from server.settings import Settings
+from tests.server.racing import race
 
-ROOT = Path(__file__).resolve().parents[2]
 DS = "civic-demo"
 NOV = datetime(2026, 11, 15, 12, 0, tzinfo=timezone.utc)
 TENTH = 100_000  # epsilon 0.1 in micro-epsilon
@@ -600,29 +596,7 @@ print(json.dumps({"ok": sum(results), "refused": len(results) - sum(results)}))
 def test_two_server_processes_sharing_one_database_never_overspend(db_engine: Engine, tmp_path: Path) -> None:
     """Two processes, 8 threads each, 100 attempts each, one lifetime cap of 2: exactly 20 succeed."""
     url = db_engine.url.render_as_string(hide_password=False)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    workers = [
-        subprocess.Popen([sys.executable, "-c", WORKER, url, str(tmp_path), name, "100", "8"],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name in ("server-a", "server-b")
-    ]
-    try:
-        deadline = time.monotonic() + 60
-        while not all((tmp_path / f"{name}.ready").exists() for name in ("server-a", "server-b")):
-            assert all(w.poll() is None for w in workers), [w.communicate() for w in workers]
-            assert time.monotonic() < deadline, "workers did not start"
-            time.sleep(0.01)
-        (tmp_path / "go").touch()
-        reports = []
-        for worker in workers:
-            out, err = worker.communicate(timeout=120)
-            assert worker.returncode == 0, err
-            reports.append(json.loads(out))
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.communicate()
+    reports = race(WORKER, tmp_path, {name: [url, str(tmp_path), name, "100", "8"] for name in ("server-a", "server-b")})
     assert sum(r["ok"] for r in reports) == 20
     assert sum(r["refused"] for r in reports) == 180
     assert _spent(db_engine, LIFETIME) == 2_000_000
