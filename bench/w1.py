@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from bench.demo import demo_dataset
 from queries.backend import AggregateRequest
 from queries.context import CELL
 from queries.engine import Engine, LocalDataset, Plan
@@ -189,14 +190,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: bench/out/w1-PEOPLE)")
     args = parser.parse_args()
-    data = args.data or Path("bench/out") / f"w1-{args.people}-{args.seed}"
-    if not (data / "metadata.json").exists():
-        from synthetic.demo_data import generate  # the benchmark may use server; the engine does not
-
-        t = time.perf_counter()
-        summary = generate(args.people, data, seed=args.seed)
-        print(f"generated {summary.events:,} events for {args.people:,} people in {time.perf_counter() - t:.1f} s")
-    run(data, args.runs)
+    run(demo_dataset("w1", args.people, args.seed, args.data), args.runs)
 
 
 if __name__ == "__main__":

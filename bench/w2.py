@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from bench.demo import demo_dataset
 from queries.analyses.bundle_tables import NoisyCounts, top_pairs
 from queries.analyses.bundles import BundlesPlan
 from queries.analyses.pairs import PAIR, person_events, person_pairs
@@ -190,14 +191,7 @@ def main() -> None:
     parser.add_argument("--skip-demo", action="store_true", help="only the groceries figures")
     args = parser.parse_args()
     if not args.skip_demo:
-        data = args.data or Path("bench/out") / f"w2-{args.people}-{args.seed}"
-        if not (data / "metadata.json").exists():
-            from synthetic.demo_data import generate
-
-            t = time.perf_counter()
-            summary = generate(args.people, data, seed=args.seed)
-            print(f"generated {summary.events:,} events for {args.people:,} people in {time.perf_counter() - t:.1f} s")
-        run_demo(data, args.runs, args.rule)
+        run_demo(demo_dataset("w2", args.people, args.seed, args.data), args.runs, args.rule)
     if args.groceries is not None:
         run_groceries(args.groceries, args.runs)
 

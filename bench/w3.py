@@ -28,6 +28,8 @@ from pathlib import Path
 import httpx
 from sqlalchemy import text
 
+from bench.demo import demo_dataset
+
 PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 
 
@@ -168,11 +170,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     parser.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="both")
     args = parser.parse_args()
-    data = Path("bench/out") / f"w1-{args.people}-{args.seed}"
-    if not (data / "metadata.json").exists():
-        from synthetic.demo_data import generate
-
-        generate(args.people, data, seed=args.seed)
+    data = demo_dataset("w1", args.people, args.seed)
     from queries.metadata import load_metadata
 
     dataset = load_metadata(data).name

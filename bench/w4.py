@@ -35,6 +35,8 @@ import httpx
 from sqlalchemy import create_engine, insert, text, update
 from sqlmodel import Session
 
+from bench.demo import demo_dataset
+
 PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 
 
@@ -204,11 +206,7 @@ def main() -> None:
     parser.add_argument("--database", choices=["sqlite", "postgresql", "both"], default="sqlite")
     parser.add_argument("--people", type=int, default=20_000, help="Demo dataset size for the request path")
     args = parser.parse_args()
-    from synthetic.demo_data import generate
-
-    data = Path("bench/out") / f"w4-{args.people}"
-    if not (data / "metadata.json").exists():
-        generate(args.people, data, seed=0)
+    data = demo_dataset("w4", args.people, 0)
     databases = ["sqlite", "postgresql"] if args.database == "both" else [args.database]
     for database in databases:
         url = None

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from bench.demo import demo_dataset
 from privacy.continual import TreeCounter
 from privacy.mechanisms import LaplaceVector
 from queries.engine import LocalDataset
@@ -260,14 +261,7 @@ def main() -> None:
     parser.add_argument("--skip-demo", action="store_true", help="only the real-data parts")
     args = parser.parse_args()
     if not args.skip_demo:
-        data = args.data or Path("bench/out") / f"w5-{args.people}-{args.seed}"
-        if not (data / "metadata.json").exists():
-            from synthetic.demo_data import generate  # the benchmark may use synthetic; the engine does not
-
-            started = time.perf_counter()
-            summary = generate(args.people, data, seed=args.seed)
-            print(f"generated {summary.events:,} events for {args.people:,} people in "
-                  f"{time.perf_counter() - started:.1f} s")
+        data = demo_dataset("w5", args.people, args.seed, args.data)
         print(f"W5 on {data} ({datetime.now():%Y-%m-%d %H:%M})")
         report(data, args.runs)
         lagged(data, args.runs)
