@@ -49,7 +49,8 @@ class AuditMiddleware:
         finally:
             SLOT.reset(token)
         # After the answer has gone: sign a checkpoint if enough entries have accumulated.
-        await anyio.to_thread.run_sync(state.audit.after_append)
+        if state.audit.count_request():
+            await anyio.to_thread.run_sync(state.audit.look)
 
 
 async def audit_checkpoints(state: Any) -> None:

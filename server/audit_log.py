@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import event, func, insert, update
+from sqlalchemy import event, insert, update
 from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
@@ -244,10 +244,6 @@ class AuditLog:
                     self._tree.append(bytes.fromhex(hex_hash))
             return self._tree
 
-    def size(self) -> int:
-        with Session(reader(self.db)) as session:
-            return session.exec(select(func.count()).select_from(AuditEntry)).one()
-
     def latest(self) -> AuditCheckpoint | None:
         with Session(reader(self.db)) as session:
             return session.exec(select(AuditCheckpoint).order_by(AuditCheckpoint.size.desc())).first()  # type: ignore[union-attr]
@@ -278,30 +274,34 @@ class AuditLog:
             with Session(reader(self.db)) as session:
                 return session.get(AuditCheckpoint, size)  # type: ignore[return-value]
 
-    def after_append(self) -> None:
-        """Sign a checkpoint when ``every_entries`` entries have been added since the last one.
+    def count_request(self) -> bool:
+        """Count one request; True every ``every_entries / 8`` of them, when :meth:`look` is due.
 
-        Looks at the database only every ``every_entries / 8`` requests of this process
-        (other processes look too, and the timer catches the rest), so a request does not
-        pay a read for it.
+        Other processes look too, and the timer catches the rest, so most requests pay
+        neither a database read nor a thread hop for checkpointing.
         """
         self._since_look += 1
         if self._since_look < max(1, self.every_entries // 8):
-            return
+            return False
         self._since_look = 0
+        return True
+
+    def look(self) -> None:
+        """Sign a checkpoint if ``every_entries`` entries have been added since the last one."""
         if self._checkpointed < 0:
             latest = self.latest()
             self._checkpointed = latest.size if latest else 0
-        with Session(reader(self.db)) as session:
-            size = session.get(AuditHead, 1).size  # type: ignore[union-attr]
-        if size - self._checkpointed >= self.every_entries:
+        if self._head_size() - self._checkpointed >= self.every_entries:
             self.checkpoint()
+
+    def _head_size(self) -> int:
+        with Session(reader(self.db)) as session:
+            return session.get(AuditHead, 1).size  # type: ignore[union-attr]
 
     def due(self, now: datetime) -> bool:
         """Has the log grown and the last checkpoint grown older than ``every_minutes``?"""
         latest = self.latest()
-        with Session(reader(self.db)) as session:
-            size = session.get(AuditHead, 1).size  # type: ignore[union-attr]
+        size = self._head_size()
         if latest is None:
             return size > 0
         created = latest.created_at if latest.created_at.tzinfo else latest.created_at.replace(tzinfo=timezone.utc)
