@@ -130,7 +130,9 @@ class Engine:
         if isinstance(plan, AnalysisPlan):
             try:
                 result = plan.execute(self.backend)
-            except (OSError, pl.exceptions.PolarsError):
+            except QueryError:
+                raise
+            except Exception:
                 # The library's message is not shown: it could quote values from the data.
                 raise _unavailable(None) from None
             result.seconds = time.perf_counter() - started
@@ -152,7 +154,7 @@ class Engine:
     def _aggregate(self, request: AggregateRequest) -> pl.DataFrame:
         try:
             return self.backend.aggregate(request)
-        except (OSError, pl.exceptions.PolarsError):
+        except Exception:
             # The library's message is not shown: it could quote values from the data.
             raise _unavailable(request.table) from None
 
@@ -162,7 +164,7 @@ class Engine:
         try:
             profile = self.backend.contribution_profile(ctx.dataset_dir, ctx.metadata, ctx.spec.table,
                                                         candidates[-1] + 1)
-        except (OSError, pl.exceptions.PolarsError):
+        except Exception:
             raise _unavailable(ctx.spec.table) from None
         # About n_cells / epsilon people above L balances truncation bias against noise.
         target = ctx.n_cells / plan.main_epsilon  # type: ignore[operator]

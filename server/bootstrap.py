@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy_adapter import Adapter
 
@@ -14,6 +16,7 @@ from server.audit_log import AuditLog, ensure_head
 from server.db import init_db, make_engine
 from server.deps import AppState
 from server.ledger import CapDefaults
+from server.computations import abandon_stale
 from server.service import QueryService
 from server.settings import Settings
 
@@ -49,7 +52,10 @@ def build_state(settings: Settings) -> AppState:
                      settings.checkpoint_every_minutes)
     audit.key  # noqa: B018 - creates the signing key on first start, and records its public key
     engine = Engine(limits=EngineLimits(max_epsilon=settings.max_epsilon, auto_fraction=settings.auto_fraction))
+    timeout = timedelta(minutes=settings.computation_timeout_minutes)
+    # Charged computations a crash left behind: audited as abandoned, their charges kept.
+    abandon_stale(db, timeout)
     return AppState(settings=settings, db=db, policy_db=policy_db, policies=policies,
-                    queries=QueryService(db, engine, policies, caps), caps=caps,
+                    queries=QueryService(db, engine, policies, caps, timeout), caps=caps,
                     secret=auth.load_or_create_server_secret(settings.secret_path),
                     audit=audit)

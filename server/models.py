@@ -108,6 +108,27 @@ class Release(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class Computation(SQLModel, table=True):
+    """A query that has been charged and is being computed: paid for before any data is read.
+
+    One row per question (dataset, version, query) at a time, so a concurrent identical
+    question waits for its release instead of paying again. The row goes when the release
+    is stored or the computation fails; one left by a crash is abandoned (and audited)
+    once it is older than the computation timeout. ``ledger_ids`` are the charges it made
+    (JSON list), linked to the release when it is stored.
+    """
+
+    __table_args__ = (UniqueConstraint("dataset", "dataset_version", "query_hash"),)
+    id: int | None = Field(default=None, primary_key=True)
+    dataset: str = Field(index=True, max_length=100)
+    dataset_version: str = Field(max_length=100)
+    query_hash: str = Field(max_length=64)
+    account_id: int | None = Field(default=None, foreign_key="account.id")
+    loss_micro: int = Field(sa_column=Column(BigInteger, nullable=False))
+    ledger_ids: str = Field(default="[]", sa_column=Column(Text, nullable=False, default="[]"))
+    started_at: datetime = Field(default_factory=utcnow)
+
+
 class AuditHead(SQLModel, table=True):
     """The log's size: the one row every append updates, which hands out gapless numbers.
 

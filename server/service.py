@@ -1,18 +1,23 @@
 """The request flow of a query, from an authenticated caller to a released answer.
 
 authorise (Casbin) -> validate and plan (cost known, no data read) -> a stored
-release of the identical question? return it, free -> pre-check the budgets ->
-compute the private answer -> in ONE transaction: store the release, charge every
-budget scope with a conditional update, record the use -> answer. If the charge is
-refused the transaction rolls back and the computed answer is discarded: nothing
-leaves without its charge and its record.
+release of the identical question? return it, free -> the same question being
+computed? wait for its release -> pre-check the budgets -> in ONE transaction: claim
+the question, charge every budget scope with a conditional update, write the audit
+entry -> only then read the data and compute the private answer -> in a second
+transaction: store the release with its own audit entry -> answer. The loss is spent
+before any data is read, so no outcome that depends on the data is free: if computing
+fails, whatever the cause, the charge stays, the failure is audited against it and the
+analyst gets one fixed answer (:mod:`server.computations`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from datetime import datetime, timezone
+import logging
+import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +28,19 @@ from sqlmodel import Session, select
 from policies.actions import Action
 from policies.enforcer import PolicyStore
 from queries.engine import AnalysisPlan, Engine, Plan
-from queries.errors import QueryError
+from queries.errors import DatasetUnavailable, QueryError
 from queries.request import Request, parse_request
-from server import ledger, registry
+from server import computations, ledger, registry
 from server.db import reader, session_scope
 from server.audit_log import current_slot, record
 from server.caller import Caller, subject_of
 from server.errors import AccessDenied
-from server.models import Account, Budget, LedgerEntry, Release
+from server.models import Release
 from server.schemas import BudgetOut, EstimateOut, Loss, QueryResultOut
 
 __all__ = ["Caller", "QueryService", "canonical_json", "record", "sha256_text", "subject_of"]
+
+log = logging.getLogger(__name__)
 
 
 def sha256_text(text: str) -> str:
@@ -47,8 +54,10 @@ def canonical_json(value: Any) -> str:
 class QueryService:
     """Estimates and runs queries for authenticated callers."""
 
-    def __init__(self, db: DbEngine, engine: Engine, policies: PolicyStore, caps: ledger.CapDefaults) -> None:
+    def __init__(self, db: DbEngine, engine: Engine, policies: PolicyStore, caps: ledger.CapDefaults,
+                 computation_timeout: timedelta = timedelta(hours=1)) -> None:
         self.db = db
+        self.computation_timeout = computation_timeout
         self.engine = engine
         self.policies = policies
         self.caps = caps
@@ -122,26 +131,71 @@ class QueryService:
         self.authorise(caller, plan, Action.QUERY_RUN, row.version)
         canonical, query_hash = self._query_key(spec)
         scopes = self._scopes(caller, row.name)
-        early_refusal: ledger.BudgetRefused | None = None
-        with Session(reader(self.db)) as session:
-            stored = self._stored(session, row.name, row.version, query_hash)
-            if stored is None:
-                try:
-                    ledger.precheck(session, row.name, scopes, plan.loss.micro_epsilon, defaults=self.caps)
-                except ledger.BudgetRefused as refused:
-                    early_refusal = refused
-        if early_refusal is not None:  # recorded like a refusal at charge time (outside the read)
-            self._record_refusal(caller, row.name, early_refusal, query_hash)
-            raise early_refusal
-        if stored is not None:
-            return self._cached(caller, stored)
-        result = self.engine.execute(plan)
-        body = {"columns": result.table.columns, "rows": result.table.to_dicts(),
-                "loss": result.loss.as_dict(), "contributions": result.contributions,
-                "confidence": result.confidence, "mechanisms": result.mechanisms, "notes": result.notes,
-                "tables": {name: {"columns": t.columns, "rows": t.to_dicts()} for name, t in result.tables.items()}}
-        document = canonical_json(body)
+        deadline = time.monotonic() + self.computation_timeout.total_seconds()
+        while True:
+            with Session(reader(self.db)) as session:
+                stored = self._stored(session, row.name, row.version, query_hash)
+                pending = None if stored else computations.running(session, row.name, row.version, query_hash)
+                refusal = None
+                if stored is None and pending is None:
+                    refusal = self._precheck(session, row.name, scopes, plan)
+            if stored is not None:
+                return self._cached(caller, stored)
+            if refusal is not None:  # recorded like a refusal at charge time (outside the read)
+                self._record_refusal(caller, row.name, refusal, query_hash)
+                raise refusal
+            if pending is not None:
+                # The same question is being computed: wait for its release rather than pay twice.
+                if computations.abandon_stale(self.db, self.computation_timeout, only=pending) == 0:
+                    if time.monotonic() > deadline:
+                        raise DatasetUnavailable("query", "an identical query is still being computed",
+                                                 "Ask again later: its answer will then be served at no cost")
+                    time.sleep(0.05)
+                continue
+            claimed = self._charge(caller, row, plan, canonical, query_hash, scopes)
+            if claimed is not None:
+                return self._compute(caller, row, plan, canonical, query_hash, scopes, claimed)
+
+    def _precheck(self, session: Session, dataset: str, scopes: list[ledger.Scope],
+                  plan: Plan | AnalysisPlan) -> ledger.BudgetRefused | None:
         try:
+            ledger.precheck(session, dataset, scopes, plan.loss.micro_epsilon, defaults=self.caps)
+        except ledger.BudgetRefused as refused:
+            return refused
+        return None
+
+    def _charge(self, caller: Caller, row: Any, plan: Plan | AnalysisPlan, canonical: str, query_hash: str,
+                scopes: list[ledger.Scope]) -> computations.Claim | None:
+        """Claim and pay for the question, with its audit entry, before any data is read.
+
+        ``None`` when an identical question was claimed concurrently (nothing charged here).
+        """
+        loss = plan.loss.micro_epsilon
+        try:
+            with session_scope(self.db) as session:
+                claimed = computations.claim(session, caller, row.name, row.version, query_hash, loss, scopes,
+                                             self.caps)
+                record(session, caller, Action.QUERY_RUN.value, row.name, dataset=row.name,
+                       dataset_version=row.version, computation_id=claimed.id, query=canonical,
+                       query_hash=query_hash, loss_micro=loss, ledger=list(claimed.changes))
+        except ledger.BudgetRefused as refused:
+            self._record_refusal(caller, row.name, refused, query_hash)
+            raise
+        except IntegrityError:
+            return None
+        return claimed
+
+    def _compute(self, caller: Caller, row: Any, plan: Plan | AnalysisPlan, canonical: str, query_hash: str,
+                 scopes: list[ledger.Scope], claimed: computations.Claim) -> QueryResultOut:
+        """Read the data and store the release; on any failure, record it against the charge."""
+        try:
+            result = self.engine.execute(plan)
+            body = {"columns": result.table.columns, "rows": result.table.to_dicts(),
+                    "loss": result.loss.as_dict(), "contributions": result.contributions,
+                    "confidence": result.confidence, "mechanisms": result.mechanisms, "notes": result.notes,
+                    "tables": {name: {"columns": t.columns, "rows": t.to_dicts()}
+                               for name, t in result.tables.items()}}
+            document = canonical_json(body)
             with session_scope(self.db) as session:
                 release = Release(dataset=row.name, dataset_version=row.version, query_hash=query_hash,
                                   canonical_query=canonical, loss_micro=plan.loss.micro_epsilon,
@@ -149,24 +203,20 @@ class QueryService:
                                   account_id=caller.account_id)
                 session.add(release)
                 session.flush()
-                charges = ledger.charge(session, row.name, scopes, plan.loss.micro_epsilon, defaults=self.caps,
-                                        account_id=caller.account_id, release_id=release.id)
-                record(session, caller, Action.QUERY_RUN.value, row.name, dataset=row.name,
-                       dataset_version=row.version, release_id=release.id, query=canonical, query_hash=query_hash,
-                       loss_micro=plan.loss.micro_epsilon, ledger=_ledger_changes(session, charges),
-                       result_hash=release.result_hash)
+                computations.complete(session, claimed, release)
+                record(session, caller, "query.release", row.name, "released", dataset=row.name,
+                       dataset_version=row.version, computation_id=claimed.id, release_id=release.id,
+                       query_hash=query_hash, loss_micro=0, result_hash=release.result_hash)
                 budgets = self._budgets(session, row.name, scopes)
                 release_id = release.id
-        except ledger.BudgetRefused as refused:
-            self._record_refusal(caller, row.name, refused, query_hash)
-            raise
-        except IntegrityError:
-            # The same question was released concurrently: answer with that release, free.
-            with Session(reader(self.db)) as session:
-                stored = self._stored(session, row.name, row.version, query_hash)
-            if stored is None:
-                raise
-            return self._cached(caller, stored)
+        except Exception:
+            # Whatever failed — the data, the library, a bug — the analyst gets one fixed answer:
+            # its text and status must not depend on the data, and the charge stays.
+            log.exception("query on %s failed after its charge (computation %s)", row.name, claimed.id)
+            computations.fail(self.db, caller, claimed, row.name, row.version, query_hash)
+            raise DatasetUnavailable("dataset", computations.FAILED_TEXT,
+                                     "Ask the data steward to check the dataset's files against metadata.json"
+                                     ) from None
         return self._answer(release_id, row.name, row.version, body, cached=False, charged=body["loss"],
                             budgets=budgets)
 
@@ -199,14 +249,3 @@ class QueryService:
                               contributions=body["contributions"], confidence=body["confidence"],
                               columns=body["columns"], rows=body["rows"], mechanisms=body["mechanisms"],
                               notes=body["notes"], tables=body.get("tables", {}), budgets=budgets)
-
-
-def _ledger_changes(session: Session, charges: list[LedgerEntry]) -> list[dict[str, Any]]:
-    """Each charged scope with its spending before and after, for the audit entry."""
-    changes = []
-    for charge in charges:
-        budget = session.get(Budget, charge.budget_id)
-        changes.append({"scope": budget.scope if budget else "?", "subject": budget.subject if budget else "?",
-                        "period": budget.period if budget else "?", "cap_micro": budget.cap_micro if budget else 0,
-                        "before_micro": charge.spent_before_micro, "after_micro": charge.spent_after_micro})
-    return changes

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     agency_month_epsilon: float = Field(default=2.0, gt=0, description="Default agency x dataset x month cap")
     dataset_month_epsilon: float = Field(default=3.0, gt=0, description="Default dataset x month cap")
     dataset_lifetime_epsilon: float = Field(default=4.0, gt=0, description="Default dataset lifetime cap")
+    computation_timeout_minutes: float = Field(
+        default=60.0, gt=0, le=10080,
+        description="A charged query still computing after this long is taken as abandoned (its charge stays)")
     feeds_scheduler: bool = Field(default=True, description="Produce feed releases on schedule in this process")
     feeds_check_seconds: float = Field(default=60.0, ge=0.1, le=3600,
                                        description="How often the scheduler looks for due feed releases")

@@ -94,12 +94,18 @@ def test_a_query_is_answered_with_intervals_and_charged_to_every_budget(api: Api
     assert analyst_budget["subject"] == ANALYST
     assert analyst_budget["remaining_epsilon"] == pytest.approx(0.9)
     assert analyst_budget["renews_at"] == _first_of_next_month()
-    # One release, one ledger entry per scope, one record of the use.
+    # One release, one ledger entry per scope, the charge recorded before the data was read
+    # and the release after it, both naming the same computation.
     entries = api.ledger_entries(answer["release_id"])
     assert len(entries) == len(ledger.KINDS)
     assert {e.amount_micro for e in entries} == {api.release(answer["release_id"]).loss_micro}
     [use] = api.records("query.run")
-    assert use.decision == "allowed" and json.loads(use.entry_json)["detail"]["release_id"] == answer["release_id"]
+    [released] = api.records("query.release")
+    charge_detail, release_detail = json.loads(use.entry_json)["detail"], json.loads(released.entry_json)["detail"]
+    assert use.decision == "allowed" and charge_detail["loss_micro"] == 100_000
+    assert released.decision == "released" and release_detail["release_id"] == answer["release_id"]
+    assert charge_detail["computation_id"] == release_detail["computation_id"]
+    assert use.seq < released.seq
 
 
 def test_an_identical_question_is_answered_from_its_release_for_free(api: Api) -> None:

@@ -31,7 +31,8 @@ def _key(api: Api) -> VerifierKey:
     return VerifierKey.parse(api.client.get("/v1/audit/public-key").text.split()[0])
 
 
-def test_every_request_leaves_exactly_one_entry(api: Api) -> None:
+def test_every_request_leaves_exactly_one_entry_and_a_fresh_query_two(api: Api) -> None:
+    """A fresh query records its charge before reading data and its release after; all else one entry."""
     api.set_cap("analyst", ANALYST, 0.25)
     before = len(_entries(api))
     requests = [
@@ -55,20 +56,23 @@ def test_every_request_leaves_exactly_one_entry(api: Api) -> None:
     api.get(None, "/v1/health")  # probes are not uses
     api.get(None, "/v1/audit/public-key")
     new = _entries(api)[before:]
-    assert len(new) == len(requests)
-    assert [e["decision"] for e in new] == ["allowed", "cached", "allowed", "refused", "invalid", "not_found",
+    assert len(new) == len(requests) + 1
+    assert [e["action"] for e in new[:2]] == ["query.run", "query.release"]
+    assert new[1]["detail"]["computation_id"] == new[0]["detail"]["computation_id"]
+    assert len(new[1]["detail"]["result_hash"]) == 64 and new[1]["detail"]["release_id"]
+    assert [e["decision"] for e in new] == ["allowed", "released", "cached", "allowed", "refused", "invalid", "not_found",
                                             "denied", "denied", "unauthenticated", "allowed", "allowed",
                                             "allowed", "allowed", "allowed"]
-    assert [e["seq"] for e in new] == list(range(before, before + len(requests)))
+    assert [e["seq"] for e in new] == list(range(before, before + len(requests) + 1))
     first = new[0]
     assert first["who"]["account"] == ANALYST and first["who"]["agency"] == "health"
     assert first["who"]["roles"] == ["analyst@health"]
     assert first["rule"] == ["analyst", "*", "dataset:*", "query.run", "0.5", "allow"]
     assert first["request"] == {"method": "POST", "path": "/v1/queries"}
     assert json.loads(first["detail"]["query"])["epsilon"] == 0.1
-    assert first["detail"]["dataset_version"] and len(first["detail"]["result_hash"]) == 64
-    assert new[6]["rule"][-1] == "deny"  # the steward's query: the deny rule that matched
-    estimate = new[2]
+    assert first["detail"]["dataset_version"] and first["detail"]["loss_micro"] == 100_000
+    assert new[7]["rule"][-1] == "deny"  # the steward's query: the deny rule that matched
+    estimate = new[3]
     assert estimate["action"] == "query.estimate" and estimate["detail"]["loss_micro"] == 200_000
     assert json.loads(estimate["detail"]["query"])["epsilon"] == 0.2 and estimate["detail"]["dataset_version"]
     assert "float" not in json.dumps(new)  # sanity: amounts are integers
@@ -77,11 +81,13 @@ def test_every_request_leaves_exactly_one_entry(api: Api) -> None:
 def test_each_release_entry_carries_the_ledger_change(api: Api) -> None:
     answer = api.query(ANALYST, count_query(epsilon=0.3)).json()
     [entry] = [e for e in _entries(api) if e["action"] == "query.run" and e["decision"] == "allowed"]
+    [released] = [e for e in _entries(api) if e["action"] == "query.release"]
     with Session(api.state.db) as session:
         release = session.get(Release, answer["release_id"])
         charges = list(session.exec(select(LedgerEntry).where(LedgerEntry.release_id == release.id)))
     assert entry["detail"]["loss_micro"] == release.loss_micro == 300_000
-    assert entry["detail"]["result_hash"] == release.result_hash
+    assert released["detail"]["result_hash"] == release.result_hash
+    assert released["detail"]["computation_id"] == entry["detail"]["computation_id"]
     changes = entry["detail"]["ledger"]
     assert sorted(c["scope"] for c in changes) == sorted(ledger.KINDS)
     assert {c["after_micro"] - c["before_micro"] for c in changes} == {release.loss_micro}
@@ -94,7 +100,7 @@ def test_a_failure_between_the_charge_and_the_audit_insert_rolls_both_back(
     real_record = server.service.record
 
     def failing_record(session, caller, action, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if action == "query.run" and kwargs.get("release_id") and kwargs.get("ledger"):
+        if action == "query.run" and kwargs.get("ledger"):
             raise RuntimeError("injected: the audit insert fails after the ledger update")
         return real_record(session, caller, action, *args, **kwargs)
 
