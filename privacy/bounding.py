@@ -15,9 +15,27 @@ from fractions import Fraction
 import numpy as np
 
 
+#: Rows one exact integer sum may add up (a public engine limit: 2**39, about 550 billion).
+MAX_SUM_ROWS = 2**39
+#: Largest |value| of one row, in units of the resolution, whose sums over ``MAX_SUM_ROWS``
+#: rows stay within 2**62: exact in int64 with as much room again for the noise.
+MAX_ROW_UNITS = 2**62 // MAX_SUM_ROWS
+
+
 def quantized_bound(lower: float, upper: float, resolution: float) -> int:
     """Largest absolute value, in units of ``resolution``, of a clipped value."""
     return math.ceil(max(abs(lower), abs(upper)) / resolution)
+
+
+def fits_exact_sum(lower: float, upper: float, resolution: float) -> bool:
+    """Whether sums of values clipped to ``[lower, upper]`` at ``resolution`` can never overflow int64."""
+    units = max(abs(lower), abs(upper)) / resolution
+    return math.isfinite(units) and units <= MAX_ROW_UNITS
+
+
+def coarsest_needed(lower: float, upper: float) -> float:
+    """The finest power-of-ten resolution whose sums over ``[lower, upper]`` cannot overflow."""
+    return 10.0 ** math.ceil(math.log10(max(abs(lower), abs(upper)) / MAX_ROW_UNITS))
 
 
 def alpha_fraction(alpha: float) -> Fraction:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
+from privacy.bounding import coarsest_needed, fits_exact_sum, quantized_bound
 from queries.backend import GroupKey, RowFilter
 from queries.errors import QueryError
 from queries.metadata import TIME_BUCKETS, ColumnMeta, DatasetMetadata, TableMeta, bucket_keys, bucket_keys_between
@@ -22,6 +23,28 @@ from queries.spec import Filter, QuerySpec
 #: Cells (combinations of group keys) one query may release.
 MAX_CELLS = 200_000
 CELL = "__cell"
+
+
+def key_texts(keys: tuple | list) -> list[str]:
+    """Public keys as text exactly as Polars casts the column's values (``True`` -> ``"true"``).
+
+    Matching ``str(key)`` against ``cast(pl.String)`` silently dropped every boolean key.
+    """
+    return pl.Series(list(keys), strict=False).cast(pl.String).to_list()
+
+
+def sum_units(column: str, lower: float, upper: float, resolution: float) -> int:
+    """Units of ``resolution`` one row may add to an exact sum; refused if sums could overflow.
+
+    Sums are exact int64 totals, so a resolution too fine for the bounds is refused while
+    planning, from public numbers alone, rather than wrapping or failing on the data.
+    """
+    if not fits_exact_sum(lower, upper, resolution):
+        raise QueryError("resolution", f"'{column}' at resolution {resolution:g} within bounds "
+                         f"[{lower:g}, {upper:g}] gives sums that could overflow an exact 64-bit total",
+                         f"Ask the data steward to declare a resolution of at least "
+                         f"{coarsest_needed(lower, upper):g} for '{column}', or narrower bounds")
+    return quantized_bound(lower, upper, resolution)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from privacy.bounding import coarsest_needed
 from queries.errors import MetadataError
 
 ColumnType = Literal["int", "float", "str", "datetime", "bool"]
@@ -68,7 +69,8 @@ class ColumnMeta(_Strict):
             return self.resolution
         lo, hi = self.bounds  # type: ignore[misc]
         span = float(hi) - float(lo)
-        return 10.0 ** math.floor(math.log10(span / 1e6))
+        # A millionth of the span, but never so fine that exact sums could overflow.
+        return max(10.0 ** math.floor(math.log10(span / 1e6)), coarsest_needed(float(lo), float(hi)))
 
 
 class TableMeta(_Strict):

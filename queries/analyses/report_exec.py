@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from queries.context import key_texts
 from queries.polars_backend import RANK, _filter_expr, _unit_column
 
 
@@ -52,7 +53,7 @@ def exact_aggregates(backend: Any, plans: list[Any]) -> list[pl.DataFrame]:
     groups = {g.name: g for plan in plans for g in plan.context.group_by}
     for name, group in groups.items():
         exprs.append(pl.col(group.column).cast(pl.String).replace_strict(
-            [str(k) for k in group.keys], list(range(len(group.keys))), default=None,
+            key_texts(group.keys), list(range(len(group.keys))), default=None,
             return_dtype=pl.Int64).alias(f"__code_{name}"))
     data = frame.with_columns(exprs).collect()
     out = []
@@ -81,7 +82,8 @@ def _aggregate(plan: Any, data: pl.DataFrame, mask: str, meta: Any) -> pl.DataFr
     measure = plan.kind.measure(ctx)
     keep = data[mask].to_numpy()
     if measure.column is not None:
-        keep = keep & data[measure.column].is_not_null().to_numpy()
+        # The scan already made NaN and infinities null; checked again so no cast below can see one.
+        keep = keep & data[measure.column].cast(pl.Float64).is_finite().fill_null(False).to_numpy()
     codes = data[f"__code_{group.name}"].fill_null(-1).to_numpy()
     valid = keep & (codes >= 0)  # values outside the public keys are dropped
     n_keys = len(group.keys)
@@ -92,14 +94,13 @@ def _aggregate(plan: Any, data: pl.DataFrame, mask: str, meta: Any) -> pl.DataFr
     x = data[measure.column].cast(pl.Float64).to_numpy()[valid]
     c = codes[valid]
     if measure.kind == "sum":
+        # Values are finite here (the scan made NaN and infinities null, dropped above), and
+        # planning refused resolutions whose sums could overflow: integer units, summed exactly.
         units = np.round((np.clip(x, measure.lower, measure.upper) - measure.offset) / measure.resolution)
         rows = np.bincount(c, minlength=n_keys)
-        # Integer units summed in float64 stay exact below 2**53 (checked), so the cast is exact.
-        total = np.bincount(c, weights=units, minlength=n_keys)
-        if np.abs(total).max(initial=0) >= 2**53:
-            raise OverflowError("sum too large for exact float accumulation")
-        return pl.DataFrame([keys, pl.Series("rows", rows.astype(np.int64)),
-                             pl.Series("total", np.round(total).astype(np.int64))])
+        total = np.zeros(n_keys, dtype=np.int64)
+        np.add.at(total, c, units.astype(np.int64))
+        return pl.DataFrame([keys, pl.Series("rows", rows.astype(np.int64)), pl.Series("total", total)])
     grid = np.asarray(measure.grid, dtype=np.float64)
     positions = np.searchsorted(grid, x, side="left") + np.searchsorted(grid, x, side="right")
     width = 2 * len(grid) + 1

@@ -33,13 +33,12 @@ import numpy as np
 import polars as pl
 
 from privacy import accuracy
-from privacy.bounding import quantized_bound
 from privacy.loss import PrivacyLoss, compose
 from privacy.mechanisms import LaplaceVector
 from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
 from queries.analyses.service_common import Period, bounded, catalogue, period_filters, resolve_rows
 from queries.backend import Backend
-from queries.context import EngineLimits, QueryContext
+from queries.context import EngineLimits, QueryContext, key_texts, sum_units
 from queries.errors import QueryError
 from queries.metadata import DatasetMetadata
 from queries.results import Estimate, Result
@@ -106,7 +105,7 @@ class ScoresPlan(AnalysisPlan):
                 .agg(units(pl.col("__hours")).sum().alias("observed"),
                      units(pl.col("__expected")).sum().alias("expected"))
                 .collect())
-        keys = [str(g) for g in self.groups]
+        keys = key_texts(self.groups)  # as the cast above writes them (booleans: "true"/"false")
         frame = pl.DataFrame({spec.group: keys}).join(sums, on=spec.group, how="left").fill_null(0)
         observed = np.asarray(self.observed_mechanism.release(frame["observed"].to_list()), float) * self.resolution
         expected = np.asarray(self.expected_mechanism.release(frame["expected"].to_list()), float) * self.resolution
@@ -188,9 +187,11 @@ class DepartmentScores(Analysis):
         resolution = duration.value_resolution
         contributions = ctx.contributions or 1
         half = spec.epsilon / 2
-        observed_mechanism = LaplaceVector.for_epsilon(contributions * quantized_bound(0, hi, resolution), half)
+        observed_mechanism = LaplaceVector.for_epsilon(contributions * sum_units(spec.duration, 0, hi, resolution),
+                                                       half)
         top = float(expected["__expected"].max())  # type: ignore[arg-type]
-        expected_mechanism = LaplaceVector.for_epsilon(contributions * quantized_bound(0, top, resolution), half)
+        expected_mechanism = LaplaceVector.for_epsilon(contributions * sum_units(spec.duration, 0, top, resolution),
+                                                       half)
         return ScoresPlan(spec, ctx, tuple(group.keys), expected, hi, resolution,  # type: ignore[arg-type]
                           observed_mechanism, expected_mechanism)
 

@@ -17,10 +17,9 @@ import numpy as np
 import polars as pl
 
 from privacy import accuracy
-from privacy.bounding import quantized_bound
 from privacy.mechanisms import LaplaceVector
 from queries.backend import Measure
-from queries.context import QueryContext
+from queries.context import QueryContext, sum_units
 from queries.errors import QueryError
 from queries.kinds.base import Calibration, Kind, aligned, output, register
 
@@ -59,7 +58,7 @@ class Sum(Kind):
     def _unit(self, ctx: QueryContext) -> tuple[float, float, float, int]:
         lo, hi = value_bounds(ctx)
         resolution = ctx.column.value_resolution  # type: ignore[union-attr]
-        return lo, hi, resolution, quantized_bound(lo, hi, resolution)
+        return lo, hi, resolution, sum_units(str(ctx.spec.column), lo, hi, resolution)
 
     def calibrate(self, ctx: QueryContext, contributions: int, epsilon: float | None) -> Calibration:
         _, _, resolution, bound = self._unit(ctx)
@@ -104,7 +103,9 @@ class Mean(Sum):
         lo, hi = value_bounds(ctx)
         resolution = ctx.column.value_resolution  # type: ignore[union-attr]
         middle = (lo + hi) / 2
-        return lo, hi, middle, resolution, quantized_bound(lo - middle, hi - middle, resolution)
+        # The sum of centred values, and also the values themselves, must fit (checked on both).
+        sum_units(str(ctx.spec.column), lo, hi, resolution)
+        return lo, hi, middle, resolution, sum_units(str(ctx.spec.column), lo - middle, hi - middle, resolution)
 
     def calibrate(self, ctx: QueryContext, contributions: int, epsilon: float | None) -> Calibration:
         assert epsilon is not None  # check() refuses target accuracies for means
