@@ -78,14 +78,18 @@ def register(kind: Kind) -> Kind:
 
 
 def aligned(ctx: QueryContext, exact: pl.DataFrame, columns: list[str]) -> pl.DataFrame:
-    """Exact aggregates on every public cell: missing keys get 0, unknown keys vanish."""
+    """Exact aggregates on every public cell: missing keys get 0, unknown keys vanish.
+
+    Casts are not strict: a group value that is not of the keys' type is unknown (null),
+    never an error that depends on the data.
+    """
     names = [g.name for g in ctx.group_by]
     if not names:
         if exact.height == 0:
             return ctx.cells.with_columns([pl.lit(0, pl.Int64).alias(c) for c in columns])
         return ctx.cells.join(exact.select(columns).with_columns(pl.lit(0, pl.Int64).alias(CELL)),
                               on=CELL, how="left").with_columns(pl.col(columns).fill_null(0))
-    exact = exact.with_columns([pl.col(n).cast(ctx.cells.schema[n]) for n in names])
+    exact = exact.with_columns([pl.col(n).cast(ctx.cells.schema[n], strict=False) for n in names])
     return (ctx.cells.join(exact, on=names, how="left")
             .with_columns(pl.col(columns).fill_null(0).cast(pl.Int64)).sort(CELL))
 
@@ -97,7 +101,7 @@ def cell_positions(ctx: QueryContext, exact: pl.DataFrame, n_positions: int) -> 
     if exact.height == 0:
         return matrix
     if names:
-        exact = exact.with_columns([pl.col(n).cast(ctx.cells.schema[n]) for n in names])
+        exact = exact.with_columns([pl.col(n).cast(ctx.cells.schema[n], strict=False) for n in names])
         exact = exact.join(ctx.cells, on=names, how="inner")
     else:
         exact = exact.with_columns(pl.lit(0, pl.Int64).alias(CELL))
