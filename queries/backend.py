@@ -80,7 +80,11 @@ class Backend(Protocol):
     def aggregate(self, request: AggregateRequest) -> pl.DataFrame:
         """One row per non-empty group: the group columns (named ``GroupKey.name``, in
         the keys' representation), ``position`` for grid measures, and Int64 columns
-        ``rows`` (and ``total`` for sums)."""
+        ``rows`` (and ``total`` for sums, saturated at the Int64 range).
+
+        Total on any data: no value in a row may make it raise (such an error would
+        reveal the row without noise). Non-finite numbers are missing values, and a value
+        that cannot be read as a key or a number is a value outside the keys, or missing."""
         ...
 
     def contribution_profile(self, dataset_dir: Path, metadata: DatasetMetadata, table: str,
