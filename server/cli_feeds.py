@@ -69,14 +69,14 @@ def define(definition: Annotated[Path, typer.Argument(help="The feed definition,
 
 @feeds.command("list")
 def list_feeds() -> None:
-    """Every feed with its schedule, spend so far, planned spend and latest refusal (JSON)."""
+    """Every feed with its schedule, spend so far, planned spend, latest refusal and failure (JSON)."""
     with _service() as service:
         console.print_json(json.dumps([f.model_dump(mode="json") for f in service.overview()]))
 
 
 @feeds.command("trigger")
 def trigger(name: str) -> None:
-    """Produce the feed's next release now (exit status 1 and the reason if it is refused)."""
+    """Produce the feed's next release now (exit status 1 and the reason if it is refused, or charged and failed)."""
     with _service() as service:
         try:
             view = service.trigger(None, name)

@@ -1,14 +1,18 @@
 """The in-process feed scheduler: APScheduler checks for due releases, the database decides who makes them.
 
 Every ``feeds_check_seconds`` (and once at start-up, which is the catch-up after
-downtime) a background job runs :meth:`server.feeds.FeedService.run_due`: every
-release whose time has passed and that was neither produced nor refused is produced
-now. The schedule is computed from each feed's definition, not kept in APScheduler's
-job store, so every server process agrees on the periods; two processes over one
-database may both compute a period's answer, but the unique ``(feed, period)``
-constraint lets only one transaction — with its charge — commit. ``max_instances=1``
-keeps one check at a time per process; ``coalesce`` folds missed checks into one.
-``CIVICDP_FEEDS_SCHEDULER=false`` turns it off (the test suite drives ``run_due``).
+downtime) a background job runs :meth:`server.feeds.FeedService.run_due`: first the
+claims a stopped process left charged but unreleased for longer than the claim timeout
+are marked failed (audited; their charges stay), then every release whose time has
+passed and whose period was never claimed or refused is produced now. The schedule is
+computed from each feed's definition, not kept in APScheduler's job store, so every
+server process agrees on the periods; two processes over one database may both try a
+period, but the unique ``(feed, period)`` claim, inserted before the charge, lets only
+one of them charge and read the data — the other loses at the claim and moves on. A
+period charged once (released or failed) is never tried again by the scheduler.
+``max_instances=1`` keeps one check at a time per process; ``coalesce`` folds missed
+checks into one. ``CIVICDP_FEEDS_SCHEDULER=false`` turns it off (the test suite drives
+``run_due``).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def start_feeds(state: Any) -> FeedScheduler | None:
 
 
 def stop_feeds(started: FeedScheduler | None) -> None:
-    """Stop the scheduler: a running check ends after its current release (committed or rolled back)."""
+    """Stop the scheduler: a running check ends after its current release (stored, or recorded as failed)."""
     if started is not None:
         started.service.stopping.set()
         started.scheduler.shutdown(wait=True)

@@ -56,13 +56,20 @@ class FeedOverview(BaseModel):
     active: bool
     releases: int
     produced: int
-    refused: int = Field(description="Periods with a refused attempt and no release")
+    refused: int = Field(description="Periods not released whose latest attempt was refused (nothing charged)")
+    failed: int = Field(description="Periods not released whose latest attempt was charged and then failed "
+                                    "(the charge stands; a steward's trigger tries again and is charged again)")
+    charged_not_released: int = Field(description="Periods charged and not released yet: being computed, or "
+                                                  "their process stopped (marked failed after the claim timeout)")
     loss_micro_per_release: int
     announced_micro: int = Field(description="Loss per release x releases: the feed's allocation")
     spent_micro: int = Field(description="Charged to the feed's allocation so far")
-    planned_micro: int = Field(description="What the releases not yet produced will charge")
+    planned_micro: int = Field(description="What the releases neither produced nor charged yet will charge "
+                                           "(a failed release tried again is charged again, on top)")
     next_release_at: datetime | None
     last_refusal: dict[str, Any] | None = Field(description="Period, time and reason of the latest refusal")
+    last_failure: dict[str, Any] | None = Field(description="Period, charge and fixed reason of the latest "
+                                                            "failed release not released since")
     created_at: datetime
     created_by: str | None
 

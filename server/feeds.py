@@ -7,18 +7,42 @@ releases announced) must fit the dataset's lifetime budget left after the other
 feeds' outstanding allocations, while the most releases of any calendar month must fit
 the dataset's monthly cap. The total becomes the feed's own ledger scope (``feed``,
 subject the feed's name, period ``lifetime``), so the feed can never spend more than
-it announced.
+it announced. The definition is **frozen at approval**: a :class:`FeedApproval` stores
+the loss per release and a fingerprint of everything that loss and the sensitivity
+depend on (:func:`approval_basis`: each plan's loss, contribution bound and mechanisms
+with their sensitivities and scales, the dataset's bounding parameters, and the
+metadata — bounds, resolution, keys — of every column the specs read). A release
+against a dataset version whose metadata changes any of it is refused before any
+charge, naming what changed: a new feed definition is needed.
 
 A **release** is made when its period is due (the scheduler, :mod:`server.feed_scheduler`)
-or when a steward triggers the next one. It runs like a query: plan -> pre-check the
-budgets -> compute -> in ONE transaction claim the period (unique ``(feed, period)``),
-store the signed canonical bytes, charge the feed allocation, the dataset's month and
-the dataset's lifetime, and record it. A second process producing the same period
-fails on the unique constraint and its transaction, charge included, rolls back; its
-computed answer never leaves. A refusal (a scope without room, a spec that no longer
-fits the dataset) is stored and recorded, the scheduler does not try that period again,
-and stewards see the reason (``GET /v1/feeds/overview``, ``civicdp feeds list``) and may
-trigger it again. Reading a release costs nothing: it is the stored bytes.
+or when a steward triggers the next one. The loss is **spent before the data is read**:
+
+1. plan the specs against the registered metadata, check them against the approval,
+   pre-check the budgets (read-only) — a refusal here charges nothing and is stored;
+2. ONE transaction: claim the period (the unique ``(feed, period)`` :class:`FeedClaim`
+   row — a second process or steward producing the same period loses here, before
+   charging or computing anything), charge the feed allocation, the dataset's month and
+   the dataset's lifetime, and write the ``feed.charge`` audit entry; commit;
+3. only then read the data and compute, sign the canonical bytes;
+4. a second transaction stores the release (``release`` and ``feedrelease`` rows, the
+   charge's ledger entries pointed at it), marks the claim ``released`` and writes the
+   ``feed.release`` audit entry with the result's hash.
+
+Whatever is raised after step 2 (a cast that fails on one person's NaN, a missing file,
+a bug) keeps the charge — the data may have been read, so it is never refunded — marks
+the claim ``failed`` with ONE fixed reason (:data:`FAILED_REASON`, never the
+exception's text) and records a ``feed.failed`` entry against the charge's audit entry
+(``charge_seq``); the API answers 409 with that text, never a 500. Every outcome of a
+charged attempt, release or failure, is paid for; the scheduler does not try a charged
+period again, and a steward's explicit trigger tries it again and pays again. A process that stops between steps 2
+and 4 leaves the claim ``charged`` and nothing released; the overview shows it as
+charged, not released, and :meth:`FeedService.recover` (run before every scheduler
+check, so at start-up too, and before a trigger) marks claims older than the claim
+timeout (``CIVICDP_COMPUTATION_TIMEOUT_MINUTES``) as failed (:data:`STALE_REASON`) with
+a ``feed.abandoned`` entry; a late result of such a claim is discarded. Stewards see
+refusals, failures and charged-not-released periods (``GET /v1/feeds/overview``,
+``civicdp feeds list``). Reading a release costs nothing: it is the stored bytes.
 """
 
 from __future__ import annotations
@@ -32,15 +56,14 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine as DbEngine
-from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from audit.release_signature import FORMAT, canonical_bytes, sign_release
@@ -50,21 +73,33 @@ from policies.enforcer import PolicyStore
 from privacy.errors import PrivacyError
 from privacy.loss import MICRO
 from queries.engine import AnalysisPlan, Engine, Plan
-from queries.errors import DatasetUnavailable, QueryError
+from queries.errors import QueryError
+from queries.metadata import DatasetMetadata
 from queries.request import Request, parse_request
 from server import ledger, registry
 from server.audit_log import record
 from server.caller import Caller
 from server.db import reader, session_scope
 from server.errors import Conflict, InvalidRequest, NotFound
-from server.feed_models import Feed, FeedRefusal, FeedRelease
+from server.feed_models import CHARGED, FAILED, RELEASED, Feed, FeedApproval, FeedClaim, FeedRefusal, FeedRelease
 from server.feed_schedule import Schedule, parse_schedule, period_label
 from server.feed_schemas import FeedDefinition, FeedOverview, FeedReleaseOut, FeedSummary
-from server.models import BudgetCap, Dataset, Release
+from server.models import AuditEntry, BudgetCap, Dataset, LedgerEntry, Release
 
 logger = logging.getLogger("civicdp.feeds")
 SCHEDULER, STEWARD = "scheduler", "steward"
 RESERVED = {"overview"}  # path segments under /v1/feeds that are not feeds
+#: The one text a charged release that failed is recorded and answered with. Fixed, so it
+#: says nothing about the data (an exception's message can quote a value from it).
+FAILED_REASON = ("computing the release failed after it was charged; the charge stands, because the data may "
+                 "have been read. Ask the data steward to check the dataset's files against its metadata, then "
+                 "trigger the release again (a new attempt is charged again)")
+#: The text of a claim whose process stopped between charging and storing the release.
+STALE_REASON = ("the release was charged but not stored within the claim timeout (the process producing it "
+                "stopped); the charge stands. Trigger the release again (a new attempt is charged again)")
+#: How long a charged claim may stay unreleased before it is taken for a stopped process
+#: (the server's ``CIVICDP_COMPUTATION_TIMEOUT_MINUTES``, shared with queries).
+CLAIM_TIMEOUT = timedelta(hours=1)
 
 
 class FeedRefused(Exception):
@@ -74,6 +109,36 @@ class FeedRefused(Exception):
         super().__init__(reason)
         self.reason = reason
         self.budget = budget
+
+
+class FeedFailed(FeedRefused):
+    """A release charged and then not produced (computing failed, or its process stopped): the charge stands."""
+
+
+class FeedBusy(Conflict):
+    """Another process or steward holds the period's claim: nothing was charged or computed here."""
+
+
+class _Superseded(Exception):
+    """The claim was marked failed (timed out) before the release could be stored."""
+
+
+class _Lost(Exception):
+    """Another producer holds the period's claim."""
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A period claimed and charged: what the later steps refer to."""
+
+    id: int
+    attempt: int
+    number: int
+    period: str
+    loss_micro: int
+    origin: str
+    charge_seq: int
+    ledger_ids: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -141,27 +206,89 @@ def _utc(when: datetime) -> datetime:
 
 
 def _insert_ignoring_duplicates(session: Session, model: type, row: dict[str, Any], keys: list[str]) -> int:
+    """Insert ``row`` unless one with the same ``keys`` exists: 1 if inserted, 0 if not.
+
+    Core on the table with RETURNING, not the ORM's insert of the model: through the ORM's
+    bulk path, a PostgreSQL ``ON CONFLICT DO NOTHING`` that inserted nothing can still report
+    a row count, and two producers would both think they hold a period's claim."""
     dialect = session.get_bind().dialect.name
     builder = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    return int(session.execute(builder(model).values(**row).on_conflict_do_nothing(index_elements=keys)).rowcount)
+    table = model.__table__  # type: ignore[attr-defined]
+    inserted = session.connection().execute(builder(table).values(**row).on_conflict_do_nothing(
+        index_elements=keys).returning(table.c.id)).first()
+    return 0 if inserted is None else 1
+
+
+def approval_basis(engine: Engine, metadata: DatasetMetadata,
+                   plans: list[tuple[Request, Plan | AnalysisPlan]]) -> dict[str, Any]:
+    """What a feed's loss and sensitivity depend on, computed without data (its fingerprint is frozen
+    at definition): each plan's loss, contribution bound and mechanisms (sensitivity, scale, epsilon),
+    the dataset's bounding parameters, and the metadata of every column the specs read."""
+    used: set[str] = set()
+    for _, plan in plans:
+        used |= plan.columns()
+    columns = {f"{tname}.{cname}": column.model_dump(mode="json")
+               for tname, table in sorted(metadata.tables.items())
+               for cname, column in sorted(table.columns.items())
+               if cname in used or cname == metadata.privacy_unit}
+    specs = []
+    for _, plan in plans:
+        estimate = engine.describe(plan)
+        specs.append({"loss_micro": plan.loss.micro_epsilon, "contributions": estimate.contributions,
+                      "mechanisms": estimate.mechanisms})
+    return _plain({"privacy_unit": metadata.privacy_unit, "max_contributions": metadata.max_contributions,
+                   "max_contributions_limit": metadata.max_contributions_limit,
+                   "privacy_unit_via": {t: table.privacy_unit_via for t, table in sorted(metadata.tables.items())
+                                        if table.privacy_unit_via},
+                   "columns": columns, "specs": specs})
+
+
+def fingerprint(basis: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_bytes(basis)).hexdigest()
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+    if items is None:
+        return {prefix: value}
+    out: dict[str, Any] = {}
+    for key, item in items:
+        out.update(_flat(item, f"{prefix}.{key}" if prefix else str(key)))
+    return out or {prefix: value}
+
+
+def basis_changes(approved: dict[str, Any], now: dict[str, Any], most: int = 4) -> str:
+    """The first differences between two bases, in words ("max_contributions: 3 -> 5")."""
+    old, new = _flat(approved), _flat(now)
+    missing = object()
+    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k, missing) != new.get(k, missing)]
+
+    def show(v: Any) -> str:
+        return "(none)" if v is missing else json.dumps(v)[:60]
+
+    words = [f"{k}: {show(old.get(k, missing))} -> {show(new.get(k, missing))}" for k in changed[:most]]
+    more = len(changed) - most
+    return "; ".join(words) + (f"; and {more} more" if more > 0 else "")
 
 
 class FeedService:
     """Defines feeds, produces and refuses their releases, and reads them back."""
 
     def __init__(self, db: DbEngine, engine: Engine, policies: PolicyStore, caps: ledger.CapDefaults,
-                 signing_key: Callable[[], SigningKey]) -> None:
+                 signing_key: Callable[[], SigningKey], claim_timeout: timedelta = CLAIM_TIMEOUT) -> None:
         self.db = db
         self.engine = engine
         self.policies = policies
         self.caps = caps
         self._signing_key = signing_key
+        self.claim_timeout = claim_timeout
         self.stopping = threading.Event()  # set on shutdown: a long catch-up stops between releases
 
     @classmethod
     def of(cls, state: Any) -> FeedService:
         """The service over a server's ``AppState``."""
-        return cls(state.db, state.queries.engine, state.policies, state.caps, lambda: state.signing_key)
+        return cls(state.db, state.queries.engine, state.policies, state.caps, lambda: state.signing_key,
+                   timedelta(minutes=state.settings.computation_timeout_minutes))
 
     # -- planning ------------------------------------------------------------------------
 
@@ -210,6 +337,7 @@ class FeedService:
                                      f"Use one of {known}" if known else "Register the dataset first")
             plans = self._plan_specs(row, body.specs)
             loss = sum(plan.loss.micro_epsilon for _, plan in plans)
+            basis = approval_basis(self.engine, registry.metadata_of(row), plans)
             total = loss * body.releases
             self._check_announcement(session, row.name, body.name, loss, total, schedule, now)
             specs = [json.loads(spec.canonical()) for spec, _ in plans]
@@ -218,6 +346,10 @@ class FeedService:
                         loss_micro=loss, total_micro=total, agencies_json=json.dumps(agencies),
                         created_by=caller.name if caller else None)
             session.add(feed)
+            session.flush()
+            approval = FeedApproval(feed_id=feed.id, dataset_version=row.version, loss_micro=loss,
+                                    fingerprint=fingerprint(basis), basis_json=json.dumps(basis, sort_keys=True))
+            session.add(approval)
             cap = session.exec(select(BudgetCap).where(BudgetCap.dataset == row.name,
                                                        BudgetCap.scope == ledger.FEED,
                                                        BudgetCap.subject == body.name)).first()
@@ -227,7 +359,8 @@ class FeedService:
             session.flush()
             record(session, caller, "feed.define", f"feed:{body.name}", dataset=row.name, schedule=schedule.text,
                    cron=schedule.cron, start=start, releases=body.releases, loss_micro_per_release=loss,
-                   announced_micro=total, agencies=agencies, specs=specs)
+                   announced_micro=total, agencies=agencies, specs=specs, dataset_version=row.version,
+                   approval_fingerprint=approval.fingerprint)
         # After the commit: a link for a feed that was never stored would be harmless, but pointless.
         for agency in agencies:
             self.policies.register_feed(body.name, agency)
@@ -288,8 +421,12 @@ class FeedService:
                            _utc(row.created_at), row.release_id, fresh)
 
     def trigger(self, caller: Caller | None, name: str, now: datetime | None = None) -> ReleaseView:
-        """Produce the feed's earliest release not produced yet (due or not); FeedRefused if it cannot be."""
+        """Produce the feed's earliest release not produced yet (due or not); FeedRefused if it cannot be.
+
+        A period whose charged attempt failed is tried again, and charged again; FeedBusy (409) if
+        another process or steward is producing it now."""
         now = now or datetime.now(timezone.utc)
+        self.recover(now)
         with Session(reader(self.db)) as session:
             feed = self._feed(session, name)
             done = set(session.exec(select(FeedRelease.number).where(FeedRelease.feed_id == feed.id)))
@@ -302,13 +439,19 @@ class FeedService:
         return self.produce(feed, number, caller, STEWARD, now)
 
     def run_due(self, now: datetime | None = None) -> list[ReleaseView | FeedRefused]:
-        """Produce every due release not yet produced or refused (catching up after downtime)."""
+        """Produce every due release not yet claimed or refused (catching up after downtime).
+
+        A period claimed once — released, failed after its charge, or being produced — is never
+        tried again here: only a steward's trigger tries a failed period again (and pays again)."""
         now = now or datetime.now(timezone.utc)
+        self.recover(now)
         outcomes: list[ReleaseView | FeedRefused] = []
         with Session(reader(self.db)) as session:
             feeds = list(session.exec(select(Feed).where(Feed.active == True).order_by(Feed.id)))  # noqa: E712
             attempted = {(feed_id, period) for feed_id, period in session.exec(
                 select(FeedRelease.feed_id, FeedRelease.period))}
+            attempted |= {(feed_id, period) for feed_id, period in session.exec(
+                select(FeedClaim.feed_id, FeedClaim.period))}
             attempted |= {(feed_id, period) for feed_id, period in session.exec(
                 select(FeedRefusal.feed_id, FeedRefusal.period).where(FeedRefusal.attempt == 0))}
         for feed in feeds:
@@ -320,14 +463,19 @@ class FeedService:
                         continue
                     try:
                         outcomes.append(self.produce(feed, number, None, SCHEDULER, now))
-                    except FeedRefused as refused:
+                    except FeedRefused as refused:  # refused (nothing charged) or failed (charged)
                         outcomes.append(refused)
+                    except FeedBusy:
+                        continue  # another process claimed it first: it charges and releases it
             except Exception:  # noqa: BLE001 - one broken feed must not stop the others
                 logger.exception("feed %s: scheduled release failed; retrying at the next check", feed.name)
         return outcomes
 
     def produce(self, feed: Feed, number: int, caller: Caller | None, origin: str, now: datetime) -> ReleaseView:
-        """Release ``number`` of ``feed``: computed, signed, charged and recorded once, or refused."""
+        """Release ``number`` of ``feed``: checked, claimed and charged, THEN computed and stored.
+
+        Raises FeedRefused (nothing charged), FeedFailed (charged, not produced) or FeedBusy
+        (another producer holds the claim; nothing charged here)."""
         period = period_label(schedule_of(feed).time_of(number))
         with Session(reader(self.db)) as session:
             existing = session.exec(select(FeedRelease).where(FeedRelease.feed_id == feed.id,
@@ -335,6 +483,7 @@ class FeedService:
             if existing is not None:
                 return self._view(feed, existing)
             row = session.exec(select(Dataset).where(Dataset.name == feed.dataset)).first()
+            approval = session.exec(select(FeedApproval).where(FeedApproval.feed_id == feed.id)).first()
         if row is None:
             self._refuse(feed, number, period, caller, origin, f"dataset {feed.dataset!r} is no longer registered")
         try:
@@ -343,16 +492,132 @@ class FeedService:
             self._refuse(feed, number, period, caller, origin,
                          f"a spec no longer fits dataset {row.name} version {row.version}: {exc}")
         loss = sum(plan.loss.micro_epsilon for _, plan in plans)
+        basis = approval_basis(self.engine, registry.metadata_of(row), plans)
+        if approval is None:
+            approval = self._approve_unrecorded(feed, row, basis, loss, number, period, caller, origin)
+        if fingerprint(basis) != approval.fingerprint or loss != approval.loss_micro or loss != feed.loss_micro:
+            changes = basis_changes(json.loads(approval.basis_json), basis) or \
+                f"loss per release: {feed.loss_micro} -> {loss} micro-epsilon"
+            self._refuse(feed, number, period, caller, origin,
+                         f"dataset {row.name} version {row.version} changes what the feed was approved for at its "
+                         f"definition (version {approval.dataset_version}): {changes}. Its releases would not "
+                         "have the privacy loss and sensitivity that were approved; a new feed definition is "
+                         "needed for this dataset version")
         scopes = feed_scopes(feed.name, now)
         try:
             with Session(reader(self.db)) as session:
                 ledger.precheck(session, feed.dataset, scopes, loss, defaults=self.caps)
         except ledger.BudgetRefused as refused:
             self._refuse(feed, number, period, caller, origin, str(refused), refused)
+        claim = self._claim(feed, number, period, row, loss, scopes, caller, origin, now)
+        if isinstance(claim, ReleaseView):
+            return claim
+        # The loss is spent. From here on every outcome keeps the charge and is recorded against it.
         try:
-            results = [(spec, plan, self.engine.execute(plan)) for spec, plan in plans]
-        except DatasetUnavailable as exc:
-            self._refuse(feed, number, period, caller, origin, str(exc))
+            data, digest, signature = self._compute(feed, number, period, row, plans, loss, now)
+        except Exception as exc:  # noqa: BLE001 - ANY failure on the data: one fixed, data-independent answer
+            # Only the exception's type is logged: its message could quote a value from the data.
+            logger.warning("feed %s: release %d was charged and computing it failed (%s)", feed.name, number,
+                           type(exc).__name__)
+            self._fail(feed, claim, caller, FAILED_REASON, now)
+        try:
+            return self._store(feed, claim, row, caller, data, digest, signature, now)
+        except _Superseded:
+            raise FeedFailed(self._failed_text(feed, claim, STALE_REASON)) from None
+        except Exception as exc:  # noqa: BLE001 - the charge stands; the claim is marked failed
+            logger.warning("feed %s: release %d was charged and storing it failed (%s)", feed.name, number,
+                           type(exc).__name__)
+            self._fail(feed, claim, caller, FAILED_REASON, now)
+
+    def _approve_unrecorded(self, feed: Feed, row: Dataset, basis: dict[str, Any], loss: int, number: int,
+                            period: str, caller: Caller | None, origin: str) -> FeedApproval:
+        """The approval of a feed defined before approvals were stored, taken from the current metadata
+        only if the audit log shows the dataset at the feed's definition was this very version (and no
+        other version was registered since); otherwise the release is refused."""
+        with Session(reader(self.db)) as session:
+            defined = session.execute(select(AuditEntry.seq).where(
+                AuditEntry.action == "feed.define", AuditEntry.target == f"feed:{feed.name}",
+                AuditEntry.decision == "allowed")).scalars().first()
+            registrations = session.execute(select(AuditEntry.seq, AuditEntry.entry_json).where(
+                AuditEntry.action == "dataset.register", AuditEntry.dataset == feed.dataset)).all()
+        versions = sorted((seq, json.loads(entry)["detail"].get("version")) for seq, entry in registrations)
+        before = [version for seq, version in versions if defined is not None and seq < defined]
+        since = {version for seq, version in versions if defined is not None and seq > defined}
+        if not before or before[-1] != row.version or since - {row.version}:
+            self._refuse(feed, number, period, caller, origin,
+                         f"the feed was defined before approvals were recorded, and dataset {row.name} version "
+                         f"{row.version} cannot be shown to be the version it was approved for; a new feed "
+                         "definition is needed for this dataset version")
+        with session_scope(self.db) as session:
+            _insert_ignoring_duplicates(session, FeedApproval, {
+                "feed_id": feed.id, "dataset_version": row.version, "loss_micro": loss,
+                "fingerprint": fingerprint(basis), "basis_json": json.dumps(basis, sort_keys=True),
+                "created_at": datetime.now(timezone.utc)}, ["feed_id"])
+            approval = session.exec(select(FeedApproval).where(FeedApproval.feed_id == feed.id)).one()
+            if approval.fingerprint == fingerprint(basis):
+                record(session, None, "feed.approve", f"feed:{feed.name}", dataset=row.name,
+                       dataset_version=row.version, approval_fingerprint=approval.fingerprint, loss_micro=0,
+                       unrecorded_at_definition=True)
+            session.expunge(approval)
+        return approval
+
+    def _claim(self, feed: Feed, number: int, period: str, row: Dataset, loss: int, scopes: list[ledger.Scope],
+               caller: Caller | None, origin: str, now: datetime) -> _Claim | ReleaseView:
+        """ONE transaction: claim the period, charge every scope, write the charge's audit entry.
+
+        The claim comes first, so a second producer of the period loses before charging anything:
+        FeedBusy, or the stored release if the winner has finished."""
+        account_id = caller.account_id if caller else None
+        try:
+            with session_scope(self.db) as session:
+                claimed = _insert_ignoring_duplicates(session, FeedClaim, {
+                    "feed_id": feed.id, "number": number, "period": period, "attempt": 1, "state": CHARGED,
+                    "dataset_version": row.version, "loss_micro": loss, "origin": origin, "ledger_json": "[]",
+                    "charged_at": now}, ["feed_id", "period"])
+                if not claimed and origin == STEWARD:
+                    # A steward's explicit trigger tries a failed period again: a new attempt, charged again.
+                    claimed = int(session.execute(update(FeedClaim).where(
+                        FeedClaim.feed_id == feed.id, FeedClaim.period == period, FeedClaim.state == FAILED,
+                    ).values(attempt=FeedClaim.attempt + 1, state=CHARGED, number=number, origin=origin,
+                             dataset_version=row.version, loss_micro=loss, charged_at=now, finished_at=None,
+                             reason=None, charge_seq=None, ledger_json="[]")).rowcount)
+                if not claimed:
+                    raise _Lost
+                claim = session.exec(select(FeedClaim).where(FeedClaim.feed_id == feed.id,
+                                                             FeedClaim.period == period)).one()
+                charges = ledger.charge(session, row.name, scopes, loss, defaults=self.caps, account_id=account_id)
+                entry = record(session, caller, "feed.charge", f"feed:{feed.name}", dataset=row.name,
+                               dataset_version=row.version, feed=feed.name, number=number, period=period,
+                               origin=origin, attempt=claim.attempt, loss_micro=loss,
+                               ledger=[{"budget_id": c.budget_id, "before_micro": c.spent_before_micro,
+                                        "after_micro": c.spent_after_micro} for c in charges])
+                ids = tuple(int(c.id) for c in charges if c.id is not None)
+                claim.charge_seq, claim.ledger_json = entry.seq, json.dumps(list(ids))
+                session.add(claim)
+                session.flush()
+                return _Claim(int(claim.id), claim.attempt, number, period, loss, origin, entry.seq, ids)  # type: ignore[arg-type]
+        except ledger.BudgetRefused as refused:  # the claim rolled back with the charge: nothing spent
+            self._refuse(feed, number, period, caller, origin, str(refused), refused)
+        except _Lost:
+            pass
+        with Session(reader(self.db)) as session:
+            existing = session.exec(select(FeedRelease).where(FeedRelease.feed_id == feed.id,
+                                                              FeedRelease.period == period)).first()
+            if existing is not None:
+                return self._view(feed, existing)
+            held = session.exec(select(FeedClaim).where(FeedClaim.feed_id == feed.id,
+                                                        FeedClaim.period == period)).first()
+        if held is not None and held.state == FAILED:
+            raise FeedBusy(f"release {number} of feed '{feed.name}' (period {period}) failed after its charge; "
+                           "the scheduler does not try it again: a steward may trigger it (charged again)")
+        raise FeedBusy(f"release {number} of feed '{feed.name}' (period {period}) is being produced by another "
+                       "process or steward; it is charged once. Ask again in a moment")
+
+    def _compute(self, feed: Feed, number: int, period: str, row: Dataset,
+                 plans: list[tuple[Request, Plan | AnalysisPlan]], loss: int,
+                 now: datetime) -> tuple[bytes, str, str]:
+        """Read the data and compute every spec, then the signed canonical bytes (after the charge only)."""
+        results = [(spec, plan, self.engine.execute(plan)) for spec, plan in plans]
         key = self._signing_key()
         document = _plain({
             "format": FORMAT, "feed": feed.name, "number": number, "releases": feed.releases, "period": period,
@@ -369,49 +634,85 @@ class FeedService:
                         for spec, plan, result in results],
         })
         data = canonical_bytes(document)
-        digest = hashlib.sha256(data).hexdigest()
-        signature = sign_release(key, data)
-        feed_query = json.dumps({"feed": feed.name, "number": number, "period": period,
+        return data, hashlib.sha256(data).hexdigest(), sign_release(key, data)
+
+    def _store(self, feed: Feed, claim: _Claim, row: Dataset, caller: Caller | None, data: bytes, digest: str,
+               signature: str, now: datetime) -> ReleaseView:
+        """The second transaction: the release stored, its claim released, the charge linked to it."""
+        feed_query = json.dumps({"feed": feed.name, "number": claim.number, "period": claim.period,
                                  "specs": json.loads(feed.specs_json)}, sort_keys=True, separators=(",", ":"))
-        try:
+        with session_scope(self.db) as session:
+            released = session.execute(update(FeedClaim).where(
+                FeedClaim.id == claim.id, FeedClaim.attempt == claim.attempt, FeedClaim.state == CHARGED,
+            ).values(state=RELEASED, finished_at=now)).rowcount
+            if not released:
+                raise _Superseded  # marked failed meanwhile (timed out): this late result never leaves
+            stored = Release(dataset=row.name, dataset_version=row.version,
+                             query_hash=hashlib.sha256(feed_query.encode()).hexdigest(),
+                             canonical_query=feed_query, loss_micro=claim.loss_micro, result_json=data.decode(),
+                             result_hash=digest, account_id=caller.account_id if caller else None)
+            session.add(stored)
+            session.flush()
+            made = FeedRelease(feed_id=feed.id, number=claim.number, period=claim.period, release_id=stored.id,
+                               sha256=digest, signature=signature, loss_micro=claim.loss_micro, origin=claim.origin)
+            session.add(made)
+            if claim.ledger_ids:
+                session.execute(update(LedgerEntry).where(LedgerEntry.id.in_(claim.ledger_ids))  # type: ignore[union-attr]
+                                .values(release_id=stored.id))
+            session.flush()
+            record(session, caller, "feed.release", f"feed:{feed.name}", dataset=row.name,
+                   dataset_version=row.version, feed=feed.name, number=claim.number, period=claim.period,
+                   origin=claim.origin, attempt=claim.attempt, release_id=stored.id, charge_seq=claim.charge_seq,
+                   charged_micro=claim.loss_micro, loss_micro=0, result_hash=digest, signature=signature)
+            return self._view(feed, made, fresh=True)
+
+    @staticmethod
+    def _failed_text(feed: Feed, claim: _Claim, reason: str) -> str:
+        return (f"release {claim.number} of feed '{feed.name}' (period {claim.period}) was charged epsilon "
+                f"{claim.loss_micro / MICRO:g} and not produced: {reason}")
+
+    def _fail(self, feed: Feed, claim: _Claim, caller: Caller | None, reason: str, now: datetime) -> NoReturn:
+        """Mark the claim failed with a fixed reason and record it against its charge; raise FeedFailed."""
+        with session_scope(self.db) as session:
+            moved = session.execute(update(FeedClaim).where(
+                FeedClaim.id == claim.id, FeedClaim.attempt == claim.attempt, FeedClaim.state == CHARGED,
+            ).values(state=FAILED, reason=reason, finished_at=now)).rowcount
+            if moved:
+                record(session, caller, "feed.failed", f"feed:{feed.name}", "failed", reason=reason,
+                       dataset=feed.dataset, feed=feed.name, number=claim.number, period=claim.period,
+                       origin=claim.origin, attempt=claim.attempt, charge_seq=claim.charge_seq,
+                       charged_micro=claim.loss_micro, loss_micro=0)
+        raise FeedFailed(self._failed_text(feed, claim, reason))
+
+    def recover(self, now: datetime | None = None) -> int:
+        """Mark claims charged longer than the claim timeout ago, never released, as failed (the
+        charge stands), each with an audit entry; how many. Run before every scheduler check."""
+        now = now or datetime.now(timezone.utc)
+        with Session(reader(self.db)) as session:
+            stale = [c for c in session.exec(select(FeedClaim).where(FeedClaim.state == CHARGED))
+                     if _utc(c.charged_at) < now - self.claim_timeout]
+            feeds = {f.id: (f.name, f.dataset) for f in session.exec(select(Feed))} if stale else {}
+        recovered = 0
+        for claim in stale:
             with session_scope(self.db) as session:
-                # The claim first: a concurrent producer of this period waits here, then fails.
-                claim = FeedRelease(feed_id=feed.id, number=number, period=period, sha256=digest,
-                                    signature=signature, loss_micro=loss, origin=origin)
-                session.add(claim)
-                session.flush()
-                stored = Release(dataset=row.name, dataset_version=row.version,
-                                 query_hash=hashlib.sha256(feed_query.encode()).hexdigest(),
-                                 canonical_query=feed_query, loss_micro=loss, result_json=data.decode(),
-                                 result_hash=digest, account_id=caller.account_id if caller else None)
-                session.add(stored)
-                session.flush()
-                claim.release_id = stored.id
-                session.add(claim)
-                charges = ledger.charge(session, row.name, scopes, loss, defaults=self.caps,
-                                        account_id=caller.account_id if caller else None, release_id=stored.id)
-                record(session, caller, "feed.release", f"feed:{feed.name}", dataset=row.name,
-                       dataset_version=row.version, feed=feed.name, number=number, period=period, origin=origin,
-                       release_id=stored.id, loss_micro=loss, result_hash=digest, signature=signature,
-                       ledger=[{"budget_id": c.budget_id, "before_micro": c.spent_before_micro,
-                                "after_micro": c.spent_after_micro} for c in charges])
-                session.flush()
-                view = self._view(feed, claim, fresh=True)
-        except ledger.BudgetRefused as refused:
-            self._refuse(feed, number, period, caller, origin, str(refused), refused)
-        except IntegrityError:
-            # Another process (or steward) released this period first: theirs stands, nothing was charged here.
-            with Session(reader(self.db)) as session:
-                existing = session.exec(select(FeedRelease).where(FeedRelease.feed_id == feed.id,
-                                                                  FeedRelease.period == period)).first()
-            if existing is None:
-                raise
-            return self._view(feed, existing)
-        return view
+                moved = session.execute(update(FeedClaim).where(
+                    FeedClaim.id == claim.id, FeedClaim.attempt == claim.attempt, FeedClaim.state == CHARGED,
+                ).values(state=FAILED, reason=STALE_REASON, finished_at=now)).rowcount
+                if moved:
+                    recovered += 1
+                    name, dataset = feeds[claim.feed_id]
+                    record(session, None, "feed.abandoned", f"feed:{name}", "failed",
+                           reason=STALE_REASON, dataset=dataset, feed=name,
+                           number=claim.number, period=claim.period, origin=claim.origin, attempt=claim.attempt,
+                           charge_seq=claim.charge_seq, charged_micro=claim.loss_micro, loss_micro=0,
+                           charged_at=_utc(claim.charged_at))
+        if recovered:
+            logger.warning("feeds: %d charged release(s) never stored, marked failed", recovered)
+        return recovered
 
     def _refuse(self, feed: Feed, number: int, period: str, caller: Caller | None, origin: str, reason: str,
                 budget: ledger.BudgetRefused | None = None) -> NoReturn:
-        """Store and record the refusal (once per scheduler period), then raise FeedRefused."""
+        """Store and record the refusal (once per scheduler period), then raise FeedRefused; nothing is charged."""
         with session_scope(self.db) as session:
             if origin == SCHEDULER:
                 attempt = 0
@@ -524,20 +825,37 @@ class FeedService:
                 select(FeedRelease.period).where(FeedRelease.feed_id == feed.id))}
             refusals = list(session.exec(select(FeedRefusal).where(FeedRefusal.feed_id == feed.id)
                                          .order_by(FeedRefusal.id)))  # type: ignore[arg-type]
+            claims = list(session.exec(select(FeedClaim).where(FeedClaim.feed_id == feed.id)
+                                       .order_by(FeedClaim.id)))  # type: ignore[arg-type]
             (allocation,) = ledger.statuses(session, feed.dataset, [
                 ledger.Scope(ledger.FEED, feed.name, ledger.LIFETIME_PERIOD)], defaults=self.caps)
         schedule = schedule_of(feed)
+        # Each period not released counts once, by its latest outcome; a charged claim counts as charged.
+        pending = {c.period for c in claims if c.state == CHARGED}
+        refused_at = {r.period: _utc(r.created_at) for r in refusals}
+        failures = [c for c in claims if c.state == FAILED and c.period not in released | pending
+                    and not refused_at.get(c.period, _utc(c.charged_at)) > _utc(c.finished_at or c.charged_at)]
+        failed = {c.period for c in failures}
         last = refusals[-1] if refusals else None
+        last_failure = max(failures, key=lambda c: _utc(c.finished_at or c.charged_at), default=None)
         return FeedOverview(
             name=feed.name, dataset=feed.dataset, schedule=feed.schedule, cron=feed.cron, start=_utc(feed.start),
             end=schedule.end, agencies=json.loads(feed.agencies_json), active=feed.active, releases=feed.releases,
-            produced=len(released), refused=len({r.period for r in refusals} - released),
+            produced=len(released), refused=len(set(refused_at) - released - pending - failed),
+            failed=len(failed), charged_not_released=len(pending),
             loss_micro_per_release=feed.loss_micro, announced_micro=feed.total_micro,
-            spent_micro=allocation.spent_micro, planned_micro=(feed.releases - len(released)) * feed.loss_micro,
+            spent_micro=allocation.spent_micro,
+            planned_micro=max(feed.releases - len(released) - len(pending), 0) * feed.loss_micro,
             next_release_at=schedule.next_after(now) if feed.active else None,
             last_refusal=None if last is None else {"number": last.number, "period": last.period,
                                                     "time": _utc(last.created_at).isoformat(),
                                                     "origin": last.origin, "reason": last.reason},
+            last_failure=None if last_failure is None else {
+                "number": last_failure.number, "period": last_failure.period, "attempt": last_failure.attempt,
+                "charged_at": _utc(last_failure.charged_at).isoformat(),
+                "time": _utc(last_failure.finished_at or last_failure.charged_at).isoformat(),
+                "origin": last_failure.origin, "charged_micro": last_failure.loss_micro,
+                "reason": last_failure.reason},
             created_at=_utc(feed.created_at), created_by=feed.created_by)
 
 

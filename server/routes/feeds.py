@@ -73,7 +73,8 @@ def define(body: FeedDefinition, caller: CurrentCaller, state: StateDep) -> Feed
 
 @router.post("/{name}/releases", response_model=FeedReleaseOut, status_code=status.HTTP_201_CREATED,
              responses=errors(401, 403, 404, 409, 422),
-             summary="Produce the feed's next release now (stewards); 409 says why if it cannot be")
+             summary="Produce the feed's next release now (stewards); 409 says why if it is refused (nothing "
+                     "charged), failed after its charge (one fixed text), or is being produced")
 def trigger(name: FeedName, caller: CurrentCaller, state: StateDep) -> FeedReleaseOut:
     authorize(state, caller, Action.FEED_MANAGE, "server")
     try:

@@ -122,8 +122,14 @@ def test_a_release_is_charged_once_however_many_agencies_fetch_it(api: Api) -> N
     assert len(rows(api, FeedRelease)) == 1 and len(rows(api, Release)) == 1
     reads = [e for e in api.records("feed.read") if json.loads(e.entry_json)["detail"].get("number") == 1]
     assert len(reads) == 13 and {e.account for e in reads} == {FEED, OTHER_FEED}
+    # The charge has its own entry, written (and committed) before the data was read; the release's
+    # entry points at it and carries the result's hash.
+    (charge,) = api.records("feed.charge")
     (made,) = api.records("feed.release")
-    assert made.decision == "allowed" and json.loads(made.entry_json)["detail"]["loss_micro"] == LOSS
+    assert charge.seq < made.seq and json.loads(charge.entry_json)["detail"]["loss_micro"] == LOSS
+    detail = json.loads(made.entry_json)["detail"]
+    assert made.decision == "allowed" and detail["charge_seq"] == charge.seq and detail["charged_micro"] == LOSS
+    assert detail["loss_micro"] == 0 and detail["result_hash"] == stored.sha256
 
 
 def test_polling_with_an_etag_answers_304_and_the_index_lists_releases(api: Api) -> None:

@@ -2,9 +2,11 @@
 
 Each process builds its own server state (engine, pool, policy store) on the same schema
 and, on a common signal, runs the scheduler's check three times at the same moment, with
-twenty hourly periods due. Their computations are slowed down so that both compute the same
-periods (the test checks that they did); the unique ``(feed, period)`` constraint
-must let exactly one transaction per period — with its charge and its audit entry — commit.
+twenty hourly periods due. Their computations are slowed down so that both try to produce
+the same periods (the test checks that they did); the unique ``(feed, period)`` claim,
+inserted before the charge, must let exactly one producer per period charge, and the
+other must lose there — before charging or reading any data: each period is computed
+once in all.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sqlmodel import Session
 
 from server import ledger
 from server.bootstrap import build_state
-from server.feed_models import FeedRelease
+from server.feed_models import FeedClaim, FeedRelease
 from server.feed_schemas import FeedDefinition
 from server.feeds import FeedService
 from server.models import AuditEntry, Budget, LedgerEntry, Release
@@ -36,7 +38,7 @@ from datetime import datetime
 from pathlib import Path
 
 from server.bootstrap import build_state
-from server.feeds import FeedService
+from server.feeds import FeedBusy, FeedService
 from server.settings import Settings
 
 data_dir, url, sync, name, now = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5]
@@ -54,6 +56,17 @@ try:
         return execute(plan, *args, **kwargs)
 
     feeds.engine.execute = slow_execute
+    lost = []
+    produce = feeds.produce
+
+    def counting_produce(*args, **kwargs):
+        try:
+            return produce(*args, **kwargs)
+        except FeedBusy:
+            lost.append(1)  # the other process held the claim: nothing charged or computed here
+            raise
+
+    feeds.produce = counting_produce
     (sync / f"{name}.ready").touch()
     deadline = time.monotonic() + 60
     while not (sync / "go").exists():
@@ -63,7 +76,7 @@ try:
     fresh = [r.number for _ in range(3) for r in feeds.run_due(datetime.fromisoformat(now)) if getattr(r, "fresh", False)]
 finally:
     state.close()
-print(json.dumps({"fresh": fresh, "computed": len(computed)}))
+print(json.dumps({"fresh": fresh, "computed": len(computed), "lost": len(lost)}))
 """
 
 
@@ -84,7 +97,8 @@ def test_two_scheduler_processes_make_exactly_one_release_per_period(pg_url: str
                                       for name in ("server-a", "server-b")})
 
     fresh = sorted(n for r in reports for n in r["fresh"])
-    assert sum(r["computed"] for r in reports) > PERIODS, f"the processes never raced: {reports}"
+    assert sum(r["lost"] for r in reports) > 0, f"the processes never raced: {reports}"
+    assert sum(r["computed"] for r in reports) == PERIODS, f"a loser read the data: {reports}"
     assert fresh == list(range(1, PERIODS + 1)), f"each period produced once in all: {reports}"
     state = build_state(settings)
     try:
@@ -102,5 +116,10 @@ def test_two_scheduler_processes_make_exactly_one_release_per_period(pg_url: str
             made = session.execute(select(func.count()).select_from(AuditEntry).where(
                 AuditEntry.action == "feed.release", AuditEntry.decision == "allowed")).scalar_one()
             assert made == PERIODS
+            charged = session.execute(select(func.count()).select_from(AuditEntry).where(
+                AuditEntry.action == "feed.charge")).scalar_one()
+            assert charged == PERIODS
+            claims = session.execute(select(FeedClaim.state)).scalars().all()
+            assert sorted(claims) == ["released"] * PERIODS
     finally:
         state.close()
