@@ -79,6 +79,23 @@ class TreeCounter:
         return cls(horizon, contributions, unit,
                    LaplaceVector.for_epsilon(levels * contributions * unit, epsilon))
 
+    @classmethod
+    def restore(cls, horizon: int, contributions: int, unit: int, sensitivity: int, scale: float) -> TreeCounter:
+        """The tree of a stored calibration, with its stored noise scale (nothing refitted).
+
+        Refuses a calibration whose sensitivity is not ``levels * contributions * unit``: a
+        tree is only as private as the bound its noise was calibrated for.
+        """
+        if contributions < 1 or unit < 1 or sensitivity != levels_for(horizon) * contributions * unit:
+            raise InvalidLoss(f"a stored tree's sensitivity {sensitivity} does not match {levels_for(horizon)} "
+                              f"levels x {contributions} contributions x unit {unit}")
+        return cls(horizon, contributions, unit, LaplaceVector(sensitivity, float(scale)))
+
+    def as_dict(self) -> dict[str, int | float]:
+        """What :meth:`restore` needs (public: derived from metadata and the definition)."""
+        return {"horizon": self.horizon, "contributions": self.contributions, "unit": self.unit,
+                "sensitivity": self.mechanism.sensitivity, "scale": self.mechanism.scale}
+
     @property
     def levels(self) -> int:
         return levels_for(self.horizon)

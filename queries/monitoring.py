@@ -10,7 +10,9 @@ This module validates a spec against the public metadata (errors name the field 
 never depend on data), bounds new events per person **across the whole horizon** (each
 person's first ``L`` rows in arrival order, then in a hash order of the row; the count of
 rows a person has used is carried from batch to batch), computes each step's exact
-vector, and turns released tree nodes into values with intervals. The noise is drawn by
+vector (:mod:`queries.monitor_batches`), and turns released tree nodes into values with
+intervals. What a monitor is calibrated on is frozen when it is defined
+(:mod:`queries.monitor_calibration`). The noise is drawn by
 :class:`privacy.continual.TreeCounter` (binary-tree mechanism) through
 :mod:`privacy.mechanisms`.
 """
@@ -22,21 +24,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
-import numpy as np
-import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from privacy import accuracy
-from privacy.bounding import quantized_bound
 from privacy.continual import MAX_HORIZON, TreeCounter
 from privacy.loss import PrivacyLoss, compose
 from queries.errors import QueryError
 from queries.metadata import DatasetMetadata, TableMeta
+# check_batch and step_vectors live in queries.monitor_batches and are re-exported here.
+from queries.monitor_batches import check_batch, step_vectors, sum_unit
 
 STEP_SECONDS = {"hour": 3600, "day": 86400, "week": 7 * 86400}
 MAX_RULES = 50
 MAX_GROUPS = 10_000
-_ROW_SEED = 0x0A1E47
 
 
 class AlertRule(BaseModel):
@@ -46,7 +46,7 @@ class AlertRule(BaseModel):
 
     op: Literal["above", "below"]
     value: float = Field(allow_inf_nan=False)
-    group: str | int | None = None
+    group: bool | int | str | None = None  # bool first: a JSON true stays a boolean key
     on: Literal["step", "running"] = "step"
     certain: bool = False  # fire only when the whole interval lies beyond the value
 
@@ -120,6 +120,7 @@ class ResolvedMonitor:
     lower: float = 0.0
     upper: float = 0.0
     resolution: float = 1.0
+    unit: int = 1  # mean monitors: the quantised bound of one centred value
 
     @property
     def loss(self) -> PrivacyLoss:
@@ -191,6 +192,7 @@ def resolve_monitor(spec: MonitorSpec, metadata: DatasetMetadata) -> ResolvedMon
     trees: dict[str, TreeCounter] = {}
     lower = upper = 0.0
     resolution = 1.0
+    unit = 1
     if spec.metric == "count":
         if spec.column is not None or spec.threshold is not None:
             raise QueryError("column", "a count monitor takes no column or threshold", "Remove them")
@@ -216,124 +218,25 @@ def resolve_monitor(spec: MonitorSpec, metadata: DatasetMetadata) -> ResolvedMon
             if spec.threshold is not None:
                 raise QueryError("threshold", "a mean monitor takes no threshold", "Remove it")
             resolution = column.value_resolution
-            unit = quantized_bound(lower - (lower + upper) / 2, upper - (lower + upper) / 2, resolution)
+            unit = sum_unit(spec.column, lower, upper, resolution, contributions)
             trees["sums"] = TreeCounter.for_epsilon(spec.horizon, contributions, spec.epsilon / 2, unit)
             trees["counts"] = TreeCounter.for_epsilon(spec.horizon, contributions, spec.epsilon / 2)
     for index, rule in enumerate(spec.rules):
-        if rule.group is not None and not any(type(rule.group) is type(k) and rule.group == k for k in keys):
+        if rule.group is not None and not any(same_key(rule.group, k) for k in keys):
             raise QueryError(f"rules.{index}.group", f"{rule.group!r} is not a group of this monitor",
                              f"Use one of {list(keys)[:12]} or leave 'group' out")
         if spec.metric == "share_above" and not 0 <= rule.value <= 1:
             raise QueryError(f"rules.{index}.value", "a share lies between 0 and 1", "Give e.g. 0.3")
-    return ResolvedMonitor(spec, table, _unit(metadata), keys, contributions, trees, lower, upper, resolution)
+    return ResolvedMonitor(spec, table, _unit(metadata), keys, contributions, trees, lower, upper, resolution, unit)
+
+
+def same_key(a: Any, b: Any) -> bool:
+    """Keys of one type and value (``True`` is not the group ``1``)."""
+    return type(a) is type(b) and a == b
 
 
 def _unit(metadata: DatasetMetadata) -> str:
     return metadata.privacy_unit
-
-
-# -- batches ---------------------------------------------------------------------------
-
-_TYPES = {"int": pl.datatypes.IntegerType, "float": pl.datatypes.FloatType, "str": pl.String,
-          "bool": pl.Boolean, "datetime": pl.Datetime}
-
-
-def check_batch(monitor: ResolvedMonitor, frame: pl.DataFrame, start: datetime, end: datetime,
-                covered_until: datetime | None) -> None:
-    """Refuse a batch whose schema, time range or order does not fit (raises QueryError)."""
-    start, end = _naive(start), _naive(end)
-    declared = list(monitor.table.columns)
-    if sorted(frame.columns) != sorted(declared):
-        missing = sorted(set(declared) - set(frame.columns))
-        extra = sorted(set(frame.columns) - set(declared))
-        raise QueryError("batch", "the batch's columns do not match the dataset's table"
-                         + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""),
-                         f"Send exactly the columns {declared}")
-    for name, meta in monitor.table.columns.items():
-        dtype = frame.schema[name]
-        wanted = _TYPES[meta.type]
-        ok = isinstance(dtype, wanted) if isinstance(wanted, type) and wanted in (pl.Datetime,) else (
-            dtype == wanted if wanted in (pl.String, pl.Boolean) else isinstance(dtype, wanted))  # type: ignore[arg-type]
-        if dtype == pl.Null and meta.nullable:
-            ok = True
-        if not ok:
-            raise QueryError("batch", f"column '{name}' has type {dtype}, the dataset declares {meta.type}",
-                             "Convert the column to the declared type")
-        if not meta.nullable and frame[name].null_count():
-            raise QueryError("batch", f"column '{name}' has missing values but is declared without them",
-                             "Fill or drop those rows")
-    if not start < end:
-        raise QueryError("end", "a batch's end must come after its start", "Give start < end")
-    if start < monitor.start:
-        raise QueryError("start", f"the batch starts before the monitor ({monitor.start.isoformat()})",
-                         "Send only events from the monitor's start on")
-    if covered_until is not None and start < covered_until:
-        raise QueryError("start", f"the batch overlaps or precedes data already received (up to "
-                         f"{covered_until.isoformat()})", "Send batches in time order, without overlaps")
-    if end > monitor.end:
-        raise QueryError("end", f"the batch ends at {end.isoformat()}, beyond the monitor's horizon "
-                         f"(its last step ends at {monitor.end.isoformat()})",
-                         "Trim the batch to the horizon, or define a new monitor for later events")
-    times = frame[monitor.spec.time].cast(pl.Datetime("us"))
-    if frame.height and (times.min() < start or times.max() >= end):  # type: ignore[operator]
-        raise QueryError("batch", "some events lie outside the batch's declared time range",
-                         "Declare the range the events cover, or split the batch")
-
-
-def step_vectors(monitor: ResolvedMonitor, rows: pl.DataFrame, first: int, last: int,
-                 used: dict[Any, int]) -> tuple[dict[str, np.ndarray], dict[Any, int]]:
-    """Exact per-step vectors for steps ``first .. last`` (inclusive) and the updated per-person use.
-
-    ``rows`` holds every received event of those steps. Each person keeps rows while their
-    use over the horizon stays within the bound: earlier steps first, then a hash order of
-    the row's own content, so the kept rows depend on that person's rows alone.
-    """
-    spec = monitor.spec
-    n_steps = last - first + 1
-    group = spec.group_by
-    t = pl.col(spec.time).cast(pl.Datetime("us"))
-    step = ((t - pl.lit(monitor.start)).dt.total_seconds() // monitor.step_seconds).cast(pl.Int64)
-    frame = rows.with_columns(step.alias("__step"),
-                              pl.struct(rows.columns).hash(seed=_ROW_SEED).alias("__order"))
-    frame = frame.filter(pl.col("__step").is_between(first, last))
-    if spec.column is not None:
-        frame = frame.filter(pl.col(spec.column).is_not_null())
-    unit = monitor.unit_column
-    prior = pl.DataFrame({unit: list(used), "__used": list(used.values())},
-                         schema={unit: frame.schema[unit], "__used": pl.Int64})
-    ranked = frame.sort(unit, "__step", "__order").with_columns(
-        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).over(unit).alias("__rank"))
-    ranked = ranked.join(prior, on=unit, how="left").with_columns(pl.col("__used").fill_null(0))
-    kept = ranked.filter(pl.col("__used") + pl.col("__rank") <= monitor.contributions)
-    # kept: [unit, __step, group, column, ...] at most L rows per person over the horizon
-    updated = dict(used)
-    for person, count in kept.group_by(unit).len().iter_rows():
-        updated[person] = updated.get(person, 0) + int(count)
-    n = len(monitor.keys)
-    if group is None:
-        codes = np.zeros(kept.height, dtype=np.int64)
-    else:
-        codes = kept[group].cast(pl.String).replace_strict([str(k) for k in monitor.keys], list(range(n)),
-                                                           default=-1, return_dtype=pl.Int64).to_numpy()
-    steps = kept["__step"].to_numpy() - first
-    valid = codes >= 0
-    cell = steps[valid] * n + codes[valid]
-    out: dict[str, np.ndarray] = {}
-    if spec.metric == "count":
-        out["counts"] = np.bincount(cell, minlength=n_steps * n).reshape(n_steps, n)
-    elif spec.metric == "share_above":
-        x = kept[spec.column].cast(pl.Float64).to_numpy()[valid]  # type: ignore[index]
-        late = (x > spec.threshold).astype(np.int64)
-        above = np.bincount(cell, weights=late, minlength=n_steps * n).reshape(n_steps, n)
-        total = np.bincount(cell, minlength=n_steps * n).reshape(n_steps, n)
-        out["above"] = np.concatenate([above, total - above], axis=1).round().astype(np.int64)
-    else:
-        x = kept[spec.column].cast(pl.Float64).to_numpy()[valid]  # type: ignore[index]
-        middle = (monitor.lower + monitor.upper) / 2
-        units = np.round((np.clip(x, monitor.lower, monitor.upper) - middle) / monitor.resolution)
-        out["sums"] = np.bincount(cell, weights=units, minlength=n_steps * n).reshape(n_steps, n).round().astype(np.int64)
-        out["counts"] = np.bincount(cell, minlength=n_steps * n).reshape(n_steps, n)
-    return out, updated
 
 
 def step_rows(monitor: ResolvedMonitor, step: int, leaves: dict[str, list[int]],
@@ -386,7 +289,7 @@ def fired(monitor: ResolvedMonitor, rows: list[dict[str, Any]]) -> list[tuple[in
     out = []
     for index, rule in enumerate(monitor.spec.rules):
         for row in rows:
-            if rule.group is not None and row["group"] != rule.group:
+            if rule.group is not None and not same_key(row["group"], rule.group):
                 continue
             prefix = "" if rule.on == "step" else "running_"
             value = row[f"{prefix}value"]
@@ -399,3 +302,7 @@ def fired(monitor: ResolvedMonitor, rows: list[dict[str, Any]]) -> list[tuple[in
             if (rule.op == "above" and above) or (rule.op == "below" and below):
                 out.append((index, rule, row))
     return out
+
+
+__all__ = ["AlertRule", "MonitorSpec", "ResolvedMonitor", "check_batch", "fired", "parse_monitor", "resolve_monitor",
+           "same_key", "step_rows", "step_vectors"]

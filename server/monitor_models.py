@@ -1,7 +1,7 @@
 """What the server stores about monitors (SQLModel): definitions, batches, tree nodes, releases, alerts.
 
-A monitor's definition and its total loss are fixed when it is defined (the loss is
-charged then, once, for the whole horizon). Batches are recorded with their declared
+A monitor's definition, its calibration and its total loss are fixed when it is defined
+(the loss is charged then, once, for the whole horizon). Batches are recorded with their declared
 time range; the unique ``(monitor_id, seq)`` and ``(monitor_id, level, index)``
 constraints make a concurrent double append or a double release fail and roll back.
 Released values are kept as canonical JSON (floats as decimal text would add nothing:
@@ -35,6 +35,21 @@ class Monitor(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     created_by: str | None = Field(default=None, max_length=100)
     active: bool = True
+
+
+class MonitorCalibration(SQLModel, table=True):
+    """What a monitor's charge was calibrated on, frozen at definition (one row per monitor).
+
+    A table of its own (``create_all`` adds new tables to an existing database, not new
+    columns). ``calibration_json`` is :meth:`queries.monitor_calibration.Calibration.to_json`;
+    batches rebuild the monitor's trees from it alone. A monitor without a row (defined
+    before calibrations were stored) accepts no batch.
+    """
+
+    monitor_id: int = Field(foreign_key="monitor.id", primary_key=True)
+    metadata_version: str = Field(max_length=100)
+    fingerprint: str = Field(max_length=64)
+    calibration_json: str = Field(sa_column=Column(Text, nullable=False))
 
 
 class MonitorBatch(SQLModel, table=True):

@@ -1,19 +1,23 @@
 """Monitors on the server: define (charge once), append batches, release steps, raise alerts.
 
 Flow of a definition: validate against the dataset's public metadata → in ONE
-transaction: store the monitor, charge its total loss for the whole horizon to the
+transaction: store the monitor and its calibration (what its noise was calibrated on:
+L, bounds, resolution, group keys, noise scales, the metadata version; see
+:mod:`queries.monitor_calibration`), charge its total loss for the whole horizon to the
 dataset's month and lifetime scopes (conditional update, as for queries), record it.
 
-Flow of a batch (steward): validate its schema, time range and order against the
-monitor (refused: nothing written, nothing changed) → write it atomically (temporary
-file + rename) into the monitor's folder under ``data_dir/monitors/<id>/`` → release
-every step the batch completes: bound rows per person across the whole horizon, draw
-the tree nodes that end at that step, turn them into step and running values with
-intervals, evaluate the alert rules (post-processing) → in ONE transaction: the batch,
-nodes, releases, alerts and their records. Nothing is charged per batch: the tree's
-noise was calibrated for the whole horizon, so no number of batches can spend more
-than the declared total. If the transaction fails, the new batch file is removed; the
-per-person use already written stays (a conservative over-count, never an under-count).
+Flow of a batch (steward): rebuild the monitor from its stored calibration alone, and
+refuse the batch if the dataset's current metadata no longer gives that calibration (a
+new monitor is needed) → validate its schema, time range and order (refused: nothing
+written, nothing changed) → write it atomically into the monitor's folder under
+``data_dir/monitors/<id>/`` → release every step the batch completes: bound rows per
+person across the whole horizon, draw the tree nodes that end at that step, turn them
+into step and running values with intervals, evaluate the alert rules
+(post-processing) → in ONE transaction: the batch, nodes, releases, alerts and their
+records. Nothing is charged per batch: the tree's noise was calibrated for the whole
+horizon, so no number of batches can spend more than the declared total. If anything
+fails, the attempt's files are removed and nothing it computed is released; the next
+attempt starts from the last committed batch's state (:mod:`server.monitor_state`).
 
 Alerts are delivered after the commit: to HTTP callbacks of subscribers (``httpx``,
 short timeout, on a background thread, each outcome recorded) and to server-sent-event
@@ -25,26 +29,27 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import polars as pl
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session, select
 
 from policies.actions import Action
 from queries.errors import QueryError
-from queries.monitoring import ResolvedMonitor, check_batch, fired, parse_monitor, resolve_monitor, step_rows, step_vectors
+from queries.monitor_calibration import Calibration, frozen_monitor
+from queries.monitoring import ResolvedMonitor, check_batch, fired, parse_monitor, resolve_monitor
 from server import ledger, registry
 from server.caller import Caller
 from server.db import reader, session_scope
 from server.errors import Conflict, NotFound
-from server.monitor_models import Monitor, MonitorAlert, MonitorBatch, MonitorNode, MonitorRelease, MonitorSubscription
+from server.monitor_models import (
+    Monitor, MonitorAlert, MonitorBatch, MonitorCalibration, MonitorNode, MonitorRelease, MonitorSubscription,
+)
+from server.monitor_state import Attempt, release, write_atomic
 from server.service import canonical_json, record
 
 MAX_BATCH_BYTES = 512 * 1024 * 1024
@@ -70,20 +75,6 @@ def _naive(moment: datetime | None) -> datetime | None:
     return moment.astimezone(timezone.utc).replace(tzinfo=None) if moment.tzinfo else moment
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def monitor_scopes(now: datetime) -> list[ledger.Scope]:
     """A monitor's loss protects everyone in the dataset: its month and lifetime scopes."""
     return [ledger.Scope(ledger.DATASET, ledger.ANY, ledger.period_of(now)),
@@ -106,9 +97,16 @@ class MonitorService:
             raise NotFound(f"no monitor named '{name}'; list them with GET /v1/monitors")
         return row
 
-    def _resolved(self, session: Session, row: Monitor) -> ResolvedMonitor:
+    def _frozen(self, session: Session, row: Monitor) -> ResolvedMonitor:
+        """The monitor as charged, rebuilt from its stored calibration; refused if the data no longer fits it."""
+        stored = session.get(MonitorCalibration, row.id)
+        if stored is None:
+            raise QueryError("monitor", f"monitor '{row.name}' has no stored calibration (it was defined before "
+                             "calibrations were kept), so what its charge covered is unknown and no batch is "
+                             "accepted", "Define a new monitor")
         spec = parse_monitor(json.loads(row.definition_json))
-        return resolve_monitor(spec, registry.metadata_of(registry.get(session, row.dataset)))
+        metadata = registry.metadata_of(registry.get(session, row.dataset))
+        return frozen_monitor(spec, Calibration.from_json(stored.calibration_json), metadata, row.loss_micro)
 
     def get(self, name: str) -> Monitor:
         with Session(reader(self.db)) as session:
@@ -147,8 +145,9 @@ class MonitorService:
         spec = parse_monitor(raw)
         now = datetime.now(timezone.utc)
         with session_scope(self.db) as session:
-            dataset = registry.get(session, spec.dataset)
-            monitor = resolve_monitor(spec, registry.metadata_of(dataset))
+            metadata = registry.metadata_of(registry.get(session, spec.dataset))
+            monitor = resolve_monitor(spec, metadata)
+            calibration = Calibration.of(monitor, metadata)
             if session.exec(select(Monitor).where(Monitor.name == spec.name)).first() is not None:
                 raise Conflict(f"a monitor named '{spec.name}' exists already; choose another name")
             loss = monitor.loss.micro_epsilon
@@ -158,6 +157,9 @@ class MonitorService:
                           created_by=caller.name)
             session.add(row)
             session.flush()
+            session.add(MonitorCalibration(monitor_id=row.id or 0, metadata_version=calibration.metadata_version,
+                                           fingerprint=calibration.fingerprint,
+                                           calibration_json=calibration.to_json()))
             try:
                 charges = ledger.charge(session, spec.dataset, monitor_scopes(now), loss, defaults=self.caps,
                                         account_id=caller.account_id)
@@ -167,7 +169,7 @@ class MonitorService:
                 refusal = None
                 record(session, caller, Action.MONITOR_MANAGE.value, f"monitor:{spec.name}", dataset=spec.dataset,
                        event="monitor.define", definition=spec.canonical(), loss_micro=loss,
-                       levels={k: t.levels for k, t in monitor.trees.items()},
+                       levels={k: t.levels for k, t in monitor.trees.items()}, calibration=calibration.summary(),
                        ledger=[{"budget_id": c.budget_id, "before_micro": c.spent_before_micro,
                                 "after_micro": c.spent_after_micro} for c in charges])
             if refusal is not None:
@@ -215,13 +217,13 @@ class MonitorService:
                              "Send the batch as Parquet bytes (Content-Type: application/octet-stream)") from None
         with Session(reader(self.db)) as session:
             row = self._get(session, name)
-            monitor = self._resolved(session, row)
         assert row.id is not None
         with _lock(row.id):
             with Session(reader(self.db)) as session:
                 row = self._get(session, name)  # fresh: covered_until may have moved
-            if not row.active:
-                raise QueryError("monitor", f"monitor '{name}' is no longer active", "Define a new monitor")
+                if not row.active:
+                    raise QueryError("monitor", f"monitor '{name}' is no longer active", "Define a new monitor")
+                monitor = self._frozen(session, row)
             check_batch(monitor, frame, start, end, _naive(row.covered_until))
             return self._accept(caller, row, monitor, frame, data, _naive(start), _naive(end))  # type: ignore[arg-type]
 
@@ -234,15 +236,12 @@ class MonitorService:
             nodes = {(n.level, n.index): json.loads(n.values_json) for n in session.exec(
                 select(MonitorNode).where(MonitorNode.monitor_id == row.id))}
         seq = len(batches) + 1
-        path = folder / f"batch-{seq:06d}.parquet"
-        _write_atomic(path, data)
+        attempt = Attempt.new(folder, seq)
+        path = attempt.batch
         try:
+            write_atomic(path, data)
             first, last = row.released_steps, monitor.complete_steps(end) - 1
-            new_nodes: dict[tuple[int, int], dict[str, list[int]]] = {}
-            released: list[tuple[int, list[dict[str, Any]]]] = []
-            if last >= first:
-                released, new_nodes = self._release(monitor, folder, [b.path for b in batches] + [str(path)],
-                                                    first, last, nodes)
+            released, new_nodes = release(monitor, batches, attempt, first, last, nodes)
             with session_scope(self.db) as session:
                 stored = session.get(Monitor, row.id)
                 assert stored is not None
@@ -284,58 +283,11 @@ class MonitorService:
                                 "value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high} for a in alerts])
                 alert_out = [alert_dict(a, row.name) for a in alerts]
         except BaseException:
-            path.unlink(missing_ok=True)  # the batch was not accepted: leave no file behind
+            attempt.remove()  # the batch was not accepted: leave no file of this attempt behind
             raise
         self._deliver(row, alert_out)
         return {"monitor": row.name, "seq": seq, "rows": frame.height, "released_steps": [s for s, _ in released],
                 "alerts": alert_out}
-
-    def _release(self, monitor: ResolvedMonitor, folder: Path, paths: list[str], first: int, last: int,
-                 nodes: dict[tuple[int, int], dict[str, list[int]]]) -> tuple[list[tuple[int, list[dict[str, Any]]]],
-                                                                            dict[tuple[int, int], dict[str, list[int]]]]:
-        """Release steps ``first .. last``: new tree nodes and each step's rows (noise drawn here)."""
-        begin, stop = monitor.step_start(first), monitor.step_start(last + 1)
-        time = pl.col(monitor.spec.time).cast(pl.Datetime("us"))
-        rows = pl.concat([pl.read_parquet(p).filter((time >= begin) & (time < stop)) for p in paths],
-                         how="vertical_relaxed")
-        used_path, leaves_path = folder / "contributions.parquet", folder / "exact-leaves.npz"
-        used: dict[Any, int] = {}
-        if used_path.exists():
-            table = pl.read_parquet(used_path)
-            used = dict(zip(table["unit"].to_list(), table["used"].to_list()))
-        exact, used = step_vectors(monitor, rows, first, last, used)
-        # The exact leaves (microdata aggregates, kept like the data) build the upper nodes.
-        leaves: dict[str, np.ndarray] = {}
-        if leaves_path.exists():
-            with np.load(leaves_path) as stored:
-                leaves = {k: stored[k] for k in stored.files}
-        for name, vectors in exact.items():
-            width = vectors.shape[1]
-            previous = leaves.get(name, np.zeros((0, width), dtype=np.int64))
-            leaves[name] = np.concatenate([previous[:first], vectors])
-        # Person use first (conservative if anything below fails), then the leaves.
-        unit_series = pl.Series("unit", list(used))
-        _write_atomic(used_path, _parquet(pl.DataFrame([unit_series, pl.Series("used", list(used.values()),
-                                                                               dtype=pl.Int64)])))
-        buffer = io.BytesIO()
-        np.savez(buffer, **leaves)
-        _write_atomic(leaves_path, buffer.getvalue())
-        new_nodes: dict[tuple[int, int], dict[str, list[int]]] = {}
-        released = []
-        all_nodes = dict(nodes)
-        for step in range(first, last + 1):
-            for name, tree in monitor.trees.items():
-                for node in tree.completed_by(step):
-                    key = (node.level, node.index)
-                    exact_node = leaves[name][node.first:node.last + 1].sum(axis=0)
-                    all_nodes.setdefault(key, {})[name] = tree.release(exact_node.tolist())
-                    new_nodes.setdefault(key, {})[name] = all_nodes[key][name]
-            leaf = {name: all_nodes[(0, step)][name] for name in monitor.trees}
-            tree0 = next(iter(monitor.trees.values()))
-            running = {name: np.sum([all_nodes[(n.level, n.index)][name] for n in tree0.prefix(step)], axis=0).tolist()
-                       for name in monitor.trees}
-            released.append((step, step_rows(monitor, step, leaf, running)))
-        return released, new_nodes
 
     # -- delivery ----------------------------------------------------------------------
 
@@ -364,12 +316,6 @@ class MonitorService:
                            event="monitor.alert_delivery", account=account, alerts=len(alerts), **detail)
             except Exception:  # noqa: BLE001 - delivery bookkeeping never breaks the server
                 pass
-
-
-def _parquet(frame: pl.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    frame.write_parquet(buffer)
-    return buffer.getvalue()
 
 
 def alert_dict(alert: MonitorAlert, monitor: str) -> dict[str, Any]:

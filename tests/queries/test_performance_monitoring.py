@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import numpy as np
 import polars as pl
 import pytest
 
 from privacy.continual import TreeCounter, levels_for
+from privacy.errors import InvalidLoss
 from queries.errors import QueryError
 from queries.metadata import parse_metadata
-from queries.monitoring import parse_monitor, resolve_monitor, step_vectors
+from queries.monitor_batches import SUM_LIMIT, add_vectors, cell_sums, exact_total, group_codes
+from queries.monitor_calibration import Calibration
+from queries.monitoring import fired, parse_monitor, resolve_monitor, step_vectors
 from tests.conftest import base_metadata
 
 
@@ -118,3 +122,74 @@ def test_mean_monitor_releases_values_and_running_values_with_intervals() -> Non
     # The running mean of 10, 30 and 50 lies in its 99.9% interval: flake rate below 0.1%.
     assert row["running_ci_low"] <= 30.0 <= row["running_ci_high"]
     assert row["running_ci_high"] - row["running_ci_low"] < 100  # and the interval is informative
+
+
+# -- total on the data: non-finite values, boolean keys, exact integer sums (issue 11) ----------
+
+
+@pytest.mark.parametrize("metric", [{"metric": "mean"}, {"metric": "share_above", "threshold": 0.5}],
+                         ids=["mean", "share-above"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "+inf", "-inf"])
+def test_non_finite_measured_values_are_left_out_like_missing_ones(metric: dict, value: float) -> None:
+    monitor = _monitor(column="waiting_minutes", contributions=3, **metric)
+    rows = _events(1, [0, 0, 0, 1, 1])
+    waiting = [10.0, 30.0, 70.0, 20.0, 90.0]
+    odd = rows.with_columns(pl.Series("waiting_minutes", [value, 30.0, value, 20.0, value]))
+    missing = rows.with_columns(pl.Series("waiting_minutes", [None, 30.0, None, 20.0, None], dtype=pl.Float64))
+    exact_odd, used_odd = step_vectors(monitor, odd, 0, 1, {})
+    exact_missing, used_missing = step_vectors(monitor, missing, 0, 1, {})
+    assert used_odd == used_missing == {1: 2}  # only the two finite rows count against L
+    assert {k: v.tolist() for k, v in exact_odd.items()} == {k: v.tolist() for k, v in exact_missing.items()}
+    assert all(int(v.min()) > np.iinfo(np.int64).min for v in exact_odd.values())
+    finite, _ = step_vectors(monitor, rows.with_columns(pl.Series("waiting_minutes", waiting)), 0, 1, {})
+    assert int(finite["counts" if "counts" in finite else "above"].sum()) == 3  # L = 3 of five finite rows
+
+
+def test_boolean_group_keys_match_their_values() -> None:
+    metadata = base_metadata()
+    metadata["tables"]["events"]["columns"]["online"] = {"type": "bool", "keys": [True, False]}
+    spec = parse_monitor({"name": "m", "dataset": metadata["name"], "metric": "count", "group_by": "online",
+                          "step": "day", "start": "2025-01-01T00:00:00", "horizon": 2, "epsilon": 1.0,
+                          "contributions": 10, "rules": [{"op": "above", "value": 0.5, "group": True}]})
+    monitor = resolve_monitor(spec, parse_metadata(metadata))
+    rows = _events(1, [0, 0, 0, 1]).with_columns(pl.Series("online", [True, False, None, True]))
+    exact, _ = step_vectors(monitor, rows, 0, 1, {})
+    assert exact["counts"].tolist() == [[1, 1], [1, 0]]  # a null key is dropped, as a key outside the set
+    assert group_codes(pl.Series([True, False, None]), (True, False)).tolist() == [0, 1, -1]
+    hits = fired(monitor, [{"group": True, "value": 1.0}, {"group": 1, "value": 1.0}])
+    assert [row["group"] for _, _, row in hits] == [True]  # the rule's True is not the group 1
+
+
+def test_sums_are_exact_integers_and_clamped_never_wrapped() -> None:
+    cell = np.array([0, 0, 1, 1, 1])
+    big = np.array([2**40, 2**40 + 1, -(2**40), -1, 3], dtype=np.int64)
+    assert cell_sums(cell, big, 2, 2**41).tolist() == [2**41 + 1, -(2**40) + 2]
+    huge = np.array([SUM_LIMIT] * 4, dtype=np.int64)
+    assert cell_sums(np.zeros(4, dtype=np.int64), huge, 1, SUM_LIMIT).tolist() == [SUM_LIMIT]  # clamped
+    leaves = np.array([[SUM_LIMIT, -SUM_LIMIT, 5]] * 3, dtype=np.int64)
+    assert exact_total(leaves) == [SUM_LIMIT, -SUM_LIMIT, 15]
+    assert add_vectors([[2**62, 1], [2**62, 2]]) == [2**63, 3]  # Python integers: no int64 wrap-around
+
+
+def test_a_mean_monitor_whose_worst_case_sum_overflows_is_refused_naming_the_fields() -> None:
+    metadata = base_metadata()
+    metadata["tables"]["events"]["columns"]["waiting_minutes"].update(bounds=[0.0, 1e9], resolution=1e-6)
+    spec = parse_monitor({"name": "m", "dataset": metadata["name"], "metric": "mean", "column": "waiting_minutes",
+                          "step": "day", "start": "2025-01-01T00:00:00", "horizon": 10, "epsilon": 1.0})
+    with pytest.raises(QueryError, match=r"bounds \[0, 1e\+09\] at resolution 1e-06 and 3 contributions") as caught:
+        resolve_monitor(spec, parse_metadata(metadata))
+    assert caught.value.field == "column" and "resolution" in caught.value.fix
+
+
+def test_a_calibration_round_trips_and_rebuilds_the_same_trees() -> None:
+    monitor = _monitor(metric="mean", column="waiting_minutes")
+    metadata = parse_metadata(base_metadata())
+    calibration = Calibration.of(monitor, metadata)
+    again = Calibration.from_json(calibration.to_json())
+    assert again.fingerprint == calibration.fingerprint and again.differences(calibration) == []
+    rebuilt = again.monitor(monitor.spec, monitor.table, monitor.loss.micro_epsilon)
+    assert rebuilt.trees == monitor.trees and rebuilt.unit == monitor.unit and rebuilt.keys == monitor.keys
+    with pytest.raises(QueryError, match="would spend more"):
+        again.monitor(monitor.spec, monitor.table, monitor.loss.micro_epsilon - 1)
+    with pytest.raises(InvalidLoss, match="sensitivity"):
+        TreeCounter.restore(10, 3, 1, 5, 1.0)  # 5 is not 5 levels x 3 x 1
