@@ -18,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import tempfile
-import warnings
+import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import polars as pl
+import uvicorn
 
 from policies.actions import Role
 from server import admin
@@ -32,10 +36,6 @@ from server.db import session_scope
 from server.main import create_app
 from server.settings import Settings
 from synthetic.demo_data import generate
-
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=r"Using `httpx` with `starlette.testclient`")
-    from fastapi.testclient import TestClient
 
 START, END = datetime(2025, 1, 1), datetime(2026, 1, 1)
 HIDDEN_AT = datetime(2025, 8, 17, 14, 7)
@@ -62,23 +62,45 @@ def neighbours(root: Path, people: int, value: float) -> tuple[Path, Path]:
     return plain, other
 
 
-def serve(state: Path, dataset: Path) -> tuple[TestClient, str]:
-    client = TestClient(create_app(Settings(data_dir=state, database_url=None, feeds_scheduler=False)))
-    client.__enter__()
-    app_state = client.app.state.civicdp  # type: ignore[attr-defined]
+class Served:
+    """The real app on a loopback port (uvicorn in a thread), stopped by :meth:`close`."""
+
+    def __init__(self, state: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.app = create_app(Settings(data_dir=state, database_url=None, feeds_scheduler=False))
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def serve(state: Path, dataset: Path) -> tuple[Served, str]:
+    served = Served(state)
+    app_state = served.app.state.civicdp
     with session_scope(app_state.db) as session:
         admin.register_dataset(session, app_state.policies, None, dataset)
         admin.create_account(session, None, "prober", "health")
         admin.grant_role(session, app_state.policies, None, "prober", Role.ANALYST, "health")
         admin.set_cap(session, None, "civic-demo", "analyst", "prober", 1.0)
         key = admin.issue_key(session, None, "prober", app_state.secret, 30)[1]
-    return client, key
+    return served, key
 
 
-def probe(client: TestClient, key: str, start: datetime, end: datetime, epsilon: float) -> dict[str, Any]:
+def probe(served: Served, key: str, start: datetime, end: datetime, epsilon: float) -> dict[str, Any]:
     spec = {"dataset": "civic-demo", "aggregate": "mean", "column": "waiting_minutes", "epsilon": epsilon,
             "filters": [{"column": "request_time", "op": "between", "start": start.isoformat(),
                          "end": end.isoformat()}]}
+    client = served.client
     response = client.post("/v1/queries", json=spec, headers={"Authorization": f"Bearer {key}"})
     body = response.json()
     error = None if response.status_code == 200 else json.dumps(body, sort_keys=True)
@@ -126,7 +148,7 @@ def main() -> None:
             for name, (client, key) in servers.items():
                 final = probe(client, key, START, END, args.epsilon)
                 print(f"{name}: spent {final['spent_micro']:,} micro-epsilon over {args.probes + 1} probes")
-                client.__exit__(None, None, None)
+                client.close()
     print(f"\nprobes whose status, error body or charge differed between D and D': {differing}")
 
 
