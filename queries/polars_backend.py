@@ -169,12 +169,15 @@ class PolarsBackend:
         return ranked.sort(unit, RANK)
 
     def scan(self, dataset_dir: Path, metadata: DatasetMetadata, table: str) -> pl.LazyFrame:
-        """The ranked table, with NaN and infinities in float columns read as missing values.
+        """The ranked table's rows that have a person, NaN and infinities in float columns read as missing.
 
         Every reader of the data goes through here, so no later step meets a non-finite
         value: it would pass ``is_not_null``, survive ``clip`` and break integer casts.
         """
         frame = pl.scan_parquet(self._ranked_path(dataset_dir, metadata, table))
+        # Rows without a person cannot be bounded per person: bounded together as one "person",
+        # one more such row could push another out (a change of 2L, not L). They count for no one.
+        frame = frame.filter(pl.col(_unit_column(metadata, table)).is_not_null())
         floats = [name for name, dtype in frame.collect_schema().items() if dtype.is_float()]
         if not floats:
             return frame

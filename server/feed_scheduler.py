@@ -48,9 +48,12 @@ class FeedScheduler:
 def start_feeds(state: Any) -> FeedScheduler | None:
     """Start checking for due feed releases in the background; None when turned off."""
     settings = state.settings
+    service = FeedService.of(state)
+    # Claims a crash left charged but unreleased are recorded as failed at every start, also
+    # when this process does not schedule (another may, or a steward triggers by hand).
+    service.recover()
     if not settings.feeds_scheduler:
         return None
-    service = FeedService.of(state)
     scheduler = BackgroundScheduler(timezone=timezone.utc)
     scheduler.add_job(_check, IntervalTrigger(seconds=settings.feeds_check_seconds, timezone=timezone.utc),
                       args=[service], id="civicdp-feeds", max_instances=1, coalesce=True,
