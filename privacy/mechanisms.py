@@ -3,9 +3,10 @@
 Each mechanism is built from a public sensitivity (derived from declared bounds and
 the contribution bound, never from the data) and a noise scale. Its privacy loss is
 read from OpenDP's privacy map before anything is released, so a plan knows its
-cost before it touches data. All noise is added to integers (discrete Laplace, and
-permute-and-flip/exponential selection on integer scores), which keeps OpenDP's
-samplers exact and avoids floating-point attacks.
+cost before it touches data. All noise is added to integers (discrete Laplace for
+pure-DP datasets, discrete Gaussian for zCDP datasets, and exponential selection on
+integer scores, read in either accounting), which keeps OpenDP's samplers exact and
+avoids floating-point attacks. :mod:`privacy.accounting` picks the family per dataset.
 """
 
 from __future__ import annotations
@@ -58,9 +59,23 @@ def _laplace(scale: float) -> opendp.mod.Measurement:
 
 
 @lru_cache(maxsize=256)
-def _noisy_min(scale: float) -> opendp.mod.Measurement:
+def _gaussian(scale: float) -> opendp.mod.Measurement:
+    # An f64 L2 distance on integer vectors: sensitivities such as sqrt(k) are exact enough
+    # (OpenDP rounds the map up) and the noise stays the exact discrete Gaussian on integers.
+    return measurements.make_gaussian(_INT_VECTOR, metrics.l2_distance(T="f64"), scale=scale)
+
+
+@lru_cache(maxsize=512)
+def _noisy_min(scale: float, zcdp: bool = False) -> opendp.mod.Measurement:
     space = _INT_VECTOR, metrics.linf_distance(T="i64", monotonic=False)
-    return measurements.make_noisy_max(*space, measures.max_divergence(), scale=scale, negate=True)
+    measure = measures.zero_concentrated_divergence() if zcdp else measures.max_divergence()
+    return measurements.make_noisy_max(*space, measure, scale=scale, negate=True)
+
+
+def _rho_loss(rho: float, delta: float) -> PrivacyLoss:
+    if not math.isfinite(rho) or rho <= 0:
+        raise InvalidLoss(f"OpenDP reported an unusable privacy loss rho={rho}")
+    return PrivacyLoss.zcdp(rho, delta)
 
 
 def _check_scale(scale: float) -> float:
@@ -120,14 +135,65 @@ class LaplaceVector:
 
 
 @dataclass(frozen=True)
+class GaussianVector:
+    """Discrete Gaussian noise on a vector of integers with a public L2 sensitivity (zCDP).
+
+    Its loss is rho from OpenDP's privacy map, stated as (epsilon, delta) at the
+    dataset's public ``delta``.
+    """
+
+    sensitivity: float
+    scale: float
+    delta: float
+
+    @classmethod
+    def for_rho(cls, sensitivity: float, rho: float, delta: float) -> GaussianVector:
+        """The least-noise mechanism whose OpenDP privacy map stays within ``rho``."""
+        _check_epsilon(rho)
+        scale = _fit_scale(lambda s: _gaussian(s).map(float(sensitivity)), sensitivity / math.sqrt(2 * rho), rho)
+        return cls(float(sensitivity), scale, delta)
+
+    @classmethod
+    def for_accuracy(cls, sensitivity: float, accuracy: float, alpha: float, delta: float) -> GaussianVector:
+        """The mechanism whose (1 - alpha) error bound per cell is at most ``accuracy``."""
+        if not (math.isfinite(accuracy) and accuracy >= 1 and 0 < alpha < 1):
+            raise InvalidLoss(f"a target accuracy must be at least one unit of the answer, got {accuracy}")
+        scale = _check_scale(dp_accuracy.accuracy_to_discrete_gaussian_scale(float(accuracy), float(alpha)))
+        for _ in range(64):
+            if dp_accuracy.discrete_gaussian_scale_to_accuracy(scale, float(alpha)) <= accuracy:
+                return cls(float(sensitivity), scale, delta)
+            scale = math.nextafter(scale, 0.0) * (1 - 1e-12)
+        raise InvalidLoss(f"could not calibrate noise for accuracy {accuracy}")
+
+    @property
+    def loss(self) -> PrivacyLoss:
+        return _rho_loss(_gaussian(_check_scale(self.scale)).map(self.sensitivity), self.delta)
+
+    def accuracy(self, alpha: float) -> float:
+        """Half-width that the noise exceeds with probability at most ``alpha``."""
+        half = float(dp_accuracy.discrete_gaussian_scale_to_accuracy(self.scale, alpha))
+        if not math.isfinite(half) or half <= 0:
+            return 1.0 if self.scale < 0.2 else float("inf")
+        return half
+
+    def release(self, values: Sequence[int]) -> list[int]:
+        return list(_gaussian(_check_scale(self.scale))([int(v) for v in values]))
+
+    name = "discrete Gaussian"
+
+
+@dataclass(frozen=True)
 class NoisyMin:
     """Private selection of the lowest integer score (exponential mechanism, permute-and-flip).
 
     ``sensitivity`` bounds how much one person can move any single score (L-infinity).
+    With ``delta`` set it is accounted in zCDP (OpenDP's zCDP map of the same selection,
+    stated at that delta); otherwise in pure epsilon.
     """
 
     sensitivity: int
     scale: float
+    delta: float | None = None
 
     @classmethod
     def for_epsilon(cls, sensitivity: int, epsilon: float) -> NoisyMin:
@@ -136,8 +202,18 @@ class NoisyMin:
         scale = _fit_scale(lambda s: _noisy_min(s).map(sensitivity), start, epsilon)
         return cls(sensitivity, scale)
 
+    @classmethod
+    def for_rho(cls, sensitivity: int, rho: float, delta: float) -> NoisyMin:
+        """The least-noise selection whose zCDP map stays within ``rho``."""
+        _check_epsilon(rho)
+        start = sensitivity / math.sqrt(2 * rho)  # rho = (2 * sensitivity / scale)^2 / 8
+        scale = _fit_scale(lambda s: _noisy_min(s, True).map(sensitivity), start, rho)
+        return cls(sensitivity, scale, delta)
+
     @property
     def loss(self) -> PrivacyLoss:
+        if self.delta is not None:
+            return _rho_loss(_noisy_min(_check_scale(self.scale), True).map(self.sensitivity), self.delta)
         return _loss(_noisy_min(_check_scale(self.scale)).map(self.sensitivity))
 
     def score_error(self, candidates: int, alpha: float) -> float:
@@ -151,7 +227,8 @@ class NoisyMin:
     def release(self, scores: Sequence[int]) -> int:
         if not scores:
             raise InvalidLoss("selection needs at least one candidate")
-        return int(_noisy_min(_check_scale(self.scale))([int(s) for s in scores]))
+        # The same sampler either way: zCDP only changes how its loss is read.
+        return int(_noisy_min(_check_scale(self.scale), self.delta is not None)([int(s) for s in scores]))
 
     name = "exponential mechanism (permute-and-flip)"
 
@@ -163,7 +240,7 @@ def _check_epsilon(epsilon: float) -> None:
 
 
 def _fit_scale(epsilon_of, start: float, epsilon: float) -> float:
-    """Smallest scale near ``start`` whose privacy map is at most ``epsilon``."""
+    """Smallest scale near ``start`` whose privacy map is at most ``epsilon`` (or rho)."""
     scale = _check_scale(start)
     # OpenDP rounds its map conservatively; nudge the scale up until it fits.
     for _ in range(64):

@@ -1,0 +1,133 @@
+"""How a dataset accounts for privacy loss: pure epsilon (Laplace) or zCDP (Gaussian).
+
+The data steward chooses per dataset (``accounting`` in its metadata). Analysts always
+ask in epsilon; what differs is what that epsilon buys and how answers compose:
+
+- ``pure``: a query of epsilon is epsilon-DP; its parts split epsilon; the ledger adds
+  epsilons (basic composition). Laplace noise. The default.
+- ``zcdp``: a query of epsilon is the largest rho whose (epsilon, delta)-DP statement at
+  the dataset's public delta is within epsilon (OpenDP's zCDP-to-approximate-DP
+  conversion); its parts split rho; the ledger adds rho, so k answers cost about
+  sqrt(k) times one in epsilon terms, not k times. Gaussian noise (discrete, exact);
+  selections are the same exponential mechanism, read through OpenDP's zCDP map.
+
+:class:`Accounting` is the one place that turns a share of the budget into a
+mechanism, so kinds and analyses never choose the noise family themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal, Union
+
+import opendp.combinators as combinators
+import opendp.domains as domains
+import opendp.measurements as measurements
+import opendp.metrics as metrics
+
+from privacy import mechanisms  # noqa: F401 - enables OpenDP's features first
+from privacy.errors import InvalidLoss
+from privacy.loss import PrivacyLoss
+from privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin
+
+Mode = Literal["pure", "zcdp"]
+Additive = Union[LaplaceVector, GaussianVector]
+#: Largest delta a zCDP dataset may declare (GOVERNANCE.md: delta <= 1e-7 where Gaussian noise is used).
+MAX_DELTA = 1e-7
+
+
+@lru_cache(maxsize=4096)
+def epsilon_of_rho(rho: float, delta: float) -> float:
+    """The epsilon at which rho-zCDP holds as (epsilon, delta)-DP (OpenDP's conversion, rounded up)."""
+    if not (math.isfinite(rho) and rho > 0 and 0 < delta < 1):
+        raise InvalidLoss(f"cannot convert rho={rho} at delta={delta}")
+    gaussian = measurements.make_gaussian(domains.atom_domain(T="f64", nan=False),
+                                          metrics.absolute_distance(T="f64"), scale=1.0)
+    # A Gaussian of scale 1 has rho = d^2 / 2 at sensitivity d: the profile of rho is at d = sqrt(2 rho).
+    profile = combinators.make_zCDP_to_approxDP(gaussian).map(math.sqrt(2 * rho))
+    return float(profile.epsilon(delta))
+
+
+@lru_cache(maxsize=4096)
+def rho_for_epsilon(epsilon: float, delta: float) -> float:
+    """The largest rho whose (epsilon, delta)-DP statement at ``delta`` is within ``epsilon``."""
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise InvalidLoss(f"epsilon must be finite and positive, got {epsilon!r}")
+    low, high = 0.0, epsilon  # epsilon(rho) >= rho, so rho <= epsilon
+    for _ in range(80):
+        middle = (low + high) / 2
+        if middle > 0 and epsilon_of_rho(middle, delta) <= epsilon:
+            low = middle
+        else:
+            high = middle
+    if low <= 0:
+        raise InvalidLoss(f"epsilon {epsilon} is too small for any zCDP loss at delta {delta}")
+    return low
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """A dataset's accounting: ``mode`` and, for zCDP, its public ``delta``."""
+
+    mode: Mode = "pure"
+    delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode == "zcdp" and not (0 < self.delta <= MAX_DELTA):
+            raise InvalidLoss(f"a zCDP dataset needs a public delta in (0, {MAX_DELTA:g}], got {self.delta}")
+        if self.mode == "pure" and self.delta:
+            raise InvalidLoss("a pure-DP dataset has delta 0")
+
+    @property
+    def zcdp(self) -> bool:
+        return self.mode == "zcdp"
+
+    @property
+    def unit(self) -> str:
+        """What budgets of the dataset count: ``epsilon`` or ``rho``."""
+        return "rho" if self.zcdp else "epsilon"
+
+    def budget(self, epsilon: float) -> float:
+        """What an analyst's ``epsilon`` buys, in the unit parts split: epsilon, or rho."""
+        return rho_for_epsilon(float(epsilon), self.delta) if self.zcdp else float(epsilon)
+
+    def cap_amount(self, epsilon: float) -> float:
+        """A cap stated in epsilon, in the dataset's unit (zCDP: the rho whose epsilon at delta fits)."""
+        return self.budget(epsilon)
+
+    def loss_of(self, amount: float) -> PrivacyLoss:
+        """A budget amount (epsilon or rho) as a loss."""
+        return PrivacyLoss.zcdp(amount, self.delta) if self.zcdp else PrivacyLoss.of(amount)
+
+    def additive(self, sensitivity: int, budget: float, l2_sensitivity: float | None = None) -> Additive:
+        """Noise for an integer vector with L1 ``sensitivity`` (and, if smaller, L2 one), spending ``budget``."""
+        if self.zcdp:
+            l2 = float(sensitivity if l2_sensitivity is None else min(l2_sensitivity, sensitivity))
+            return GaussianVector.for_rho(l2, budget, self.delta)
+        return LaplaceVector.for_epsilon(sensitivity, budget)
+
+    def additive_for_accuracy(self, sensitivity: int, accuracy: float, alpha: float,
+                              l2_sensitivity: float | None = None) -> Additive:
+        """Noise whose (1 - alpha) error bound per cell is at most ``accuracy``."""
+        if self.zcdp:
+            l2 = float(sensitivity if l2_sensitivity is None else min(l2_sensitivity, sensitivity))
+            return GaussianVector.for_accuracy(l2, accuracy, alpha, self.delta)
+        return LaplaceVector.for_accuracy(sensitivity, accuracy, alpha)
+
+    def selection(self, sensitivity: int, budget: float) -> NoisyMin:
+        """A private choice of the lowest score (L-infinity ``sensitivity``), spending ``budget``."""
+        if self.zcdp:
+            return NoisyMin.for_rho(sensitivity, budget, self.delta)
+        return NoisyMin.for_epsilon(sensitivity, budget)
+
+    def amount(self, loss: PrivacyLoss) -> float:
+        """A loss in the dataset's unit (a pure loss in a zCDP dataset counts as epsilon^2 / 2)."""
+        return float(loss.as_rho()) if self.zcdp else float(loss.epsilon)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"mode": self.mode, "delta": self.delta, "unit": self.unit}
+
+
+PURE = Accounting()
