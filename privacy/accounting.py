@@ -29,7 +29,7 @@ import opendp.metrics as metrics
 
 from privacy import mechanisms  # noqa: F401 - enables OpenDP's features first
 from privacy.errors import InvalidLoss
-from privacy.loss import PrivacyLoss
+from privacy.loss import MICRO, NANO, PrivacyLoss
 from privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin
 
 Mode = Literal["pure", "zcdp"]
@@ -121,6 +121,31 @@ class Accounting:
         if self.zcdp:
             return NoisyMin.for_rho(sensitivity, budget, self.delta)
         return NoisyMin.for_epsilon(sensitivity, budget)
+
+    def charge_of(self, loss: PrivacyLoss) -> int:
+        """The ledger amount of ``loss`` in this dataset's unit, rounded up.
+
+        A pure epsilon-DP loss on a zCDP dataset is charged as (epsilon^2 / 2)-zCDP (it is
+        that); a zCDP loss cannot be charged to a pure dataset (it has no pure epsilon).
+        """
+        if self.zcdp:
+            return math.ceil(loss.as_rho() * NANO)
+        if loss.is_zcdp:
+            raise InvalidLoss("a zCDP loss cannot be charged to a pure-DP dataset")
+        return loss.micro_epsilon
+
+    def cap_of(self, cap_micro_epsilon: int) -> int:
+        """A cap set in micro-epsilon, in the ledger unit: nano-rho of the largest rho within it (zCDP)."""
+        if not self.zcdp or cap_micro_epsilon <= 0:
+            return cap_micro_epsilon
+        return math.floor(rho_for_epsilon(cap_micro_epsilon / MICRO, self.delta) * NANO)
+
+    def shown(self, amount: int) -> dict[str, float]:
+        """A ledger amount for people: epsilon (pure); rho and its epsilon at delta (zCDP)."""
+        if not self.zcdp:
+            return {"epsilon": amount / MICRO}
+        rho = amount / NANO
+        return {"rho": rho, "epsilon": epsilon_of_rho(rho, self.delta) if rho > 0 else 0.0}
 
     def amount(self, loss: PrivacyLoss) -> float:
         """A loss in the dataset's unit (a pure loss in a zCDP dataset counts as epsilon^2 / 2)."""

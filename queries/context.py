@@ -14,6 +14,7 @@ from pathlib import Path
 
 import polars as pl
 
+from privacy.accounting import Accounting
 from privacy.bounding import coarsest_needed, fits_exact_sum, quantized_bound
 from queries.backend import GroupKey, RowFilter
 from queries.errors import QueryError
@@ -74,6 +75,11 @@ class QueryContext:
     @property
     def n_cells(self) -> int:
         return self.cells.height
+
+    @property
+    def accounting(self) -> Accounting:
+        """The dataset's accounting: which noise a budget share buys, and in which unit."""
+        return self.metadata.accounting.rule
 
 
 def resolve(spec: QuerySpec, metadata: DatasetMetadata, dataset_dir: Path,

@@ -81,12 +81,15 @@ class Engine:
         if kind is None:
             raise QueryError("aggregate", f"unknown aggregate '{spec.aggregate}'", f"Use one of {sorted(KINDS)}")
         kind.check(ctx)
-        selector, main_epsilon = None, spec.epsilon
+        # The analyst's epsilon as a budget in the dataset's unit (epsilon, or rho on zCDP
+        # datasets): the parts below split that budget, so on zCDP they compose by rho.
+        budget = None if spec.epsilon is None else ctx.accounting.budget(spec.epsilon)
+        selector, main_epsilon = None, budget
         contributions = ctx.contributions
         if contributions is None:  # "auto": part of the loss chooses L privately
-            auto_epsilon = spec.epsilon * self.limits.auto_fraction  # type: ignore[operator]
-            main_epsilon = spec.epsilon - auto_epsilon  # type: ignore[operator]
-            selector = NoisyMin.for_epsilon(BOUND_SCORE_SENSITIVITY, auto_epsilon)
+            auto_budget = budget * self.limits.auto_fraction  # type: ignore[operator]
+            main_epsilon = budget - auto_budget  # type: ignore[operator]
+            selector = ctx.accounting.selection(BOUND_SCORE_SENSITIVITY, auto_budget)
             contributions = metadata.max_contributions  # reference for estimates only
         calibration = kind.calibrate(ctx, contributions, main_epsilon)
         plan = Plan(ctx, kind, calibration, selector, main_epsilon)

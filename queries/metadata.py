@@ -18,7 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from privacy.accounting import Accounting
 from privacy.bounding import coarsest_needed
+from privacy.errors import InvalidLoss
 from queries.errors import MetadataError
 
 ColumnType = Literal["int", "float", "str", "datetime", "bool"]
@@ -79,6 +81,25 @@ class TableMeta(_Strict):
     privacy_unit_via: dict[str, str] | None = None
 
 
+class AccountingMeta(_Strict):
+    """How the dataset accounts for privacy loss (``privacy.accounting``): chosen by its steward."""
+
+    mode: Literal["pure", "zcdp"] = "pure"
+    delta: float = 0.0  # zcdp: the public delta at which losses are stated as (epsilon, delta)
+
+    @model_validator(mode="after")
+    def _check(self) -> AccountingMeta:
+        try:
+            self.rule  # noqa: B018 - validates mode and delta together
+        except InvalidLoss as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @property
+    def rule(self) -> Accounting:
+        return Accounting(self.mode, self.delta)
+
+
 class DatasetMetadata(_Strict):
     """The whole public declaration of a dataset."""
 
@@ -90,6 +111,7 @@ class DatasetMetadata(_Strict):
     max_contributions_limit: int = Field(default=1000, ge=1, le=100_000)
     tables: dict[str, TableMeta]
     catalogue: dict[str, Any] | None = None
+    accounting: AccountingMeta = Field(default_factory=AccountingMeta)
 
     @model_validator(mode="after")
     def _check(self) -> DatasetMetadata:

@@ -24,6 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from privacy.accounting import PURE, Accounting
 from privacy.continual import TreeCounter
 from privacy.errors import PrivacyError
 from queries.errors import QueryError
@@ -125,7 +126,8 @@ class Calibration:
                 out.append(f"{key} {a!r} -> {b!r}")
         return out or ["the noise calibration"]
 
-    def monitor(self, spec: MonitorSpec, table: TableMeta, charged_micro: int) -> ResolvedMonitor:
+    def monitor(self, spec: MonitorSpec, table: TableMeta, charged_micro: int,
+                accounting: Accounting = PURE) -> ResolvedMonitor:
         """The monitor rebuilt from this calibration alone; refused if it would spend beyond ``charged_micro``.
 
         ``table`` (the dataset's current declaration) serves only to check a batch's schema.
@@ -141,9 +143,9 @@ class Calibration:
             raise QueryError("monitor", "the monitor's stored calibration does not match its definition", _NEW)
         monitor = ResolvedMonitor(spec, table, d["privacy_unit"], tuple(d["keys"]), d["contributions"], trees,
                                   float(d["lower"]), float(d["upper"]), float(d["resolution"]), int(d["unit"]))
-        if not trees or monitor.loss.micro_epsilon > charged_micro:
+        if not trees or accounting.charge_of(monitor.loss) > charged_micro:
             raise QueryError("monitor", f"the monitor's stored calibration would spend more than the "
-                             f"{charged_micro / 1e6:g} epsilon it was charged", _NEW)
+                             f"{accounting.shown(charged_micro)['epsilon']:g} epsilon it was charged", _NEW)
         return monitor
 
 
@@ -166,4 +168,4 @@ def frozen_monitor(spec: MonitorSpec, calibration: Calibration, metadata: Datase
         raise QueryError("dataset", f"{was}; version {metadata.version} changed what the monitor was "
                          f"calibrated on ({'; '.join(differences)}), so no batch is accepted: the data no "
                          "longer fits the calibration its loss was charged for", _NEW)
-    return calibration.monitor(spec, metadata.tables[spec.table], charged_micro)
+    return calibration.monitor(spec, metadata.tables[spec.table], charged_micro, metadata.accounting.rule)

@@ -219,6 +219,20 @@ def _insert_ignoring_duplicates(session: Session, model: type, row: dict[str, An
     return 0 if inserted is None else 1
 
 
+def _charge(row: Dataset, plans: list[tuple[Request, Plan | AnalysisPlan]]) -> int:
+    """One release's charge in the dataset's ledger unit (micro-epsilon, or nano-rho on zCDP)."""
+    accounting = registry.metadata_of(row).accounting.rule
+    return sum(accounting.charge_of(plan.loss) for _, plan in plans)
+
+
+def _loss_document(row: Dataset, amount: int) -> dict[str, Any]:
+    """A release's loss as its signed document states it (pure: micro-epsilon; zCDP: nano-rho and epsilon)."""
+    accounting = registry.metadata_of(row).accounting.rule
+    if not accounting.zcdp:
+        return {"epsilon_micro": amount, "delta": 0}
+    return {"rho_nano": amount, "epsilon": accounting.shown(amount)["epsilon"], "delta": accounting.delta}
+
+
 def approval_basis(engine: Engine, metadata: DatasetMetadata,
                    plans: list[tuple[Request, Plan | AnalysisPlan]]) -> dict[str, Any]:
     """What a feed's loss and sensitivity depend on, computed without data (its fingerprint is frozen
@@ -234,7 +248,8 @@ def approval_basis(engine: Engine, metadata: DatasetMetadata,
     specs = []
     for _, plan in plans:
         estimate = engine.describe(plan)
-        specs.append({"loss_micro": plan.loss.micro_epsilon, "contributions": estimate.contributions,
+        specs.append({"loss_micro": metadata.accounting.rule.charge_of(plan.loss),
+                      "contributions": estimate.contributions,
                       "mechanisms": estimate.mechanisms})
     return _plain({"privacy_unit": metadata.privacy_unit, "max_contributions": metadata.max_contributions,
                    "max_contributions_limit": metadata.max_contributions_limit,
@@ -336,7 +351,7 @@ class FeedService:
                 raise InvalidRequest("dataset", f"no dataset named {body.dataset!r}",
                                      f"Use one of {known}" if known else "Register the dataset first")
             plans = self._plan_specs(row, body.specs)
-            loss = sum(plan.loss.micro_epsilon for _, plan in plans)
+            loss = _charge(row, plans)
             basis = approval_basis(self.engine, registry.metadata_of(row), plans)
             total = loss * body.releases
             self._check_announcement(session, row.name, body.name, loss, total, schedule, now)
@@ -491,7 +506,7 @@ class FeedService:
         except InvalidRequest as exc:
             self._refuse(feed, number, period, caller, origin,
                          f"a spec no longer fits dataset {row.name} version {row.version}: {exc}")
-        loss = sum(plan.loss.micro_epsilon for _, plan in plans)
+        loss = _charge(row, plans)
         basis = approval_basis(self.engine, registry.metadata_of(row), plans)
         if approval is None:
             approval = self._approve_unrecorded(feed, row, basis, loss, number, period, caller, origin)
@@ -623,9 +638,9 @@ class FeedService:
             "format": FORMAT, "feed": feed.name, "number": number, "releases": feed.releases, "period": period,
             "schedule": feed.schedule, "dataset": row.name, "dataset_version": row.version,
             "released_at": now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "loss": {"epsilon_micro": loss, "delta": 0},
+            "loss": _loss_document(row, loss),
             "signed_by": f"{key.name}+{key.verifier.id.hex()}",
-            "results": [{"query": json.loads(spec.canonical()), "loss_micro": plan.loss.micro_epsilon,
+            "results": [{"query": json.loads(spec.canonical()), "loss_micro": _charge(row, [(spec, plan)]),
                          "columns": result.table.columns, "rows": result.table.to_dicts(),
                          "tables": {name: {"columns": t.columns, "rows": t.to_dicts()}
                                     for name, t in result.tables.items()},

@@ -8,39 +8,44 @@ made with one conditional ``UPDATE ... WHERE spent + amount <= cap`` per scope i
 the caller's database transaction, before the answer leaves. The database, not
 process memory, holds the state, so the guarantee survives restarts and holds across
 threads and several server processes (OpenDP's in-memory ``Context`` does not; see
-GOVERNANCE.md, "Budget ledger"). Amounts are integers in micro-epsilon end to end:
-``0.1 + 0.1 + 0.1`` is exactly ``0.3`` and a float never enters a comparison.
+GOVERNANCE.md, "Budget ledger"). Amounts are integers end to end — micro-epsilon on a
+pure-DP dataset, nano-rho on a zCDP one (:mod:`privacy.accounting`): ``0.1 + 0.1 + 0.1``
+is exactly ``0.3`` and a float never enters a comparison. Caps are set in epsilon (the
+number people agree on) and converted once, rounding down, into the dataset's unit when
+a budget row is opened; a feed's allocation (``feed`` scope) is already in that unit.
 
 Usage (the request handler)::
 
     scopes = scopes_for(dataset, account.name, account.agency, now)
     precheck(session, dataset, scopes, amount, defaults=caps)      # optional early refusal
-    ... compute the private answer ...
     with session_scope(engine) as session:                          # ONE transaction
-        release = ...; session.add(release); session.flush()
+        ... claim the question ...
         charge(session, dataset, scopes, amount, defaults=caps,
-               account_id=account.id, release_id=release.id)       # raises BudgetRefused
+               account_id=account.id)                               # raises BudgetRefused
         ... write the audit entry ...
-    # only now may the answer leave
+    # only now may the data be read (server/service.py, server/computations.py)
 """
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
+from functools import lru_cache
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from fractions import Fraction
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Callable, NamedTuple, Protocol
 
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
+from privacy.accounting import PURE, Accounting
 from privacy.errors import BudgetExhausted, InvalidLoss
 from privacy.loss import MICRO, PrivacyLoss
-from server.models import Budget, BudgetCap, LedgerEntry
+from server.models import Budget, BudgetCap, Dataset, LedgerEntry
 
 #: Scope kinds, in the order a request's scopes are listed.
 ANALYST, AGENCY, DATASET, LIFETIME = "analyst", "agency", "dataset", "lifetime"
@@ -139,8 +144,9 @@ class BudgetStatus:
     scope: str
     subject: str
     period: str
-    cap_micro: int
+    cap_micro: int  # in the dataset's ledger unit: micro-epsilon, or nano-rho (zCDP)
     spent_micro: int
+    accounting: Accounting = PURE
 
     @property
     def remaining_micro(self) -> int:
@@ -151,17 +157,29 @@ class BudgetStatus:
         return renews_at(self.period)
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON form for the budgets API (epsilons for people, micro ints for machines)."""
+        """JSON form for the budgets API (epsilons for people, integer amounts for machines).
+
+        On a zCDP dataset the integers are nano-rho, rho is shown too, and each epsilon is
+        that rho stated at the dataset's delta: ``spent_epsilon`` the guarantee so far,
+        ``remaining_epsilon`` the largest single query that still fits.
+        """
         renewal = self.renews_at
-        return {
+        cap, spent, remaining = (self.accounting.shown(a) for a in
+                                 (self.cap_micro, self.spent_micro, self.remaining_micro))
+        shown: dict[str, Any] = {
             "dataset": self.dataset, "scope": self.scope, "subject": self.subject,
             "period": self.period,
-            "cap_epsilon": _epsilon(self.cap_micro), "spent_epsilon": _epsilon(self.spent_micro),
-            "remaining_epsilon": _epsilon(self.remaining_micro),
+            "cap_epsilon": cap["epsilon"], "spent_epsilon": spent["epsilon"],
+            "remaining_epsilon": remaining["epsilon"],
             "cap_micro": self.cap_micro, "spent_micro": self.spent_micro,
             "remaining_micro": self.remaining_micro,
             "renews_at": renewal.isoformat() if renewal else None,
+            "unit": self.accounting.unit,
         }
+        if self.accounting.zcdp:
+            shown.update(cap_rho=cap["rho"], spent_rho=spent["rho"], remaining_rho=remaining["rho"],
+                         delta=self.accounting.delta)
+        return shown
 
 
 class BudgetRefused(BudgetExhausted):
@@ -187,10 +205,11 @@ class BudgetRefused(BudgetExhausted):
         self.spent_micro = status.spent_micro
         self.remaining_micro = remaining
         self.requested_micro = requested_micro
-        self.cap_epsilon = _epsilon(status.cap_micro)
-        self.spent_epsilon = _epsilon(status.spent_micro)
-        self.remaining_epsilon = _epsilon(remaining)
-        self.requested_epsilon = _epsilon(requested_micro)
+        self.accounting = status.accounting
+        self.cap_epsilon = status.accounting.shown(status.cap_micro)["epsilon"]
+        self.spent_epsilon = status.accounting.shown(status.spent_micro)["epsilon"]
+        self.remaining_epsilon = status.accounting.shown(remaining)["epsilon"]
+        self.requested_epsilon = status.accounting.shown(requested_micro)["epsilon"]
         self.renews_at = status.renews_at
         self.message = self._message(status)
         self.args = (self.message,)
@@ -208,6 +227,11 @@ class BudgetRefused(BudgetExhausted):
             where += f" in {status.period}"
         renewal = (f"It renews on {self.renews_at:%Y-%m-%d}." if self.renews_at
                    else "It does not renew.")
+        if self.accounting.zcdp:
+            left, needed = (self.accounting.shown(a) for a in (self.remaining_micro, self.requested_micro))
+            return (f"Cannot answer without exceeding the remaining {label} of rho {left['rho']:.6g} "
+                    f"(epsilon {left['epsilon']:.6g} at delta {self.accounting.delta:g}) {where}; this query "
+                    f"needs rho {needed['rho']:.6g} (epsilon {needed['epsilon']:.6g}). {renewal}")
         return (f"Cannot answer without exceeding the remaining {label} of epsilon "
                 f"{_show(self.remaining_micro)} {where}; this query needs "
                 f"{_show(self.requested_micro)}. {renewal}")
@@ -298,11 +322,11 @@ def _check_scopes(dataset: str, scopes: list[Scope]) -> list[Scope]:
 # -- amounts ------------------------------------------------------------------------------
 
 
-def to_micro(loss: PrivacyLoss) -> int:
-    """The ledger amount of ``loss``: its epsilon in micro-units, rounded up."""
+def to_micro(loss: PrivacyLoss, accounting: Accounting = PURE) -> int:
+    """The ledger amount of ``loss`` in ``accounting``'s unit, rounded up."""
     if not isinstance(loss, PrivacyLoss):
         raise InvalidLoss(f"expected a PrivacyLoss, got {type(loss).__name__}", value=loss)
-    return loss.micro_epsilon
+    return accounting.charge_of(loss)
 
 
 def validate_amount(amount_micro: object) -> int:
@@ -330,6 +354,23 @@ def validate_amount(amount_micro: object) -> int:
 # -- caps and budget rows -----------------------------------------------------------------
 
 
+@lru_cache(maxsize=256)
+def _accounting_in(document: str) -> Accounting:
+    declared = json.loads(document).get("accounting") or {}
+    return Accounting(declared.get("mode", "pure"), float(declared.get("delta", 0.0)))
+
+
+def accounting_of(session: Session, dataset: str) -> Accounting:
+    """The dataset's accounting (its registered metadata); pure when it is not registered."""
+    document = session.execute(select(Dataset.metadata_json).where(Dataset.name == dataset)).scalar_one_or_none()
+    return PURE if document is None else _accounting_in(document)
+
+
+def in_unit(accounting: Accounting, kind: str, cap_micro: int) -> int:
+    """A cap as stored for scope ``kind`` (micro-epsilon; feeds: already in the unit), in the ledger unit."""
+    return cap_micro if kind == FEED else accounting.cap_of(cap_micro)
+
+
 def _resolve_caps(session: Session, dataset: str, scopes: list[Scope],
                   defaults: CapDefaults) -> dict[Scope, int]:
     """The cap in force for each scope: subject-specific row, then ``"*"`` row, then default."""
@@ -341,12 +382,13 @@ def _resolve_caps(session: Session, dataset: str, scopes: list[Scope],
         )
     ).all()
     found = {(kind, subject): cap for kind, subject, cap in rows}
+    accounting = accounting_of(session, dataset)
     caps = {}
     for scope in scopes:
         cap = found.get((scope.kind, scope.subject))
         if cap is None:
             cap = found.get((scope.kind, ANY))
-        caps[scope] = defaults.for_kind(scope.kind) if cap is None else cap
+        caps[scope] = in_unit(accounting, scope.kind, defaults.for_kind(scope.kind) if cap is None else cap)
     return caps
 
 
@@ -364,8 +406,9 @@ def _existing(session: Session, dataset: str, scopes: list[Scope]) -> dict[Scope
         select(Budget.id, Budget.scope, Budget.subject, Budget.period, Budget.cap_micro,
                Budget.spent_micro).where(_key_filter(dataset, scopes))
     ).all()
+    accounting = accounting_of(session, dataset)
     return {
-        Scope(kind, subject, period): BudgetStatus(id_, dataset, kind, subject, period, cap, spent)
+        Scope(kind, subject, period): BudgetStatus(id_, dataset, kind, subject, period, cap, spent, accounting)
         for id_, kind, subject, period, cap, spent in rows
     }
 
@@ -410,6 +453,12 @@ def _open_budgets(session: Session, dataset: str, scopes: list[Scope],
 
 # -- the ledger ---------------------------------------------------------------------------
 
+#: Checks that may refuse to spend from budget rows whose state failed an integrity check
+#: (server/reconcile.py registers one). Each is called with the session, the dataset and the
+#: rows about to be charged, inside the charge's savepoint and before any row is updated,
+#: and raises to refuse; nothing is charged then.
+SPEND_CHECKS: list[Callable[[Session, str, list[BudgetStatus]], None]] = []
+
 
 def charge(session: Session, dataset: str, scopes: list[Scope], amount_micro: int, *,
            defaults: CapDefaults, account_id: int | None = None,
@@ -427,6 +476,8 @@ def charge(session: Session, dataset: str, scopes: list[Scope], amount_micro: in
     scopes = _check_scopes(dataset, scopes)
     with session.begin_nested():
         budgets = _open_budgets(session, dataset, scopes, defaults)
+        for check in SPEND_CHECKS:
+            check(session, dataset, list(budgets.values()))
         entries = []
         # Lock and charge in ascending id order, the same in every transaction: two
         # concurrent charges on PostgreSQL then never hold one row each while waiting
@@ -452,7 +503,7 @@ def charge(session: Session, dataset: str, scopes: list[Scope], amount_micro: in
                 ).one()
                 raise BudgetRefused(
                     BudgetStatus(status.budget_id, dataset, status.scope, status.subject,
-                                 status.period, current.cap_micro, current.spent_micro),
+                                 status.period, current.cap_micro, current.spent_micro, status.accounting),
                     amount)
             entries.append(LedgerEntry(
                 budget_id=status.budget_id, release_id=release_id, account_id=account_id,
@@ -473,8 +524,9 @@ def statuses(session: Session, dataset: str, scopes: list[Scope], *,
     found = _existing(session, dataset, scopes)
     missing = [s for s in scopes if s not in found]
     caps = _resolve_caps(session, dataset, missing, defaults) if missing else {}
+    accounting = accounting_of(session, dataset)
     return [
-        found.get(s) or BudgetStatus(None, dataset, s.kind, s.subject, s.period, caps[s], 0)
+        found.get(s) or BudgetStatus(None, dataset, s.kind, s.subject, s.period, caps[s], 0, accounting)
         for s in scopes
     ]
 
@@ -511,6 +563,7 @@ def apply_cap(session: Session, dataset: str, kind: str, subject: str, cap_micro
         raise ValueError(f"unknown scope kind {kind!r}")
     if isinstance(cap_micro, bool) or not isinstance(cap_micro, int) or not 0 <= cap_micro <= 2**62:
         raise ValueError(f"a cap must be an integer number of micro-epsilon >= 0, got {cap_micro!r}")
+    cap_micro = in_unit(accounting_of(session, dataset), kind, cap_micro)
     query = update(Budget).where(
         Budget.dataset == dataset, Budget.scope == kind,
         Budget.period.in_([period_of(now), LIFETIME_PERIOD]))
@@ -539,5 +592,5 @@ def budgets_for(session: Session, dataset: str | None = None, subject: str | Non
     if now is not None:
         query = query.where(Budget.period.in_([period_of(now), LIFETIME_PERIOD]))
     order = {kind: i for i, kind in enumerate(SCOPE_KINDS)}
-    rows = [BudgetStatus(*row) for row in session.execute(query).all()]
+    rows = [BudgetStatus(*row, accounting_of(session, row[1])) for row in session.execute(query).all()]
     return sorted(rows, key=lambda b: (b.dataset, order.get(b.scope, len(SCOPE_KINDS)), b.subject, b.period))

@@ -150,7 +150,7 @@ class MonitorService:
             calibration = Calibration.of(monitor, metadata)
             if session.exec(select(Monitor).where(Monitor.name == spec.name)).first() is not None:
                 raise Conflict(f"a monitor named '{spec.name}' exists already; choose another name")
-            loss = monitor.loss.micro_epsilon
+            loss = metadata.accounting.rule.charge_of(monitor.loss)  # the dataset's ledger unit
             row = Monitor(name=spec.name, dataset=spec.dataset, agency=spec.agency or caller.agency,
                           definition_json=canonical_json(spec.canonical()), start=_aware(monitor.start),
                           step_seconds=monitor.step_seconds, horizon=spec.horizon, loss_micro=loss,

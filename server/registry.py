@@ -6,12 +6,13 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+from sqlalchemy import delete, func
 from sqlmodel import Session, select
 
 from queries.errors import QueryError
 from queries.metadata import DatasetMetadata, load_metadata, parse_metadata
 from server.errors import Conflict, NotFound
-from server.models import Dataset
+from server.models import Budget, Dataset
 
 
 def register(session: Session, folder: Path) -> Dataset:
@@ -31,14 +32,35 @@ def register(session: Session, folder: Path) -> Dataset:
     document = metadata.model_dump_json()
     if row is None:
         row = Dataset(name=metadata.name, version=metadata.version, path=str(folder), metadata_json=document)
-    elif row.version == metadata.version and row.metadata_json != document:
+    elif row.version == metadata.version and _parsed(row.metadata_json) != metadata:
+        # Compared as parsed metadata: a row stored before a field existed equals its default.
         raise Conflict(f"dataset '{metadata.name}' version {metadata.version} is registered with other "
                        "metadata; give the new metadata a new version")
     else:
+        _check_accounting(session, _parsed(row.metadata_json), metadata)
         row.version, row.path, row.metadata_json = metadata.version, str(folder), document
     session.add(row)
     session.flush()
     return row
+
+
+def _check_accounting(session: Session, old: DatasetMetadata, new: DatasetMetadata) -> None:
+    """A dataset's accounting may change only before anything was spent on it.
+
+    Its budget rows count in the accounting's unit (micro-epsilon or nano-rho): spent
+    amounts cannot be converted without losing the guarantee. Unspent rows are removed,
+    so they reopen with caps in the new unit.
+    """
+    if old.accounting == new.accounting:
+        return
+    spent = session.execute(select(func.coalesce(func.sum(Budget.spent_micro), 0))
+                            .where(Budget.dataset == new.name)).scalar_one()
+    if spent:
+        raise Conflict(f"dataset '{new.name}' has spent privacy loss under '{old.accounting.mode}' accounting "
+                       f"(delta {old.accounting.delta:g}); its accounting cannot change to "
+                       f"'{new.accounting.mode}' (delta {new.accounting.delta:g}). Keep the accounting, or "
+                       "register the data as a new dataset")
+    session.execute(delete(Budget).where(Budget.dataset == new.name))
 
 
 def get(session: Session, name: str) -> Dataset:

@@ -23,10 +23,16 @@ class BudgetOut(BaseModel):
     cap_epsilon: float
     spent_epsilon: float
     remaining_epsilon: float
-    cap_micro: int = Field(description="Exact amounts in micro-epsilon")
+    cap_micro: int = Field(description="Exact amounts in the dataset's ledger unit: micro-epsilon, "
+                                       "or nano-rho on a zCDP dataset")
     spent_micro: int
     remaining_micro: int
     renews_at: datetime | None = Field(default=None, description="When a monthly budget starts afresh")
+    unit: str = Field(default="epsilon", description="What the dataset's budgets count: epsilon or rho")
+    cap_rho: float | None = Field(default=None, description="zCDP datasets: the cap in rho")
+    spent_rho: float | None = None
+    remaining_rho: float | None = None
+    delta: float | None = Field(default=None, description="zCDP datasets: the public delta epsilons are stated at")
 
 
 class DatasetOut(BaseModel):

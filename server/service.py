@@ -80,7 +80,7 @@ class QueryService:
             self._plans[key] = plan
         return spec, plan, row
 
-    def authorise(self, caller: Caller, plan: Plan | AnalysisPlan, action: Action, version: str | None = None) -> None:
+    def authorise(self, caller: Caller, plan: Plan | AnalysisPlan, action: Action, row: Any = None) -> None:
         spec = plan.spec
         columns = plan.columns()
         # The dataset first, so a deny rule on it blocks every query of its columns too.
@@ -91,14 +91,21 @@ class QueryService:
         if slot is not None:
             slot.action, slot.target, slot.rule = action.value, str(spec.dataset), decision.rule
             canonical, query_hash = self._query_key(spec)
-            slot.detail = {"dataset": spec.dataset, "dataset_version": version, "query": canonical,
+            slot.detail = {"dataset": spec.dataset, "dataset_version": row.version if row else None,
+                           "query": canonical,
                            "query_hash": query_hash,
-                           "loss_micro": plan.loss.micro_epsilon if action is Action.QUERY_ESTIMATE else 0}
+                           "loss_micro": self.amount(row, plan) if action is Action.QUERY_ESTIMATE and row
+                           else 0}
         if not decision.allowed:
             with session_scope(self.db) as session:
                 record(session, caller, action.value, str(spec.dataset), "denied", reason=decision.reason,
                        query=spec.canonical(), rule=decision.rule)
             raise AccessDenied(decision.reason, decision.rule)
+
+    @staticmethod
+    def amount(row: Any, plan: Plan | AnalysisPlan) -> int:
+        """The plan's charge in the dataset's ledger unit (micro-epsilon, or nano-rho on zCDP)."""
+        return registry.metadata_of(row).accounting.rule.charge_of(plan.loss)
 
     @staticmethod
     def _query_key(spec: Request) -> tuple[str, str]:
@@ -116,7 +123,7 @@ class QueryService:
 
     def estimate(self, caller: Caller, raw: Any) -> EstimateOut:
         spec, plan, row = self._plan(raw)
-        self.authorise(caller, plan, Action.QUERY_ESTIMATE, row.version)
+        self.authorise(caller, plan, Action.QUERY_ESTIMATE, row)
         estimate = self.engine.describe(plan)
         _, query_hash = self._query_key(spec)
         with Session(reader(self.db)) as session:
@@ -128,7 +135,7 @@ class QueryService:
 
     def run(self, caller: Caller, raw: Any) -> QueryResultOut:
         spec, plan, row = self._plan(raw)
-        self.authorise(caller, plan, Action.QUERY_RUN, row.version)
+        self.authorise(caller, plan, Action.QUERY_RUN, row)
         canonical, query_hash = self._query_key(spec)
         scopes = self._scopes(caller, row.name)
         deadline = time.monotonic() + self.computation_timeout.total_seconds()
@@ -138,7 +145,7 @@ class QueryService:
                 pending = None if stored else computations.running(session, row.name, row.version, query_hash)
                 refusal = None
                 if stored is None and pending is None:
-                    refusal = self._precheck(session, row.name, scopes, plan)
+                    refusal = self._precheck(session, row, scopes, plan)
             if stored is not None:
                 return self._cached(caller, stored)
             if refusal is not None:  # recorded like a refusal at charge time (outside the read)
@@ -156,10 +163,10 @@ class QueryService:
             if claimed is not None:
                 return self._compute(caller, row, plan, canonical, query_hash, scopes, claimed)
 
-    def _precheck(self, session: Session, dataset: str, scopes: list[ledger.Scope],
+    def _precheck(self, session: Session, row: Any, scopes: list[ledger.Scope],
                   plan: Plan | AnalysisPlan) -> ledger.BudgetRefused | None:
         try:
-            ledger.precheck(session, dataset, scopes, plan.loss.micro_epsilon, defaults=self.caps)
+            ledger.precheck(session, row.name, scopes, self.amount(row, plan), defaults=self.caps)
         except ledger.BudgetRefused as refused:
             return refused
         return None
@@ -170,7 +177,7 @@ class QueryService:
 
         ``None`` when an identical question was claimed concurrently (nothing charged here).
         """
-        loss = plan.loss.micro_epsilon
+        loss = self.amount(row, plan)
         try:
             with session_scope(self.db) as session:
                 claimed = computations.claim(session, caller, row.name, row.version, query_hash, loss, scopes,
@@ -198,7 +205,7 @@ class QueryService:
             document = canonical_json(body)
             with session_scope(self.db) as session:
                 release = Release(dataset=row.name, dataset_version=row.version, query_hash=query_hash,
-                                  canonical_query=canonical, loss_micro=plan.loss.micro_epsilon,
+                                  canonical_query=canonical, loss_micro=self.amount(row, plan),
                                   result_json=document, result_hash=sha256_text(document),
                                   account_id=caller.account_id)
                 session.add(release)

@@ -10,12 +10,12 @@ import numpy as np
 import polars as pl
 
 from privacy.loss import PrivacyLoss, compose
-from privacy.mechanisms import LaplaceVector, NoisyMin
+from privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin
 from queries.backend import Measure
 from queries.context import CELL, QueryContext
 from queries.errors import QueryError
 
-Mechanism = LaplaceVector | NoisyMin
+Mechanism = LaplaceVector | GaussianVector | NoisyMin
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,17 @@ class Calibration:
         return compose(m.loss for m in self.mechanisms.values())
 
     def describe(self) -> list[dict[str, Any]]:
-        return [
-            {"role": role, "mechanism": m.name, "scale": m.scale, "sensitivity": m.sensitivity,
-             "epsilon": float(m.loss.epsilon)}
-            for role, m in self.mechanisms.items()
-        ]
+        return [describe_mechanism(role, m) for role, m in self.mechanisms.items()]
+
+
+def describe_mechanism(role: str, mechanism: Any) -> dict[str, Any]:
+    """A mechanism's public description: its noise, scale, sensitivity and loss (rho too on zCDP)."""
+    loss = mechanism.loss
+    row = {"role": role, "mechanism": mechanism.name, "scale": mechanism.scale,
+           "sensitivity": mechanism.sensitivity, "epsilon": float(loss.epsilon)}
+    if loss.rho is not None:
+        row["rho"] = float(loss.rho)
+    return row
 
 
 class Kind(ABC):
@@ -54,7 +60,8 @@ class Kind(ABC):
 
     @abstractmethod
     def calibrate(self, ctx: QueryContext, contributions: int, epsilon: float | None) -> Calibration:
-        """Mechanisms for ``epsilon`` (or for the spec's target accuracy when None)."""
+        """Mechanisms for a budget ``epsilon`` in the dataset's unit (epsilon, or rho on zCDP
+        datasets; ``ctx.accounting`` makes the mechanisms), or for the spec's target accuracy when None."""
 
     @abstractmethod
     def measure(self, ctx: QueryContext) -> Measure:

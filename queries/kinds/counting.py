@@ -1,7 +1,9 @@
 """Counts of rows per group, and histograms over public bins.
 
 Each person keeps at most L rows and each row adds one to exactly one cell, so the
-vector of counts has L1 sensitivity L: discrete Laplace noise of scale L / epsilon.
+vector of counts has L1 (and L2) sensitivity L: discrete Laplace noise of scale
+L / epsilon, or on a zCDP dataset discrete Gaussian noise for its share of rho
+(``ctx.accounting``; the ``budget`` a kind is calibrated with is in the dataset's unit).
 """
 
 from __future__ import annotations
@@ -11,23 +13,23 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from privacy.mechanisms import LaplaceVector
+from privacy.accounting import Additive
 from queries.backend import Measure
 from queries.context import QueryContext
 from queries.errors import QueryError
 from queries.kinds.base import Calibration, Kind, aligned, cell_positions, output, register
 
 
-def _counting_mechanism(ctx: QueryContext, contributions: int, epsilon: float | None) -> LaplaceVector:
-    if epsilon is not None:
-        return LaplaceVector.for_epsilon(contributions, epsilon)
+def _counting_mechanism(ctx: QueryContext, contributions: int, budget: float | None) -> Additive:
+    if budget is not None:
+        return ctx.accounting.additive(contributions, budget)
     if ctx.spec.accuracy < 1:  # type: ignore[operator]
         raise QueryError("accuracy", f"counts are whole numbers, so a half-width below 1 ({ctx.spec.accuracy}) "
                          "cannot be promised", "Ask for an accuracy of at least 1")
-    return LaplaceVector.for_accuracy(contributions, ctx.spec.accuracy, ctx.alpha)  # type: ignore[arg-type]
+    return ctx.accounting.additive_for_accuracy(contributions, ctx.spec.accuracy, ctx.alpha)  # type: ignore[arg-type]
 
 
-def _noisy_with_interval(mechanism: LaplaceVector, exact: np.ndarray, alpha: float) -> dict[str, list]:
+def _noisy_with_interval(mechanism: Additive, exact: np.ndarray, alpha: float) -> dict[str, list]:
     noisy = np.asarray(mechanism.release(exact.tolist()), dtype=np.int64)
     half = mechanism.accuracy(alpha)
     return {"value": noisy.tolist(), "ci_low": (noisy - half).tolist(), "ci_high": (noisy + half).tolist()}

@@ -17,7 +17,6 @@ import numpy as np
 import polars as pl
 
 from privacy import accuracy
-from privacy.mechanisms import LaplaceVector
 from queries.backend import Measure
 from queries.context import QueryContext, sum_units
 from queries.errors import QueryError
@@ -63,13 +62,13 @@ class Sum(Kind):
     def calibrate(self, ctx: QueryContext, contributions: int, epsilon: float | None) -> Calibration:
         _, _, resolution, bound = self._unit(ctx)
         sensitivity = contributions * bound
-        if epsilon is not None:
-            mechanism = LaplaceVector.for_epsilon(sensitivity, epsilon)
+        if epsilon is not None:  # a budget in the dataset's unit (epsilon, or rho on zCDP datasets)
+            mechanism = ctx.accounting.additive(sensitivity, epsilon)
         else:
             if ctx.spec.accuracy < resolution:  # type: ignore[operator]
                 raise QueryError("accuracy", f"below the column's resolution {resolution:g}",
                                  f"Ask for an accuracy of at least {resolution:g}")
-            mechanism = LaplaceVector.for_accuracy(sensitivity, ctx.spec.accuracy / resolution, ctx.alpha)
+            mechanism = ctx.accounting.additive_for_accuracy(sensitivity, ctx.spec.accuracy / resolution, ctx.alpha)
         return Calibration(contributions, {"sums": mechanism})
 
     def measure(self, ctx: QueryContext) -> Measure:
@@ -111,8 +110,8 @@ class Mean(Sum):
         assert epsilon is not None  # check() refuses target accuracies for means
         bound = self._centred(ctx)[4]
         return Calibration(contributions, {
-            "sums": LaplaceVector.for_epsilon(contributions * bound, epsilon / 2),
-            "counts": LaplaceVector.for_epsilon(contributions, epsilon / 2),
+            "sums": ctx.accounting.additive(contributions * bound, epsilon / 2),
+            "counts": ctx.accounting.additive(contributions, epsilon / 2),
         })
 
     def measure(self, ctx: QueryContext) -> Measure:
