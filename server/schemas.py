@@ -11,8 +11,9 @@ from policies.actions import Action, Role
 
 
 class Loss(BaseModel):
-    epsilon: float = Field(description="Privacy loss (pure differential privacy)")
+    epsilon: float = Field(description="Privacy loss: pure epsilon, or on a zCDP dataset the epsilon at its delta")
     delta: float = 0.0
+    rho: float | None = Field(default=None, description="zCDP datasets: the loss as rho (what composes)")
 
 
 class BudgetOut(BaseModel):
