@@ -15,10 +15,16 @@ Two statistics, one rule:
 - ``"share_late"``: a cell is flagged when the lower end of the interval of the share
   of cases above ``f * T`` is above ``max_share`` (default ``f`` = 1, ``max_share`` = 0.75).
 
-Intervals are **simultaneous** over all cells of a level (Bonferroni: each cell's two
-counts at ``alpha / (2 * cells)``), so with probability at least ``confidence`` no
-cell whose true share is at or below the threshold is flagged: noise alone does not
-flag one. Shares describe the bounded data (at most ``L`` rows per person).
+Intervals are **simultaneous over every cell the answer can flag** — all services and
+all steps together when ``level`` is ``"both"`` (Bonferroni over the union: each of the
+``N`` cells at ``alpha / N``) — so with probability at least ``confidence`` every share
+lies in its interval and no cell whose true share is at or below the threshold is
+flagged: noise alone does not flag one, at any loss. A share's interval inverts a test
+of each candidate share ``p`` (:mod:`queries.analyses.ratio_intervals`): at the truth,
+``(1 - p) * above - p * below`` is pure noise with a known bound, which needs far fewer
+cases to flag than bounding the two counts separately. The cases' intervals form a second
+family with the same guarantee. Shares, intervals and flags describe the **bounded**
+data (at most ``L`` rows per person, the rest dropped before counting), not all rows.
 
 A step's time is the time since the previous step of the same case ended (for the first
 step, since it started, when the table has a start column); it is computed on all of
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +46,7 @@ from pydantic import Field
 from privacy.loss import PrivacyLoss, compose
 from privacy.mechanisms import LaplaceVector
 from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
+from queries.analyses.ratio_intervals import inverted_intervals, noise_margin, segment_margins, share_grid
 from queries.analyses.service_common import (
     Period, bounded, catalogue, keyed_targets, period_filters, resolve_rows,
 )
@@ -91,15 +99,36 @@ class LevelPlan:
     cells: pl.DataFrame  # [service, (step), target_hours, threshold_hours, __lag_cell]
     rows: QueryContext  # table, period filters and contribution bound of the bounded read
     mechanism: LaplaceVector
-    alpha: float
+    cell_alpha: float  # error level of each cell: the family's alpha over every cell of the answer
 
     @property
     def n_cells(self) -> int:
         return self.cells.height
 
-    def half_width(self) -> float:
-        """Simultaneous half-width of each released count (all cells' two counts at once)."""
-        return self.mechanism.accuracy(self.alpha / (2 * self.n_cells))
+    @cached_property
+    def share_margins(self) -> np.ndarray:
+        """Noise bound of the share test on each segment of the share grid (public numbers only)."""
+        _, w1, w2 = share_grid()
+        scale = self.mechanism.scale
+        return segment_margins(w1, w2, scale, scale, self.cell_alpha)
+
+    @cached_property
+    def cases_margin(self) -> float:
+        """Bound on the noise of a cell's cases (the sum of its two counts) at ``cell_alpha``."""
+        scale = self.mechanism.scale
+        return float(noise_margin(np.array(scale), np.array(scale), np.array(1.0), np.array(1.0),
+                                  self.cell_alpha))
+
+    def cases_needed_to_flag(self, threshold: float) -> int | None:
+        """Cases a cell needs to be flagged when all of them are late and the noise is zero."""
+        p, _, _ = share_grid()
+        # All late: the statistic is n * (1 - p); flagged once every segment starting at or
+        # below the threshold rejects, i.e. n * (1 - p_end) > margin on each of them.
+        start, end = p[:-1], p[1:]
+        binding = start <= threshold
+        if (end[binding] >= 1).any():
+            return None
+        return int(math.floor(float(np.max(self.share_margins[binding] / (1 - end[binding]))))) + 1
 
 
 class LaggedPlan(AnalysisPlan):
@@ -112,6 +141,10 @@ class LaggedPlan(AnalysisPlan):
     def loss(self) -> PrivacyLoss:
         return compose(level.mechanism.loss for level in self.levels)
 
+    @property
+    def n_cells(self) -> int:
+        return sum(lv.n_cells for lv in self.levels)
+
     def columns(self) -> set[str]:
         return set(self._columns)
 
@@ -120,30 +153,45 @@ class LaggedPlan(AnalysisPlan):
                  "scale": lv.mechanism.scale, "sensitivity": lv.mechanism.sensitivity,
                  "epsilon": float(lv.mechanism.loss.epsilon), "cells": lv.n_cells} for lv in self.levels]
 
+    def _family_note(self) -> str:
+        names = " and ".join(lv.name for lv in self.levels)
+        return (f"intervals at {self.spec.confidence:.0%} hold for all {self.n_cells} cells ({names} together) "
+                f"at once: each cell at error level {1 - self.spec.confidence:g} / {self.n_cells} (Bonferroni), "
+                "so with that confidence noise alone flags no cell, at any loss")
+
+    def _bounding_note(self) -> str:
+        bounds = "; ".join(f"{lv.name}: at most {lv.rows.contributions} {'event' if lv.name == 'services' else 'step'}"
+                           f"{'' if lv.rows.contributions == 1 else 's'} per person" for lv in self.levels)
+        return (f"contribution bound ({bounds}; each person's first rows in a fixed random order): rows beyond it "
+                "are dropped before counting, and shares, intervals and flags describe the kept rows only, "
+                "not all the data")
+
     def describe(self) -> Estimate:
         threshold = self.spec.share_threshold
-        accuracy: dict[str, Any] = {"unit": "cases", "simultaneous": True,
-                                    "rule": _rule(self.spec)}
+        accuracy: dict[str, Any] = {"unit": "cases", "simultaneous": True, "rule": _rule(self.spec),
+                                    "family": {"cells": self.n_cells, "alpha": round(1 - self.spec.confidence, 12),
+                                               "cell_alpha": self.levels[0].cell_alpha}}
         for lv in self.levels:
-            half = lv.half_width()
-            # A cell whose every case is late is flagged once (n - h) / (n + h) > threshold.
-            accuracy[lv.name] = {"count_half_width": half, "cells": lv.n_cells,
-                                 "cases_needed_to_flag": math.ceil(half * (1 + threshold) / (1 - threshold))}
+            accuracy[lv.name] = {"cells": lv.n_cells, "cases_half_width": math.floor(lv.cases_margin),
+                                 "cases_needed_to_flag": lv.cases_needed_to_flag(threshold)}
         return Estimate(self.loss, self.levels[0].rows.contributions or 0, self.spec.confidence,
-                        self._mechanisms(), accuracy,
-                        ["intervals hold for all cells of a level at once (Bonferroni), so noise alone "
-                         "flags no cell with the stated confidence"])
+                        self._mechanisms(), accuracy, [self._family_note(), self._bounding_note()])
 
     def execute(self, backend: Backend) -> Result:
+        return self.release(self.exact_counts(backend))
+
+    def exact_counts(self, backend: Backend) -> dict[str, np.ndarray]:
+        """Per level, the exact bounded counts ``[above per cell..., not above per cell...]`` (reads data)."""
+        return {lv.name: _exact_counts(backend, self.spec, lv) for lv in self.levels}
+
+    def release(self, exact: dict[str, np.ndarray]) -> Result:
+        """The private answer from the exact counts: noise, then post-processing only."""
         spec = self.spec
-        tables: dict[str, pl.DataFrame] = {}
-        for lv in self.levels:
-            exact = _exact_counts(backend, spec, lv)
-            tables[lv.name] = _release(spec, lv, exact)
+        tables = {lv.name: _release(spec, lv, exact[lv.name]) for lv in self.levels}
         flagged = pl.concat([_flag_rows(name, t, spec) for name, t in tables.items()], how="diagonal_relaxed")
         flagged = flagged.sort(["ci_low", "share_above"], descending=True)
-        notes = [f"{_rule(spec)}; intervals at {spec.confidence:.0%} hold for all cells of a level at once",
-                 f"flagged: {flagged.height} of {sum(lv.n_cells for lv in self.levels)} cells"]
+        notes = [_rule(spec), self._family_note(), self._bounding_note(),
+                 f"flagged: {flagged.height} of {self.n_cells} cells"]
         return Result(flagged, self.loss, self.levels[0].rows.contributions or 0, spec.confidence,
                       self._mechanisms(), spec, notes, tables=tables)
 
@@ -191,22 +239,26 @@ def _step_rows(backend: Backend, spec: LaggedSpec, lv: LevelPlan) -> pl.LazyFram
     metadata, dataset_dir = ctx.metadata, ctx.dataset_dir
     via = metadata.tables[spec.steps_table].privacy_unit_via or {}
     on = via.get("on", "event_id")
+    unit = _unit_column(metadata, spec.steps_table)
     steps = backend.scan(dataset_dir, metadata, spec.steps_table)  # type: ignore[attr-defined]
     end = pl.col(spec.step_end)
-    previous = end.shift(1).over(on, order_by=[spec.step_end, spec.step])  # consecutive in time
+    # A case is an event of one person: event ids are not checked for uniqueness, so another
+    # person's steps under the same id must neither become a step's predecessor nor its service.
+    previous = end.shift(1).over([unit, on], order_by=[spec.step_end, spec.step])  # consecutive in time
     if spec.step_start is not None:
         previous = pl.when(previous.is_null()).then(pl.col(spec.step_start)).otherwise(previous)
     hours = (end - previous).dt.total_microseconds().cast(pl.Float64) / 3.6e9
     # steps: [unit, rank, event, step, __hours] in the cache's order (person, rank)
     steps = steps.with_columns(hours.alias("__hours"))
     events = backend.scan(dataset_dir, metadata, via.get("table", "events"))  # type: ignore[attr-defined]
-    event_columns = [on, spec.service] + ([spec.time] if ctx.filters else [])
-    steps = steps.join(events.select(event_columns), on=on, how="left", maintain_order="left")
+    event_columns = [pl.col(on), pl.col(metadata.privacy_unit).alias(unit), pl.col(spec.service),
+                     *([pl.col(spec.time)] if ctx.filters else [])]
+    steps = steps.join(events.select(event_columns), on=[on, unit], how="left", maintain_order="left")
     conditions = [pl.col("__hours").is_not_null(), pl.col(spec.service).is_not_null(),
                   *(_filter_expr(f) for f in ctx.filters)]
     # Filter, then bound: re-rank each person's remaining steps in the cached order.
     steps = steps.filter(pl.all_horizontal(conditions))
-    steps = steps.filter(_run_rank(_unit_column(metadata, spec.steps_table)) <= ctx.contributions)
+    steps = steps.filter(_run_rank(unit) <= ctx.contributions)
     return steps.select(spec.service, spec.step, "__hours")
 
 
@@ -214,20 +266,18 @@ def _release(spec: LaggedSpec, lv: LevelPlan, exact: np.ndarray) -> pl.DataFrame
     n = lv.n_cells
     noisy = np.asarray(lv.mechanism.release(exact.tolist()), dtype=np.float64)
     above, below = noisy[:n], noisy[n:]
-    half = lv.half_width()
-    a_lo, a_hi = np.maximum(above - half, 0), np.maximum(above + half, 0)
-    b_lo, b_hi = np.maximum(below - half, 0), np.maximum(below + half, 0)
+    grid, w1, w2 = share_grid()
+    first, last = inverted_intervals(above, below, w1, w2, lv.share_margins)
+    low, high = grid[first], grid[last]
     a, b = np.maximum(above, 0), np.maximum(below, 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        # share = a / (a + b) rises with a and falls with b: the corners give its interval.
-        share = np.where(a + b > 0, a / (a + b), np.nan)
-        low = np.where(a_lo + b_hi > 0, a_lo / (a_lo + b_hi), 0.0)
-        high = np.where(a_hi + b_lo > 0, a_hi / (a_hi + b_lo), 1.0)
-    cases = above + below
+        share = np.where(a + b > 0, np.clip(a / (a + b), low, high), np.nan)
+    cases = above + below  # integers; the true count is an integer, so the bound rounds down
+    margin = math.floor(lv.cases_margin)
     table = lv.cells.drop(_CELL).with_columns(
-        pl.Series("cases", cases.round().astype(np.int64)),
-        pl.Series("cases_ci_low", np.round(cases - 2 * half).astype(np.int64)),
-        pl.Series("cases_ci_high", np.round(cases + 2 * half).astype(np.int64)),
+        pl.Series("cases", cases.astype(np.int64)),
+        pl.Series("cases_ci_low", (cases - margin).astype(np.int64)),
+        pl.Series("cases_ci_high", (cases + margin).astype(np.int64)),
         pl.Series("share_above", share, nan_to_null=True),
         pl.Series("ci_low", low),
         pl.Series("ci_high", high),
@@ -254,10 +304,9 @@ class LaggedPoints(Analysis):
         events = metadata.tables.get("events")
         names = ["services", "steps"] if spec.level == "both" else [spec.level]
         epsilon = spec.epsilon / len(names)
-        alpha = 1 - spec.confidence
         columns = {spec.service}
         services = _service_targets(spec, metadata, dataset_dir, events)
-        levels = []
+        levels: list[tuple[str, pl.DataFrame, QueryContext, LaplaceVector]] = []
         for name in names:
             if name == "services":
                 _need(events, spec.duration, "duration", numeric=True)
@@ -274,8 +323,11 @@ class LaggedPoints(Analysis):
             cells = cells.with_columns((pl.col("target_hours") * spec.factor).alias("threshold_hours"))
             cells = cells.with_row_index(_CELL).with_columns(pl.col(_CELL).cast(pl.Int64))
             mechanism = LaplaceVector.for_epsilon(ctx.contributions or 1, epsilon)
-            levels.append(LevelPlan(name, cells, ctx, mechanism, alpha))
-        return LaggedPlan(spec, levels, columns)
+            levels.append((name, cells, ctx, mechanism))
+        # One family over every cell the answer can flag, both levels together.
+        cell_alpha = (1 - spec.confidence) / sum(level[1].height for level in levels)
+        plans = [LevelPlan(*level, cell_alpha=cell_alpha) for level in levels]
+        return LaggedPlan(spec, plans, columns)
 
 
 def _need(table: Any, column: str, field: str, numeric: bool = False) -> None:

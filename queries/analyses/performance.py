@@ -91,6 +91,22 @@ class ReportPlan(AnalysisPlan):
     def _mechanisms(self) -> list[dict[str, Any]]:
         return [{**m, "part": f"{p.by}: {p.metric}"} for p in self.parts for m in p.plan.calibration.describe()]
 
+    def _bounding_note(self) -> str:
+        """The contribution bounds and clipping used, said plainly (the rows dropped are not released)."""
+        clipped = {}
+        for part in self.parts:
+            column = part.plan.context.spec.column
+            bounds = part.plan.context.column.bounds if part.plan.context.column is not None else None
+            if column is not None and bounds is not None:
+                clipped[column] = f"{column} to [{float(bounds[0]):g}, {float(bounds[1]):g}]"
+        clipping = f"; values clipped to their declared bounds ({', '.join(clipped.values())})" if clipped else ""
+        return (f"contribution bound: at most {self.contributions} row{'' if self.contributions == 1 else 's'} per "
+                f"person in volumes and {self.value_contributions} in durations, waiting times and satisfaction "
+                "(each person's first rows "
+                f"in a fixed random order){clipping}; rows beyond the bound are dropped, and every value and "
+                "interval describes the kept, clipped rows only, not all the data (volumes of all the data are "
+                "higher where people have more rows than the bound)")
+
     def describe(self) -> Estimate:
         from queries.engine import Engine
 
@@ -99,7 +115,8 @@ class ReportPlan(AnalysisPlan):
                                             "epsilon": float(p.plan.loss.epsilon)} for p in self.parts}
         return Estimate(self.loss, self.contributions, self.spec.confidence, self._mechanisms(), accuracy,
                         [f"one loss for the whole report, split over {len({p.by for p in self.parts})} "
-                         "groupings (by the square root of their key counts) and their parts"])
+                         "groupings (by the square root of their key counts) and their parts",
+                         self._bounding_note()])
 
     def execute(self, backend: Backend) -> Result:
         from queries.engine import Engine
@@ -128,9 +145,9 @@ class ReportPlan(AnalysisPlan):
                 wide[part.by] = _join(wide.get(part.by), rows, part.metric)
         main = pl.concat(long_rows, how="vertical_relaxed")
         tables = {f"by_{by}": frame.rename({"key": by}) for by, frame in wide.items()}
-        notes = [f"intervals at {self.spec.confidence:.0%} per value; counts may be negative near zero",
-                 f"at most {self.contributions} rows per person in volumes, {self.value_contributions} in "
-                 "durations, waiting times and satisfaction"]
+        notes = [f"intervals at {self.spec.confidence:.0%} per value, not simultaneous: among many values about "
+                 f"{1 - self.spec.confidence:.0%} of the intervals miss; counts may be negative near zero",
+                 self._bounding_note()]
         return Result(main, self.loss, self.contributions, self.spec.confidence, self._mechanisms(),
                       self.spec, notes, tables=tables)
 

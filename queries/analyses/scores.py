@@ -11,31 +11,37 @@ it). A score of 1.3 means cases took 30% longer than expected for that case mix.
 Privacy: each kept row adds its clipped duration to one department's ``O`` and its
 expected duration to the same department's ``E``; with at most ``L`` rows per person the
 two vectors have L1 sensitivities ``L * ceil(upper / resolution)`` and
-``L * ceil(max expected / resolution)`` (public numbers). Each gets half the loss
-(discrete Laplace on integers).
+``L * ceil(max expected / resolution)`` (public numbers). The loss is split between them
+in the ratio ``(sensitivity of O / sensitivity of E) ** (2/3)``, which minimises the noise
+of ``O - E`` (the score test at score 1) for the total loss; durations bounded by 720 h
+against targets of a few hours give ``O`` most of it (discrete Laplace on integers).
 
-Intervals are simultaneous over departments: every ``O`` and ``E`` at
-``alpha / (2 * departments)`` (Bonferroni), so with probability at least ``confidence``
-every department's score lies in its interval. The **rank range** is post-processing of
-those intervals: a department ranks after every department whose interval lies wholly
-below its own and before every one wholly above, so when all intervals hold, every true
-rank (1 = lowest score, i.e. fastest against expectation) lies in its range at once.
+Intervals are simultaneous over departments: each department's score interval inverts a
+test of every candidate score ``r`` (:mod:`queries.analyses.ratio_intervals`; at the true
+score ``O - r * E`` is pure noise with a known bound) at ``alpha / departments``
+(Bonferroni), so with probability at least ``confidence`` every department's score lies in
+its interval. The **rank range** is post-processing of those intervals: a department ranks
+after every department whose interval lies wholly below its own and before every one
+wholly above, so when all intervals hold, every true rank (1 = lowest score, i.e. fastest
+against expectation) lies in its range at once. Scores, intervals and ranks describe the
+**bounded** data: at most ``L`` rows per person (the rest dropped), durations clipped.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 
-from privacy import accuracy
 from privacy.loss import PrivacyLoss, compose
 from privacy.mechanisms import LaplaceVector
 from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
+from queries.analyses.ratio_intervals import inverted_intervals, ratio_grid, segment_margins
 from queries.analyses.service_common import Period, bounded, catalogue, period_filters, resolve_rows
 from queries.backend import Backend
 from queries.context import EngineLimits, QueryContext, key_texts, sum_units
@@ -77,7 +83,14 @@ class ScoresPlan(AnalysisPlan):
 
     @property
     def alpha(self) -> float:
-        return (1 - self.spec.confidence) / (2 * len(self.groups))
+        """Error level of each department's interval: the family's alpha over all public groups."""
+        return (1 - self.spec.confidence) / len(self.groups)
+
+    @cached_property
+    def margins(self) -> np.ndarray:
+        """Noise bound of the score test on each segment of the ratio grid, in units (public numbers)."""
+        _, w1, w2 = ratio_grid()
+        return segment_margins(w1, w2, self.observed_mechanism.scale, self.expected_mechanism.scale, self.alpha)
 
     def _mechanisms(self) -> list[dict[str, Any]]:
         return [{"role": role, "mechanism": m.name, "scale": m.scale, "sensitivity": m.sensitivity,
@@ -85,15 +98,35 @@ class ScoresPlan(AnalysisPlan):
                 for role, m in (("observed hours", self.observed_mechanism),
                                 ("expected hours", self.expected_mechanism))]
 
+    def _notes(self) -> list[str]:
+        spec = self.spec
+        return [f"score = observed / expected duration ({spec.expected}-based expectation); rank 1 = lowest score; "
+                f"intervals and rank ranges hold for all {len(self.groups)} groups at once with "
+                f"{spec.confidence:.0%} confidence (each group at error level {1 - spec.confidence:g} / "
+                f"{len(self.groups)})",
+                f"contribution bound: at most {_rows(self.rows.contributions)} per person (each person's first rows "
+                f"in a fixed random order), durations clipped to [0, {self.upper:g}] hours; rows beyond the bound "
+                "are dropped, and scores, intervals and rank ranges describe the kept, clipped rows only, not "
+                "all the data"]
+
     def describe(self) -> Estimate:
+        ratio, _, _ = ratio_grid()
+        at_one = int(np.searchsorted(ratio, 1.0)) - 1  # the segment holding score 1
+        # At score 1 the test reads |O - E| <= margin / cos(pi / 4); a department expected to take
+        # E hours then gets about 1 +- margin_hours / E.
+        margin_hours = float(self.margins[at_one]) * math.sqrt(2) * self.resolution
         return Estimate(self.loss, self.rows.contributions or 0, self.spec.confidence, self._mechanisms(), {
-            "observed_half_width_hours": self.observed_mechanism.accuracy(self.alpha) * self.resolution,
-            "expected_half_width_hours": self.expected_mechanism.accuracy(self.alpha) * self.resolution,
-            "unit": "hours", "groups": len(self.groups), "simultaneous": True,
-            "note": "score = observed / expected; its interval is (O ± observed) / (E ± expected), "
-                    "holding for all groups at once; rank ranges follow from the intervals"}, [])
+            "margin_hours": margin_hours, "unit": "score", "groups": len(self.groups), "simultaneous": True,
+            "group_alpha": self.alpha,
+            "note": "score = observed / expected; near 1 a group's interval is about score +- margin_hours / "
+                    "(its expected hours), holding for all groups at once; rank ranges follow from the intervals"},
+            self._notes())
 
     def execute(self, backend: Backend) -> Result:
+        return self.release(self.exact_totals(backend))
+
+    def exact_totals(self, backend: Backend) -> pl.DataFrame:
+        """``[group, observed, expected]``: exact bounded totals in units, one row per public group (reads data)."""
         spec = self.spec
         rows = bounded(backend, self.rows, not_null=(spec.duration,))
         hours = pl.col(spec.duration).cast(pl.Float64).clip(0.0, self.upper)
@@ -106,17 +139,21 @@ class ScoresPlan(AnalysisPlan):
                      units(pl.col("__expected")).sum().alias("expected"))
                 .collect())
         keys = key_texts(self.groups)  # as the cast above writes them (booleans: "true"/"false")
-        frame = pl.DataFrame({spec.group: keys}).join(sums, on=spec.group, how="left").fill_null(0)
-        observed = np.asarray(self.observed_mechanism.release(frame["observed"].to_list()), float) * self.resolution
-        expected = np.asarray(self.expected_mechanism.release(frame["expected"].to_list()), float) * self.resolution
-        table = score_table(keys, observed, expected,
-                            self.observed_mechanism.accuracy(self.alpha) * self.resolution,
-                            self.expected_mechanism.accuracy(self.alpha) * self.resolution, spec.group)
-        notes = [f"score = observed / expected duration ({spec.expected}-based expectation); rank 1 = lowest "
-                 f"score; intervals and rank ranges hold for all {len(keys)} groups at once "
-                 f"with {spec.confidence:.0%} confidence"]
+        return pl.DataFrame({spec.group: keys}).join(sums, on=spec.group, how="left").fill_null(0)
+
+    def release(self, totals: pl.DataFrame) -> Result:
+        """The private answer from the exact totals: noise, then post-processing only."""
+        spec = self.spec
+        observed = np.asarray(self.observed_mechanism.release(totals["observed"].to_list()), float)
+        expected = np.asarray(self.expected_mechanism.release(totals["expected"].to_list()), float)
+        table = score_table(totals[spec.group].to_list(), observed, expected, self.margins, spec.group,
+                            self.resolution)
         return Result(table, self.loss, self.rows.contributions or 0, spec.confidence, self._mechanisms(),
-                      spec, notes)
+                      spec, self._notes())
+
+
+def _rows(bound: int | None) -> str:
+    return f"{bound} row" if bound == 1 else f"{bound} rows"
 
 
 def rank_ranges(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,22 +164,20 @@ def rank_ranges(low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return 1 + certainly_below, 1 + possibly_below
 
 
-def score_table(keys: list[str], observed: np.ndarray, expected: np.ndarray, observed_half: float,
-                expected_half: float, group: str) -> pl.DataFrame:
-    """Scores, simultaneous intervals and rank ranges from the released totals (post-processing)."""
-    scores, lows, highs = [], [], []
-    for o, e in zip(observed, expected):
-        interval = accuracy.ratio(o, observed_half, e, expected_half, 0.0, math.inf)
-        scores.append(max(o, 0.0) / e if e > 0 else None)
-        lows.append(interval.low)
-        highs.append(interval.high)
-    low, high = np.asarray(lows), np.asarray(highs)
+def score_table(keys: list[str], observed: np.ndarray, expected: np.ndarray, margins: np.ndarray,
+                group: str, resolution: float) -> pl.DataFrame:
+    """Scores, simultaneous intervals and rank ranges from the released totals in units (post-processing)."""
+    ratio, w1, w2 = ratio_grid()
+    first, last = inverted_intervals(observed, expected, w1, w2, margins)
+    low, high = ratio[first], ratio[last]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        point = np.where(expected > 0, np.clip(np.maximum(observed, 0.0) / expected, low, high), np.nan)
     rank_low, rank_high = rank_ranges(low, high)
-    point = np.asarray([s if s is not None else math.inf for s in scores])
-    rank = 1 + (point[None, :] < point[:, None]).sum(axis=1)
+    ordered = np.where(np.isnan(point), math.inf, point)
+    rank = 1 + (ordered[None, :] < ordered[:, None]).sum(axis=1)
     table = pl.DataFrame({
-        group: keys, "observed_hours": observed, "expected_hours": expected,
-        "score": pl.Series(scores, dtype=pl.Float64), "ci_low": low,
+        group: keys, "observed_hours": observed * resolution, "expected_hours": expected * resolution,
+        "score": pl.Series(point, dtype=pl.Float64, nan_to_null=True), "ci_low": low,
         "ci_high": pl.Series(high, dtype=pl.Float64).replace(math.inf, None),
         "rank": rank, "rank_low": rank_low, "rank_high": rank_high,
     })
@@ -186,14 +221,28 @@ class DepartmentScores(Analysis):
         expected = _expected(spec, metadata, dataset_dir, events.columns[spec.service].keys, hi)
         resolution = duration.value_resolution
         contributions = ctx.contributions or 1
-        half = spec.epsilon / 2
-        observed_mechanism = LaplaceVector.for_epsilon(contributions * sum_units(spec.duration, 0, hi, resolution),
-                                                       half)
         top = float(expected["__expected"].max())  # type: ignore[arg-type]
-        expected_mechanism = LaplaceVector.for_epsilon(contributions * sum_units(spec.duration, 0, top, resolution),
-                                                       half)
+        observed_units = contributions * sum_units(spec.duration, 0, hi, resolution)
+        expected_units = contributions * sum_units(spec.duration, 0, top, resolution)
+        observed_epsilon, expected_epsilon = split_loss(spec.epsilon, observed_units, expected_units)
+        observed_mechanism = LaplaceVector.for_epsilon(observed_units, observed_epsilon)
+        expected_mechanism = LaplaceVector.for_epsilon(expected_units, expected_epsilon)
         return ScoresPlan(spec, ctx, tuple(group.keys), expected, hi, resolution,  # type: ignore[arg-type]
                           observed_mechanism, expected_mechanism)
+
+
+def split_loss(epsilon: float, observed_sensitivity: int, expected_sensitivity: int) -> tuple[float, float]:
+    """Losses of ``O`` and ``E`` summing exactly to ``epsilon``, from the public sensitivities.
+
+    The noise of ``O - E`` has variance ``2 * ((dO / eO) ** 2 + (dE / eE) ** 2)``, least for a
+    given ``eO + eE`` when each loss is proportional to its sensitivity to the power 2/3.
+    """
+    weight = (max(observed_sensitivity, 1) / max(expected_sensitivity, 1)) ** (2 / 3)
+    observed = epsilon * weight / (1 + weight)
+    if weight < 1:  # keep the larger share computed, the smaller one its exact complement
+        expected = epsilon / (1 + weight)
+        return epsilon - expected, expected
+    return observed, epsilon - observed
 
 
 def _expected(spec: ScoresSpec, metadata: DatasetMetadata, dataset_dir: Path, keys: Any,

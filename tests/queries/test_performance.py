@@ -103,8 +103,9 @@ def test_lagged_steps_follow_the_service(lagged: LocalDataset) -> None:
 
 def test_nothing_lagged_nothing_flagged_even_at_tiny_epsilon(plain: LocalDataset) -> None:
     """Flags need the simultaneous interval above the threshold: a false flag has probability
-    at most 1 - confidence per run (a union bound; 0 in 400 runs measured at 95%). At 99.9%
-    over three runs this test's flake rate is at most 0.3%."""
+    at most 1 - confidence per run over all services and steps together (a union bound; here
+    every share is far below 1/2). At 99.9% over three runs this test's flake rate is at most
+    0.3%. The family-wise rate with every cell at the threshold: test_lagged_familywise.py."""
     for epsilon in (0.001, 0.01, 1.0):
         result = plain.run({"analysis": "lagged_points", "epsilon": epsilon, "confidence": 0.999})
         assert result.table.height == 0, epsilon
@@ -127,6 +128,23 @@ def test_share_late_statistic_and_loss(lagged: LocalDataset) -> None:
     services = result.tables["services"]
     assert (services["flagged"] == (services["ci_low"] > 0.8)).all()
     assert set(result.table.filter(pl.col("level") == "service")["service_id"]) <= {"S3", "S7"}
+
+
+@pytest.mark.parametrize("spec", [
+    {"analysis": "lagged_points", "epsilon": 1.0, "contributions": 2, "step_contributions": 3},
+    {"analysis": "department_scores", "epsilon": 1.0, "contributions": 2},
+    {"analysis": "performance_report", "epsilon": 1.0, "contributions": 2, "by": ["channel"]},
+], ids=["lagged", "scores", "report"])
+def test_answers_state_their_contribution_bound_and_what_intervals_cover(plain: LocalDataset, spec: dict) -> None:
+    """Rows beyond the bound are dropped: the notes say the bound used and that the intervals cover
+    the kept rows only (the number dropped is data and is not released)."""
+    for notes in (plain.estimate(spec).notes, plain.run(spec).notes):
+        (note,) = [n for n in notes if n.startswith("contribution bound")]
+        assert "at most 2 " in note and "rows only, not all the data" in note
+        if spec["analysis"] == "lagged_points":
+            assert "at most 3 steps per person" in note
+        if spec["analysis"] != "lagged_points":
+            assert "clipped" in note and "[0, 720]" in note
 
 
 # -- department scores --------------------------------------------------------------
