@@ -41,6 +41,7 @@ import polars as pl
 
 from queries.backend import AggregateRequest, GroupKey, Measure, RowFilter
 from queries.errors import DatasetUnavailable
+from queries.integrity import OWNER_KEY_TEXT, owner_key_counts
 from queries.metadata import DatasetMetadata
 
 RANK = "__civicdp_rank"
@@ -157,6 +158,11 @@ class PolarsBackend:
         frame = pl.scan_parquet(self._source(dataset_dir, metadata, table))
         if meta.privacy_unit_via:
             via = meta.privacy_unit_via
+            rows, keys = owner_key_counts(dataset_dir, metadata, table)
+            if rows != keys:
+                # Registration refuses such files; these were changed afterwards. A repeated key
+                # would credit one row to several people (issue 11's harness: 9 moves for L = 3).
+                raise DatasetUnavailable("table", OWNER_KEY_TEXT, "Ask the data steward to make the key unique")
             owner = pl.scan_parquet(self._source(dataset_dir, metadata, via["table"]))
             units = owner.select(pl.col(via["on"]), pl.col(metadata.privacy_unit).alias(UNIT))
             frame = frame.join(units, on=via["on"], how="inner")

@@ -6,10 +6,12 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+import polars as pl
 from sqlalchemy import delete, func
 from sqlmodel import Session, select
 
 from queries.errors import QueryError
+from queries.integrity import duplicated_owner_keys
 from queries.metadata import DatasetMetadata, load_metadata, parse_metadata
 from server.errors import Conflict, NotFound
 from server.models import Budget, Dataset
@@ -28,6 +30,14 @@ def register(session: Session, folder: Path) -> Dataset:
         raise NotFound(f"cannot read a dataset folder at {str(folder)[:200]!r}: {reason}") from None
     if missing:
         raise NotFound(f"the dataset's table file {missing[0]} is not in {folder}")
+    try:
+        duplicated = duplicated_owner_keys(folder, metadata)
+    except (OSError, pl.exceptions.PolarsError):
+        raise Conflict(f"the files of dataset '{metadata.name}' cannot be read as Parquet with the "
+                       "declared columns; check them against metadata.json") from None
+    if duplicated:
+        raise Conflict(f"dataset '{metadata.name}': {duplicated[0]}. Each step must belong to one "
+                       "person: give the owner table unique keys (or link the table by another column)")
     row = session.exec(select(Dataset).where(Dataset.name == metadata.name)).first()
     document = metadata.model_dump_json()
     if row is None:

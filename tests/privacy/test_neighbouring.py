@@ -31,7 +31,11 @@ import pytest
 from privacy.mechanisms import LaplaceVector
 from queries.kinds import KINDS
 from queries.kinds.base import Calibration
-from tests.privacy.neighbours import (ADVERSARIES, QUERIES, PartChange, Recording, check_neighbours, format_table,
+from queries.engine import LocalDataset
+from queries.errors import DatasetUnavailable
+from queries.integrity import duplicated_owner_keys
+from queries.metadata import load_metadata
+from tests.privacy.neighbours import (ADVERSARIES, QUERIES, outside_domain, PartChange, Recording, check_neighbours, format_table,
                                       record_run, released_differences, stated_sensitivities, write_base,
                                       write_neighbour)
 
@@ -71,6 +75,14 @@ def on_base(folders: dict[str, Path]) -> dict[str, Recording]:
     return Lazy()
 
 
+def _assert_refused(query: str, folder: Path) -> None:
+    """A D' outside the guarantee's domain: the engine refuses it with one fixed text, naming no data."""
+    with pytest.raises(DatasetUnavailable, match="do not have the columns and types|owner") as caught:
+        LocalDataset(folder).run(QUERIES[query])
+    assert not any(ch.isdigit() for ch in str(caught.value)), "the refusal quotes numbers from the data"
+    assert duplicated_owner_keys(folder, load_metadata(folder)), "the registration check misses it"
+
+
 def _over(changes: list[PartChange]) -> str:
     return "\n".join(f"  {c.part}: moved by {c.observed:.6g}, declared sensitivity {c.declared} "
                      f"({c.calls} call{'s' if c.calls > 1 else ''})" for c in changes if not c.within)
@@ -81,6 +93,9 @@ def _over(changes: list[PartChange]) -> str:
 def test_exact_inputs_move_by_at_most_the_declared_sensitivity(query: str, adversary: str,
                                                                 folders: dict[str, Path],
                                                                 on_base: dict[str, Recording]) -> None:
+    if outside_domain(query, adversary):
+        _assert_refused(query, folders[adversary])
+        return
     changes, problems, _ = check_neighbours(QUERIES[query], folders["base"], folders[adversary], on_base[query])
     if problems:
         TABLE.append((query, adversary, "(not the same computation)", "; ".join(problems)[:160], "-"))
@@ -98,6 +113,9 @@ def test_exact_inputs_move_by_at_most_the_declared_sensitivity(query: str, adver
 def test_the_answer_is_post_processing_of_the_noised_values(query: str, adversary: str, folders: dict[str, Path],
                                                             on_base: dict[str, Recording]) -> None:
     """Coupled to D's released values, D' must release exactly D's answer."""
+    if outside_domain(query, adversary):
+        _assert_refused(query, folders[adversary])
+        return
     d = on_base[query]
     d2 = record_run(QUERIES[query], folders[adversary], replay=d)
     assert d.error is None and d2.error is None, f"D raised {d.error!r}, D' raised {d2.error!r}"

@@ -32,7 +32,7 @@ import pytest
 from queries.polars_backend import PolarsBackend
 from server import admin
 from server.db import session_scope
-from tests.privacy.neighbours import (ADVERSARIES, QUERIES, NoiseRemoved, adversary_rows, compare,
+from tests.privacy.neighbours import (ADVERSARIES, OUTSIDE_DOMAIN, QUERIES, NoiseRemoved, adversary_rows, compare,
                                       structure_differences, write_base, write_neighbour)
 from tests.server.api_fixtures import ANALYST, MICRO, STEWARD, Api, count_query, running_api
 from tests.server.api_fixtures import api, dataset_folder  # noqa: F401 - fixtures
@@ -43,6 +43,10 @@ BASE = "nb-base"
 CAPS = {"analyst_month_epsilon": 10_000.0, "agency_month_epsilon": 10_000.0,
         "dataset_month_epsilon": 10_000.0, "dataset_lifetime_epsilon": 10_000.0}
 KINDS_ASKED = {name for name, spec in QUERIES.items() if "aggregate" in spec}
+
+
+#: D's neighbours the server serves; those outside the guarantee's domain are refused when registered.
+IN_DOMAIN = [name for name in ADVERSARIES if name not in OUTSIDE_DOMAIN]
 
 
 def dataset_of(adversary: str | None) -> str:
@@ -64,10 +68,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     for name, adversary in ADVERSARIES.items():
         folders[dataset_of(name)] = write_neighbour(base, root / "datasets" / dataset_of(name), adversary,
                                                     dataset_of(name))
+    refused = {dataset_of(name) for name in OUTSIDE_DOMAIN}
     with running_api(root / "state", base, feeds_scheduler=False, **CAPS) as started:
         with session_scope(started.state.db) as session:
             for name, folder in folders.items():
-                if name != BASE:
+                if name != BASE and name not in refused:
                     admin.register_dataset(session, started.state.policies, None, folder)
         yield Served(started, folders)
 
@@ -101,7 +106,7 @@ def outcome(api: Api, query: str, dataset: str) -> dict[str, Any]:
     return seen
 
 
-@pytest.mark.parametrize("adversary", list(ADVERSARIES))
+@pytest.mark.parametrize("adversary", IN_DOMAIN)
 @pytest.mark.parametrize("query", list(QUERIES))
 def test_status_error_and_charge_are_the_same_on_d_and_d_prime(query: str, adversary: str, served: Served) -> None:
     api = served.api
@@ -264,7 +269,7 @@ def trigger(api: Api, feed: str, dataset: str, replay: Any = None, noise: bool =
     return response, recording, charged
 
 
-@pytest.mark.parametrize("adversary", list(ADVERSARIES))
+@pytest.mark.parametrize("adversary", IN_DOMAIN)
 def test_a_feed_release_moves_by_at_most_its_sensitivity_and_is_made_on_d_prime(adversary: str,
                                                                                  served: Served) -> None:
     api = served.api
@@ -286,3 +291,14 @@ def test_a_feed_release_moves_by_at_most_its_sensitivity_and_is_made_on_d_prime(
         f"{c.part}: moved by {c.observed:.6g}, sensitivity {c.declared}" for c in changes)
     noisy2, _, noisy_charged2 = trigger(api, feed, dataset, noise=True)
     assert (noisy2.status_code, noisy_charged2) == (noisy.status_code, noisy_charged), noisy2.text
+
+
+@pytest.mark.parametrize("adversary", sorted(OUTSIDE_DOMAIN))
+def test_a_dataset_outside_the_guarantees_domain_is_refused_at_registration(adversary: str,
+                                                                           served: Served) -> None:
+    """Events reusing other people's event ids: a step would count for two people, so it is not registered."""
+    folder = served.folders[dataset_of(adversary)]
+    response = served.api.post(STEWARD, "/v1/datasets", json={"path": str(folder)})
+    assert response.status_code == 409, response.text
+    assert "repeat a value of 'event_id'" in response.json()["detail"]
+    assert served.api.get(ANALYST, f"/v1/datasets/{dataset_of(adversary)}").status_code in (403, 404)
