@@ -49,16 +49,32 @@ def quantile_sensitivity(alpha: float, contributions: int) -> int:
     return contributions * max(a.numerator, a.denominator - a.numerator)
 
 
-def quantile_scores(below: np.ndarray, above: np.ndarray, alpha: float) -> np.ndarray:
+def quantile_scores(below: np.ndarray, above: np.ndarray, alpha: float,
+                    total: int | None = None) -> np.ndarray:
     """Integer scores (lower is better) of candidates as the ``alpha`` quantile.
 
-    ``below[j]`` and ``above[j]`` count values strictly below and above candidate j.
-    The score ``|(1 - alpha) * below - alpha * above|`` (scaled to integers) is zero at
-    the exact quantile and grows by at most ``max(alpha, 1 - alpha)`` per row.
+    ``below[j]`` and ``above[j]`` count the values ranked strictly before and strictly
+    after candidate j; the other ``total - below[j] - above[j]`` values are tied with it
+    (``total`` defaults to ``below + above``: no ties). With level ``num/den`` and
+    ``n = total``, candidate j covers the ranks ``below[j] .. n - above[j]`` and scores
+    how far ``num/den * n`` lies outside them::
+
+        max(den * below - num * n,  den * above - (den - num) * n,  0)
+
+    Zero when the level's rank is among the candidate's; without ties this is
+    ``|(den - num) * below - num * above|``. Sensitivity: one row more adds 1 to ``n``
+    and to at most one of ``below``/``above``, so the first term moves by ``den - num``
+    or ``-num``, the second by ``num`` or ``-(den - num)``, and their maximum with 0 by
+    at most ``max(num, den - num)`` (a maximum is 1-Lipschitz): see
+    :func:`quantile_sensitivity`. The bound is attained (a row below a candidate whose
+    first term is the largest moves its score by ``den - num``).
     """
     a = alpha_fraction(alpha)
     num, den = a.numerator, a.denominator
-    return np.abs((den - num) * below.astype(np.int64) - num * above.astype(np.int64))
+    below = np.asarray(below, dtype=np.int64)
+    above = np.asarray(above, dtype=np.int64)
+    n = below + above if total is None else np.int64(total)
+    return np.maximum(np.maximum(den * below - num * n, den * above - (den - num) * n), 0)
 
 
 def bound_candidates(limit: int) -> list[int]:

@@ -65,3 +65,75 @@ def test_rank_depends_only_on_each_persons_rows(make_dataset: MakeDataset) -> No
              .filter(pl.col("person_id") != 10_000).select("event_id", RANK).sort("event_id")
              for d in (before, after)]
     assert ranks[0].equals(ranks[1])
+
+
+# -- quantile scores and the interval tree: sensitivity on neighbouring data (issue 12) ------
+
+SCORE_LEVELS = [0.5, 0.9, 0.37, 0.001]
+#: Rows per grid position (2m + 1 = 9 positions: grid points 0..3 at the odd positions).
+#: Atoms on grid points, empty gaps, values beyond the grid, an empty group.
+SCORE_BASES = [
+    np.array([0, 0, 0, 0, 0, 0, 0, 0, 0]),
+    np.array([0, 5, 0, 0, 0, 0, 0, 5, 0]),
+    np.array([2, 0, 1, 3, 0, 0, 4, 0, 1]),
+    np.array([0, 0, 0, 7, 0, 0, 0, 0, 0]),
+    np.array([1, 1, 1, 1, 1, 1, 1, 1, 1]),
+]
+
+
+def _grid_rank_quantile(positions: np.ndarray, level: float) -> int:
+    """Index of the smallest grid value g with #(values <= g) >= level * n (the last if none)."""
+    at_or_below = np.cumsum(positions)[1::2]
+    meets = np.flatnonzero(at_or_below * 1000 >= round(level * 1000) * positions.sum())
+    return int(meets[0]) if meets.size else len(at_or_below) - 1
+
+
+@pytest.mark.parametrize("level", SCORE_LEVELS)
+def test_value_scores_are_zero_at_the_grid_quantile_on_atoms_and_gaps(level: float) -> None:
+    """Ties count: the candidate holding the level's rank scores 0, including on an atom followed by a gap.
+
+    The old score (values equal to a candidate counted neither below nor above) gave every
+    candidate of an empty gap the same score as the atom's edge and a positive score to the atom.
+    """
+    from queries.kinds.quantiles import value_scores
+
+    for base in SCORE_BASES[1:]:
+        scores = value_scores(base, level)
+        assert scores[_grid_rank_quantile(base, level)] == 0, (base, level, scores)
+        assert scores.min() == 0
+
+
+@pytest.mark.parametrize("level", SCORE_LEVELS)
+@pytest.mark.parametrize("rows", [1, 2, 3])
+def test_value_scores_move_by_at_most_their_sensitivity(level: float, rows: int) -> None:
+    """One more person with ``rows`` rows placed anywhere (every placement tried) moves every score by at
+    most ``quantile_sensitivity``, and some placement moves one by exactly that much."""
+    from itertools import combinations_with_replacement
+
+    from privacy.bounding import quantile_sensitivity
+    from queries.kinds.quantiles import value_scores
+
+    declared = quantile_sensitivity(level, rows)
+    largest = 0
+    for base in SCORE_BASES:
+        before = value_scores(base, level)
+        for placement in combinations_with_replacement(range(base.size), rows):
+            after = value_scores(base + np.bincount(placement, minlength=base.size), level)
+            largest = max(largest, int(np.abs(after - before).max()))
+    assert largest == declared
+
+
+def test_interval_tree_moves_by_its_sensitivity() -> None:
+    """Every kept row is in one released node per level: a person's L rows move the nodes by L * depth (L1)."""
+    from itertools import combinations_with_replacement
+
+    from queries.kinds.quantiles import CountTree
+
+    for positions in (9, 403, 2003):
+        tree = CountTree.for_positions(positions)
+        base = np.arange(positions) % 4
+        before = tree.nodes(base[None, :])
+        for rows in (1, 3):
+            for placement in list(combinations_with_replacement(range(0, positions, max(1, positions // 7)), rows)):
+                after = tree.nodes((base + np.bincount(placement, minlength=positions))[None, :])
+                assert int(np.abs(after - before).sum()) == rows * tree.depth
