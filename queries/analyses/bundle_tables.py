@@ -4,20 +4,35 @@ Nothing here reads data or draws noise: it turns the noisy people counts of ever
 pair, every item and the people total into the answer's tables, with intervals
 derived analytically from the mechanisms' known noise.
 
-Intervals (at ``confidence = 1 - alpha``, per row):
+The rows shown are *selected*: the top pairs are the largest of every catalogue pair's
+noisy count, and a pair's own noise helps it into the table, so an interval that holds
+for one pair chosen in advance does not hold for the pairs that come out on top (on data
+with no pair at all, every top pair is pure noise picked for being large). Every interval
+here therefore holds **simultaneously for every pair that could have been selected** —
+all the catalogue's pairs — and so for whichever were, at ``confidence = 1 - alpha``. With
+``P`` catalogue pairs, the union bound over the pairs' independent noise gives:
 
-- a count: ± the mechanism's half-width at ``alpha``;
-- support ``n_ab / N`` and confidence ``n_ab / n_a``: interval arithmetic on the two
-  counts' intervals, each at ``alpha / 2`` (union bound);
-- lift ``n_ab * N / (n_a * n_b)``: the four counts at ``alpha / 4`` each;
-- a bundle's people (its weakest pair): every pair of the bundle at ``alpha / pairs``;
-- a change of support between two periods: the four counts at ``alpha / 4`` each.
+- a pair's count: ``[max(0, n - h), n + h]`` with ``h`` the pair noise's half-width at
+  ``alpha / P`` (all ``P`` pair intervals hold at once with probability ``1 - alpha``);
+  ``above_zero`` is true when ``n - h > 0``, otherwise the pair is indistinguishable
+  from zero;
+- support ``n_ab / N`` and confidence ``n_ab / n_a`` both ways: interval arithmetic on
+  the pair count at ``alpha / (2 P)`` (simultaneous) and the item count or people total
+  at ``alpha / 2``; lift ``n_ab * N / (n_a * n_b)``: the pair count at ``alpha / (2 P)``
+  and its three item terms at ``alpha / 6`` each. The item counts' noise is independent
+  of the pair noise that selected the rows, so an item's interval at a fixed level holds
+  for whichever item a selected row names: each row's ratio intervals fail with
+  probability at most ``alpha``, after selection;
+- a bundle's people (its weakest pair): the minimum of its pairs' simultaneous count
+  intervals (bundles are selected too);
+- a change of support between two periods: every pair count of both periods at
+  ``alpha / (4 P)`` and each period's people total at ``alpha / 4`` — every change
+  interval of every pair holds at once, so on data without any change no pair is
+  flagged with probability at least ``1 - alpha``.
 
 An interval's end is left empty (null) when a denominator could be zero or negative.
 
-A pair is *linked* (may join a bundle) when its count exceeds the half-width at
-``alpha / number of catalogue pairs`` — simultaneous over every pair, because the top
-pairs are selected as the largest of all noisy counts — and one of its confidences'
+A pair is *linked* (may join a bundle) when it is above zero and one of its confidences'
 lower ends reaches ``min_confidence``. On data without any pair, no bundle is reported
 with probability at least ``confidence``.
 """
@@ -45,10 +60,17 @@ class NoisyCounts:
     item_mechanism: LaplaceVector
 
     def pair_half(self, alpha: float) -> float:
+        """Half-width that one pair's noise exceeds with probability at most ``alpha``."""
         return self.pair_mechanism.accuracy(alpha)
 
     def item_half(self, alpha: float) -> float:
+        """Half-width that one item count's (or the people total's) noise exceeds with probability ``alpha``."""
         return self.item_mechanism.accuracy(alpha)
+
+    def all_pairs_half(self, alpha: float) -> float:
+        """Half-width that no pair's noise exceeds, all catalogue pairs at once, with probability ``1 - alpha``."""
+        return self.pair_mechanism.accuracy(alpha / max(len(self.pairs), 1))
+
 
 
 def _ratio(num: np.ndarray, num_half: float, den: np.ndarray, den_half: float,
@@ -77,9 +99,12 @@ def pair_table(counts: NoisyCounts, space: PairSpace, item: str, top: np.ndarray
     n_ab = counts.pairs[top]
     n_a, n_b = counts.items[a], counts.items[b]
     people = np.full(len(top), counts.people)
-    half = counts.pair_half(alpha)
-    pair2, item2 = counts.pair_half(alpha / 2), counts.item_half(alpha / 2)
-    pair4, item4 = counts.pair_half(alpha / 4), counts.item_half(alpha / 4)
+    # Simultaneous over every catalogue pair (and item): the rows are the largest of all
+    # noisy counts, so an interval for one pair fixed in advance would not hold for them.
+    # The item counts' noise is independent of the pair noise that selected the rows, so
+    # one item count's interval at a level still holds for whichever item a row names.
+    half = counts.all_pairs_half(alpha)
+    pair2, item2, item6 = counts.all_pairs_half(alpha / 2), counts.item_half(alpha / 2), counts.item_half(alpha / 6)
     support = _ratio(n_ab, pair2, people, item2, upper=1.0)
     conf_ab = _ratio(n_ab, pair2, n_a, item2, upper=1.0)
     conf_ba = _ratio(n_ab, pair2, n_b, item2, upper=1.0)
@@ -88,21 +113,19 @@ def pair_table(counts: NoisyCounts, space: PairSpace, item: str, top: np.ndarray
     with np.errstate(divide="ignore", invalid="ignore"):
         den = n_a.astype(float) * n_b
         lift = np.where((n_a > 0) & (n_b > 0), np.maximum(num, 0) / den, np.nan)
-        lift_low = (np.maximum(n_ab - pair4, 0) * np.maximum(people - item4, 0)
-                    / ((n_a + item4) * (n_b + item4)))
-        lift_low = np.where((n_a + item4 > 0) & (n_b + item4 > 0), lift_low, np.nan)
-        lift_high = np.where((n_a - item4 > 0) & (n_b - item4 > 0),
-                             (n_ab + pair4) * (people + item4) / ((n_a - item4) * (n_b - item4)), np.nan)
-    # Linked only if the count is above zero for every catalogue pair at once (Bonferroni
-    # over all pairs): the top pairs are the largest of many noisy counts, so a per-pair
-    # interval would "find" links in pure noise.
-    link_half = counts.pair_half(alpha / max(space.n_pairs, 1))
-    linked = (n_ab - link_half > 0) & (np.fmax(np.nan_to_num(conf_ab[1]), np.nan_to_num(conf_ba[1])) >= min_confidence)
+        lift_low = (np.maximum(n_ab - pair2, 0) * np.maximum(people - item6, 0)
+                    / ((n_a + item6) * (n_b + item6)))
+        lift_low = np.where((n_a + item6 > 0) & (n_b + item6 > 0), lift_low, np.nan)
+        lift_high = np.where((n_a - item6 > 0) & (n_b - item6 > 0),
+                             (n_ab + pair2) * (people + item6) / ((n_a - item6) * (n_b - item6)), np.nan)
+    above_zero = n_ab - half > 0
+    linked = above_zero & (np.fmax(np.nan_to_num(conf_ab[1]), np.nan_to_num(conf_ba[1])) >= min_confidence)
     keys = list(space.keys)
     return pl.DataFrame({
         "rank": np.arange(1, len(top) + 1, dtype=np.int64),
         f"{item}_a": [keys[i] for i in a], f"{item}_b": [keys[j] for j in b],
-        "value": n_ab.astype(np.int64), "ci_low": n_ab - half, "ci_high": n_ab + half,
+        "value": n_ab.astype(np.int64), "ci_low": np.maximum(n_ab - half, 0.0), "ci_high": n_ab + half,
+        "above_zero": above_zero,
         "support": _column(support[0]), "support_low": _column(support[1]), "support_high": _column(support[2]),
         "confidence_ab": _column(conf_ab[0]), "confidence_ab_low": _column(conf_ab[1]),
         "confidence_ab_high": _column(conf_ab[2]),
@@ -153,13 +176,13 @@ def bundle_table(pairs: pl.DataFrame, counts: NoisyCounts, item: str, alpha: flo
             chosen.append(clique)
     chosen.sort(key=lambda c: (-weakest(c), -len(c), sorted(map(str, c))))
     rows = []
+    half = counts.all_pairs_half(alpha)  # bundles are selected too: simultaneous over every pair
     for number, clique in enumerate(chosen, start=1):
         n_pairs = len(clique) * (len(clique) - 1) // 2
-        half = counts.pair_half(alpha / n_pairs)
         values = [strength[frozenset(p)] for p in itertools.combinations(clique, 2)]
         members = sorted(clique, key=str)
         rows.append({"bundle": number, "size": len(clique), "members": " + ".join(map(str, members)),
-                     "value": min(values), "ci_low": min(v - half for v in values),
+                     "value": min(values), "ci_low": max(min(v - half for v in values), 0.0),
                      "ci_high": min(v + half for v in values), "pairs": n_pairs})
     schema = {"bundle": pl.Int64, "size": pl.Int64, "members": pl.String, "value": pl.Int64,
               "ci_low": pl.Float64, "ci_high": pl.Float64, "pairs": pl.Int64}
@@ -182,11 +205,14 @@ def change_table(before: NoisyCounts, after: NoisyCounts, space: PairSpace, item
     A change is flagged only when its interval excludes zero: ``appeared`` (up, and the
     earlier count is indistinguishable from zero), ``strengthened`` (up), ``vanished``
     (down, and the later count is indistinguishable from zero), ``weakened`` (down);
-    otherwise ``no clear change``.
+    otherwise ``no clear change``. The intervals hold simultaneously for every catalogue
+    pair (each period's pair counts at ``alpha / 4`` over all pairs, each people total at
+    ``alpha / 4``): the pairs shown are selected by their noisy counts, and a flag per pair
+    at ``alpha`` would flag some of many unchanged pairs almost surely.
     """
     first, second = space.members()
     a, b = first[top], second[top]
-    halves = [(c.pair_half(alpha / 4), c.item_half(alpha / 4)) for c in (before, after)]
+    halves = [(c.all_pairs_half(alpha / 4), c.item_half(alpha / 4)) for c in (before, after)]
     supports = [_ratio(c.pairs[top], h[0], np.full(len(top), c.people), h[1], upper=1.0)
                 for c, h in zip((before, after), halves)]
     change = supports[1][0] - supports[0][0]

@@ -15,21 +15,32 @@ public key and every pair of the catalogue gets a noisy count (no key selection,
 delta). Each person adds 1 to at most ``max_pairs`` pair counts and to at most
 ``max_items`` item counts plus the people total (:mod:`queries.analyses.pairs`), so
 discrete Laplace noise (OpenDP) on the pair vector with sensitivity ``max_pairs`` and on
-the item vector with sensitivity ``max_items + 1`` gives pure epsilon-DP per person. With
-``"max_pairs": "auto"`` (the default) 10% of the loss chooses ``max_pairs`` privately
-(permute-and-flip, OpenDP) over a public geometric list of candidates, by one of two rules
-(``max_pairs_rule``): ``"quantile"`` (the default) scores each candidate as the
-``pairs_quantile`` of pairs per person (sensitivity 9 at 0.9); ``"top_pairs"`` scores
-candidate k by the public noise level at k (about the largest noise among the catalogue's
-pairs) minus the ``top_k``-th largest pair count bounded at k — sensitivity 1, because one
-person moves each bounded count, hence each order statistic, by at most 1
+the item vector with sensitivity ``max_items + 1`` gives pure epsilon-DP per person.
+
+With ``"max_pairs": "auto"`` (the default) a share of the loss chooses ``max_pairs``
+privately (permute-and-flip, OpenDP) over a public list of candidates, by one of two rules
+(``max_pairs_rule``). ``"top_pairs"`` (the default, with 5% of the loss) scores candidate k by the half-width
+of the pair counts' simultaneous interval at k (public: it depends on k, the pair loss,
+the confidence and the catalogue only) minus the ``top_k``-th largest pair count bounded
+at k — the bound that lifts the most top pairs clear of zero. One person moves each
+bounded count, hence each order statistic, by at most 1, so the scores have sensitivity 1
 (:func:`privacy.bounding.top_count_scores`); with two periods the smaller of their
-``top_k``-th counts is used, still sensitivity 1. "top_pairs" suits small datasets whose
-top counts are a few hundred people (groceries: overlap 0.65 with the true top 20 at
-epsilon 1, against 0.05–0.15), but it tends to choose very small bounds that bias the
-confidences bundles are built from (docs/benchmarks.md, W2). Of the rest, 7/9 goes to the
-pair counts and 2/9 to the item counts; ``bundle_changes`` splits it equally between
-its two periods, which draw on the budget of the same people (the losses add).
+``top_k``-th counts is used, still sensitivity 1. Its candidates double from the number
+of pairs in one bundle of ``max_bundle_size`` items (6 for 4 items: 6, 12, 24, ...): below
+that a person who used one whole bundle could not count all its pairs, and the
+confidences bundles are built from would be biased low. ``"quantile"`` scores each
+candidate as the ``pairs_quantile`` of pairs per person (sensitivity 9 at 0.9, so it gets
+10% of the loss); it chooses large bounds whose noise swamps the counts of small datasets (groceries: overlap
+0.10 with the true top 20 at epsilon 1, against 0.65 for "top_pairs"; docs/benchmarks.md,
+W2). Of the rest, 7/8 goes to the pair counts and 1/8 to the item counts (these are
+large, and their intervals are not widened by the selection of pairs);
+``bundle_changes`` splits it equally between its two periods, which draw on the budget
+of the same people (the losses add).
+
+Accuracy after selection: the rows shown are the largest of every catalogue pair's noisy
+count, so every interval they carry holds simultaneously for all catalogue pairs
+(:mod:`queries.analyses.bundle_tables`), and ``bundle_changes`` flags a change only when
+such a simultaneous interval of the change excludes zero.
 """
 
 from __future__ import annotations
@@ -66,8 +77,10 @@ MAX_TOP_K = 1000
 MAX_WINDOW_DAYS = 366
 MAX_CATALOGUE_PAIRS = 200_000  # noise for every pair: ~11 µs each with OpenDP's exact sampler
 MAX_PAIRS_PER_PERSON = 1000
-SELECTION_SHARE = Fraction(1, 10)  # of epsilon, to choose max_pairs when "auto"
-PAIR_SHARE = Fraction(7, 9)  # of each period's remaining loss; the rest is for item counts
+#: Share of epsilon that chooses max_pairs when "auto", by rule: the "top_pairs" scores move by 1
+#: per person (the quantile's by 9 at 0.9), so a smaller share chooses as sharply.
+SELECTION_SHARE = {"top_pairs": Fraction(1, 20), "quantile": Fraction(1, 10)}
+PAIR_SHARE = Fraction(7, 8)  # of each period's remaining loss; the rest is for item counts
 REFERENCE_PAIRS = 10  # max_pairs assumed by estimates when it is chosen at run time
 
 
@@ -89,7 +102,7 @@ class _BundleFields(AnalysisSpec):
     filters: tuple[Filter, ...] = ()
     accuracy: float | None = None
     max_pairs: int | Literal["auto"] = "auto"
-    max_pairs_rule: Literal["quantile", "top_pairs"] = "quantile"  # how "auto" chooses
+    max_pairs_rule: Literal["quantile", "top_pairs"] = "top_pairs"  # how "auto" chooses
     pairs_quantile: float = 0.9  # for the "quantile" rule
     max_items: int | None = None
     min_confidence: float = 0.2
@@ -205,8 +218,12 @@ class BundlesPlan(AnalysisPlan):
             notes.append(f"pairs per person are chosen privately at run time ({_RULES[self.spec.max_pairs_rule]}); "
                          f"the accuracy shown is for {REFERENCE_PAIRS} pairs per person (it grows in proportion "
                          f"to the number chosen)")
-        accuracy = {"pair_half_width": pair.accuracy(alpha), "item_half_width": self.item_mechanism.accuracy(alpha),
-                    "unit": "people", "pairs": self.setting.space.n_pairs, "top_k": self.setting.top_k}
+        n_pairs = self.setting.space.n_pairs
+        notes.append(f"pair intervals hold for all {n_pairs:,} catalogue pairs at once (the pairs shown are "
+                     "selected by their noisy counts); item intervals hold for each item")
+        accuracy = {"pair_half_width": pair.accuracy(alpha / n_pairs),
+                    "item_half_width": self.item_mechanism.accuracy(alpha),
+                    "unit": "people", "pairs": n_pairs, "top_k": self.setting.top_k}
         return Estimate(self.loss, self.pair_mechanism.sensitivity if self.pair_mechanism else "auto",
                         self.spec.confidence, self._mechanism_rows(pair), accuracy, notes)
 
@@ -217,8 +234,12 @@ class BundlesPlan(AnalysisPlan):
 
         Pass ``max_pairs`` to skip the choice (benchmarks comparing with and without noise).
         """
+        return self.bounded_from(*self.person_pairs(backend), max_pairs)
+
+    def bounded_from(self, events: list[pl.DataFrame], pairs: list[pl.DataFrame],
+                     max_pairs: int | None = None) -> Exact:
+        """:meth:`bounded_counts` from each period's uses and person-pairs (:meth:`person_pairs`)."""
         s = self.setting
-        events, pairs = self.person_pairs(backend)
         items = list(map(list, zip(*(bounded_item_counts(e, s.space, s.max_items) for e in events))))
         if max_pairs is None and self.selector is not None and self.spec.max_pairs_rule == "top_pairs":
             max_pairs, pair_counts = self._choose_for_top_pairs(pairs)
@@ -240,13 +261,14 @@ class BundlesPlan(AnalysisPlan):
         return events, [person_pairs(e.lazy(), s.window_seconds, s.space).collect() for e in events]
 
     def noise_levels(self, candidates: list[int]) -> list[int]:
-        """Public noise level of each candidate bound: the pair noise's half-width at ``1 / pairs``.
+        """Public noise level of each candidate bound: the half-width of the pair counts' simultaneous interval.
 
-        About the largest noise among the catalogue's pairs (each exceeds it with
-        probability ``1 / pairs``), in whole people, rounded up. Depends on the bound, the
-        pair loss and the catalogue only, so it adds nothing to the scores' sensitivity.
+        The pair noise's half-width at ``alpha / pairs`` (what the answer's intervals use:
+        no pair's noise exceeds it, all at once, with probability ``1 - alpha``), in whole
+        people, rounded up. Depends on the bound, the pair loss, the confidence and the
+        catalogue only, so it adds nothing to the scores' sensitivity.
         """
-        alpha = 1 / self.setting.space.n_pairs
+        alpha = self.setting.alpha / self.setting.space.n_pairs
         return [math.ceil(LaplaceVector.for_epsilon(k, self.pair_epsilon).accuracy(alpha))  # type: ignore[arg-type]
                 for k in candidates]
 
@@ -263,7 +285,7 @@ class BundlesPlan(AnalysisPlan):
 
     def top_pairs_scores(self, pairs: list[pl.DataFrame]) -> tuple[list[int], list[np.ndarray], np.ndarray]:
         """Candidate bounds, each period's bounded pair counts under every candidate, and their scores."""
-        candidates = bound_candidates(MAX_PAIRS_PER_PERSON)
+        candidates = top_pairs_candidates(self.spec.max_bundle_size)
         by_bound = [bounded_pair_counts_by_bound(p, self.setting.space, candidates) for p in pairs]
         return candidates, by_bound, top_count_scores(by_bound, self.setting.top_k, self.noise_levels(candidates))
 
@@ -304,6 +326,10 @@ class BundlesPlan(AnalysisPlan):
         notes.append(f"each person counts in at most {max_pairs} pairs and {s.max_items} items; counts describe "
                      "that bounded data (people with more pairs are partly counted)")
         mechanisms = self._mechanism_rows(released[0].pair_mechanism, max_pairs if self.selector else None)
+        notes.append(f"intervals of pairs hold for all {s.space.n_pairs:,} catalogue pairs at once, so they remain "
+                     f"valid for the pairs selected as the top {s.top_k}"
+                     + ("; a change is flagged only when its interval, also simultaneous, excludes 0"
+                        if len(released) > 1 else ""))
         per_period = []
         for counts in released:
             top = tables.top_pairs(counts, s.top_k)
@@ -312,10 +338,10 @@ class BundlesPlan(AnalysisPlan):
                                                                spec.max_bundle_size)))
         if len(released) == 1:
             top, pairs, bundles = per_period[0]
-            noise = pairs.height - int((pairs["ci_low"] > 0).sum())
+            noise = pairs.height - int(pairs["above_zero"].sum())
             if noise:
                 notes.append(f"{noise} of the top {pairs.height} pairs have counts indistinguishable from noise "
-                             "(interval includes 0) and are not used for bundles")
+                             f"(above_zero false: their interval includes 0) and are not used for bundles")
             if bundles.height == 0:
                 notes.append("no bundle: no pair is both above its noise and confident enough "
                              f"(confidence lower bound at least {spec.min_confidence} one way)")
@@ -375,7 +401,8 @@ class _Bundles(Analysis):
             if not (math.isfinite(spec.accuracy) and spec.accuracy >= 1):
                 raise QueryError("accuracy", f"counts of people are whole numbers, so a half-width of "
                                  f"{spec.accuracy} cannot be promised", "Ask for an accuracy of at least 1")
-            pair = LaplaceVector.for_accuracy(spec.max_pairs, spec.accuracy, setting.alpha)
+            # The stated half-width is that of the answer's intervals: simultaneous over every pair.
+            pair = LaplaceVector.for_accuracy(spec.max_pairs, spec.accuracy, setting.alpha / setting.space.n_pairs)
             items = LaplaceVector.for_accuracy(setting.max_items + 1, spec.accuracy, setting.alpha)
             return BundlesPlan(spec, setting, items, pair, None, None, _notes(setting))
         epsilon = Fraction(repr(spec.epsilon))
@@ -383,7 +410,7 @@ class _Bundles(Analysis):
         if spec.max_pairs == "auto":
             sensitivity = (TOP_COUNT_SENSITIVITY if spec.max_pairs_rule == "top_pairs"
                            else quantile_sensitivity(spec.pairs_quantile, 1))
-            selector = NoisyMin.for_epsilon(sensitivity, float(epsilon * SELECTION_SHARE))
+            selector = NoisyMin.for_epsilon(sensitivity, float(epsilon * SELECTION_SHARE[spec.max_pairs_rule]))
             epsilon -= Fraction(selector.loss.epsilon)
         per_period = epsilon / periods
         pair_epsilon = float(per_period * PAIR_SHARE)
@@ -394,9 +421,23 @@ class _Bundles(Analysis):
         return BundlesPlan(spec, setting, items, pair, None, None, _notes(setting))
 
 
-_RULES = {"top_pairs": "the bound whose top_k-th largest pair count stands furthest above the noise that "
-                        "bound brings",
+_RULES = {"top_pairs": "the bound whose top_k-th largest pair count stands furthest above its interval's "
+                        "half-width",
           "quantile": "a high quantile (pairs_quantile) of pairs per person"}
+
+
+def top_pairs_candidates(max_bundle_size: int) -> list[int]:
+    """Public candidate bounds of the "top_pairs" rule: doubling from one bundle's pairs, up to the limit.
+
+    The smallest candidate is the number of pairs among ``max_bundle_size`` items, so a
+    person who used one whole bundle can count all of its pairs; doubling keeps the list
+    short (9 candidates for bundles of 4), which keeps the private choice sharp.
+    """
+    value, candidates = max_bundle_size * (max_bundle_size - 1) // 2, []
+    while value < MAX_PAIRS_PER_PERSON:
+        candidates.append(value)
+        value *= 2
+    return [*candidates, MAX_PAIRS_PER_PERSON]
 
 
 def _notes(setting: Setting) -> list[str]:

@@ -31,7 +31,7 @@ def test_bundles_over_http_are_charged_and_answered_with_all_tables(api: Api) ->
     assert response.status_code == 200, response.text
     answer = response.json()
     assert_charged(api, ANALYST, before, answer)
-    assert answer["columns"][:6] == ["rank", "service_a", "service_b", "value", "ci_low", "ci_high"]
+    assert answer["columns"][:7] == ["rank", "service_a", "service_b", "value", "ci_low", "ci_high", "above_zero"]
     assert len(answer["rows"]) == 3  # every pair of the 3-service catalogue
     assert set(answer["tables"]) == {"bundles", "items"}
     assert answer["tables"]["items"]["rows"][-1]["service"] == "(all people)"
