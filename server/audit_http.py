@@ -5,39 +5,67 @@ transaction. For the rest (reads, denials, invalid input, failed authentication,
 errors) this middleware writes the entry when the response starts — before its
 first byte is sent — and a request whose entry cannot be written gets no answer.
 Health and readiness probes and the public key are not uses and are not recorded.
+
+Requests that end without an identified caller (no key, a key that fails, a body refused
+before identity) are counted against their client's rate limit (:mod:`server.limits`):
+within it each gets its entry as above; beyond it they are left out one by one and
+summarised instead, one ``http.rate_limited`` entry per client per window.
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.audit_log import SLOT, AuditSlot, record_request
 
+if TYPE_CHECKING:
+    from server.limits import AnonymousTraffic
+
 logger = logging.getLogger("civicdp.audit")
 NOT_RECORDED = frozenset({"/v1/health", "/v1/ready", "/v1/audit/public-key"})
 
 
+def client_of(scope: Scope) -> str:
+    """The client's address as the server sees it (the peer, or the proxy's forwarded one)."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def is_recorded(path: str) -> bool:
+    """Does a request to ``path`` get an audit entry (everything under /v1 but the public probes)?"""
+    return (path.startswith("/v1/") or path == "/v1") and path not in NOT_RECORDED
+
+
 class AuditMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, traffic: AnonymousTraffic | None = None) -> None:
         self.app = app
+        self.traffic = traffic
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/") and path != "/v1" or path in NOT_RECORDED:
+        if scope["type"] != "http" or not is_recorded(path):
             await self.app(scope, receive, send)
             return
         slot = AuditSlot(method=scope.get("method", ""), path=path[:200])
         token = SLOT.set(slot)
         state: Any = scope["app"].state.civicdp
+        traffic = self.traffic
 
         async def send_recorded(message: Message) -> None:
-            if message["type"] == "http.response.start" and not slot.recorded:
-                await anyio.to_thread.run_sync(record_request, state.db, slot, message["status"])
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if slot.caller is None and traffic is not None:
+                    client = client_of(scope)
+                    if not traffic.charge(client) and not slot.recorded:
+                        traffic.refused(client, status)  # in the client's summary entry instead
+                        slot.recorded = True
+                if not slot.recorded:
+                    await anyio.to_thread.run_sync(record_request, state.db, slot, status)
             await send(message)
 
         try:

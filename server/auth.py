@@ -23,6 +23,7 @@ import re
 import secrets
 import stat
 import string
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -114,6 +115,24 @@ def parse_key(presented: object) -> tuple[str, str]:
     if not match:
         raise AuthenticationFailed("malformed")
     return match["prefix"], match["secret"]
+
+
+def presented_key(authorization: Sequence[str]) -> str:
+    """The key sent in a request's ``Authorization`` header values (``""`` if there is none).
+
+    Exactly one header with the ``Bearer`` scheme (in any case) is accepted. Two or more
+    headers are refused as malformed rather than reading the first: proxies and
+    frameworks disagree on which of several wins, so a request that carries two keys
+    has no single identity.
+    """
+    if not authorization:
+        return ""
+    if len(authorization) > 1:
+        raise AuthenticationFailed("malformed")
+    scheme, _, credentials = authorization[0].strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        raise AuthenticationFailed("malformed")
+    return credentials.strip()
 
 
 def verify_key(session: Session, presented: str | None, server_secret: bytes,

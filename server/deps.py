@@ -71,16 +71,23 @@ def write_session(state: StateDep) -> Iterator[Session]:
 
 
 ReadSession = Annotated[Session, Depends(read_session)]
-WriteSession = Annotated[Session, Depends(write_session)]
+#: Commit, then confirm: ``scope="function"`` ends the session (commit, or rollback on an
+#: error) when the route function returns, before the response is serialised and sent. With
+#: FastAPI's default ("request") the commit would run after the client already had its 2xx:
+#: a key reported revoked could still authenticate, an account just created could be missing,
+#: and a crash in that gap would leave a confirmed change unmade (or made without its entry).
+WriteSession = Annotated[Session, Depends(write_session, scope="function")]
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: 'Authorization: Bearer cdp_...'")
 
 
-def current_caller(state: StateDep,
-                   credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
-    presented = credentials.credentials if credentials else ""
+def current_caller(state: StateDep, request: Request,
+                   _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
+    # ``_bearer`` documents the scheme in OpenAPI; the key is read here from every
+    # Authorization header, so that two of them are refused instead of the first winning.
     slot = current_slot()
     try:
+        presented = auth.presented_key(request.headers.getlist("authorization"))
         with Session(reader(state.db)) as session:
             account = auth.verify_key(session, presented, state.secret, datetime.now(timezone.utc))
             caller = Caller(account_id=account.id or 0, name=account.name, agency=account.agency)
@@ -96,6 +103,21 @@ def current_caller(state: StateDep,
 
 
 CurrentCaller = Annotated[Caller, Depends(current_caller)]
+
+
+def key_authenticates(state: AppState, authorization: list[str]) -> bool:
+    """Does this request's key authenticate someone? For the limits in front of the app.
+
+    Nothing is recorded: the request is authenticated again, and audited, by
+    :func:`current_caller` when it reaches its route.
+    """
+    try:
+        presented = auth.presented_key(authorization)
+        with Session(reader(state.db)) as session:
+            auth.verify_key(session, presented, state.secret, datetime.now(timezone.utc))
+    except auth.AuthenticationFailed:
+        return False
+    return True
 
 
 def authorize(state: AppState, caller: Caller, action: Action, obj: str) -> None:

@@ -12,6 +12,10 @@ from server import errors
 from server.audit_http import AuditMiddleware, audit_checkpoints
 from server.bootstrap import build_state
 from server.feed_scheduler import start_feeds, stop_feeds
+from server.http_methods import AllowHeaderMiddleware
+from server.limits import (
+    AnonymousTraffic, RequestLimitsMiddleware, document_limits, last_summary, summarise_refusals,
+)
 from server.routes import admin, audit, budgets, datasets, feeds, health, monitors, queries, releases
 from server.settings import Settings
 
@@ -25,6 +29,7 @@ stored release at no cost. Errors say what was wrong and how to fix it."""
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    traffic = AnonymousTraffic.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -33,16 +38,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         scheduler = start_feeds(state)
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(audit_checkpoints, state)
+            tasks.start_soon(summarise_refusals, state, traffic)
             try:
                 yield
             finally:
                 tasks.cancel_scope.cancel()
                 stop_feeds(scheduler)
+                last_summary(state, traffic)
                 state.close()
 
     app = FastAPI(title="civicdp", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.anonymous_traffic = traffic
     errors.install(app)
-    app.add_middleware(AuditMiddleware)
+    document_limits(app)
+    # Added innermost first: audit (outermost, one entry per request) -> size, structure and
+    # rate limits (before any body is parsed or key looked up) -> complete Allow on 405 -> routes.
+    app.add_middleware(AllowHeaderMiddleware)
+    app.add_middleware(RequestLimitsMiddleware, settings=settings, traffic=traffic)
+    app.add_middleware(AuditMiddleware, traffic=traffic)
     for module in (health, datasets, queries, budgets, releases, admin, audit, feeds, monitors):
         app.include_router(module.router, prefix="/v1")
     return app

@@ -44,6 +44,27 @@ class Settings(BaseSettings):
     feeds_scheduler: bool = Field(default=True, description="Produce feed releases on schedule in this process")
     feeds_check_seconds: float = Field(default=60.0, ge=0.1, le=3600,
                                        description="How often the scheduler looks for due feed releases")
+    max_request_bytes: int = Field(
+        default=1024 * 1024, ge=1024, le=1024 ** 3,
+        description="Largest request body accepted (bytes), counted as it arrives, before any parsing or "
+                    "authentication; larger bodies get 413")
+    max_batch_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=1024, le=16 * 1024 ** 3,
+        description="Largest Parquet body of POST /v1/monitors/{name}/batches (bytes); read only after the "
+                    "caller's key has been verified (anonymous bodies stop at max_request_bytes)")
+    max_json_depth: int = Field(default=32, ge=2, le=256,
+                                description="Deepest nesting of arrays and objects accepted in a JSON body")
+    max_json_items: int = Field(default=10_000, ge=10, le=1_000_000,
+                                description="Most members of any one JSON array or object in a body")
+    anonymous_burst: int = Field(
+        default=20, ge=1, le=100_000,
+        description="Requests without a valid key a client address may make at once before the rate limit")
+    anonymous_per_minute: float = Field(
+        default=30.0, gt=0, le=1_000_000,
+        description="... and how many more per minute after that (token-bucket refill)")
+    anonymous_summary_seconds: float = Field(
+        default=60.0, ge=1, le=86_400,
+        description="Requests refused by the rate limit are recorded as one audit entry per client per window")
 
     @property
     def state_url(self) -> str:

@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, status
+from pydantic import field_validator
 from sqlmodel import select
 
 from policies.actions import Action, Role
-from server import admin
+from server import admin, schemas
 from server.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
 from server.models import Account
 from server.routes.common import errors
-from server.schemas import AccountCreate, AccountOut, KeyCreate, KeyOut, PolicyRule, RoleGrant
+from server.schemas import AccountCreate, AccountOut, KeyOut, PolicyRule, RoleGrant
 from server.service import record, subject_of
 
 router = APIRouter(tags=["administration"])
+
+
+class KeyCreate(schemas.KeyCreate):
+    """``expires_in_days``: a whole number of days; JSON true/false is not one (pydantic reads true as 1)."""
+
+    @field_validator("expires_in_days", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a whole number of days (1 to 3650) or null, not true or false")
+        return value
 
 
 def _account_out(state: StateDep, account: Account) -> AccountOut:
@@ -37,9 +51,10 @@ def create_account(body: AccountCreate, caller: CurrentCaller, state: StateDep,
 
 @router.post("/accounts/{name}/keys", response_model=KeyOut, status_code=status.HTTP_201_CREATED,
              responses=errors(401, 403, 404, 422), summary="Issue an API key (shown once)")
-def create_key(name: str, body: KeyCreate, caller: CurrentCaller, state: StateDep,
-               session: WriteSession) -> KeyOut:
+def create_key(name: str, caller: CurrentCaller, state: StateDep, session: WriteSession,
+               body: Annotated[KeyCreate | None, Body()] = None) -> KeyOut:
     authorize(state, caller, Action.KEY_MANAGE, "server")
+    body = body or KeyCreate()  # no body: the default lifetime (90 days)
     key, plaintext = admin.issue_key(session, caller, name, state.secret, body.expires_in_days)
     return KeyOut(prefix=key.prefix, account=name, expires_at=key.expires_at, api_key=plaintext)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -25,25 +26,47 @@ from server.schemas import AuditEntriesOut, AuditEntryOut, BudgetOut, Consistenc
 router = APIRouter(prefix="/audit", tags=["audit"])
 Size = Annotated[int, Query(ge=0, le=2**62)]
 Name = Annotated[str | None, Query(max_length=200)]
+_ISO_TIME = re.compile(r"\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?)?")
+Time = Annotated[str | None, Query(max_length=40, description="An ISO 8601 date or time, such as 2026-12-01 or "
+                                   "2026-12-01T08:00:00+01:00; without a zone it is read as UTC")]
+
+
+def _time(name: str, value: str | None) -> datetime | None:
+    """An ISO 8601 date or time (UTC when it names no zone); numbers such as 0.0 are refused."""
+    if value is None:
+        return None
+    parsed = None
+    # A "+01:00" written unencoded in a URL arrives as " 01:00": read it as the zone it was.
+    text = re.sub(r"(T\d{2}:\d{2}(?::\d{2}(?:\.\d{1,6})?)?) (\d{2}:?\d{2})$", r"\1+\2", value.strip())
+    if _ISO_TIME.fullmatch(text):
+        try:
+            parsed = datetime.fromisoformat(text)
+        except ValueError:
+            parsed = None
+    if parsed is None:
+        raise InvalidRequest(name, f"{value[:40]!r} is not an ISO 8601 date or time",
+                             "Give a time such as 2026-12-01 or 2026-12-01T08:00:00Z (no zone: UTC)")
+    return parsed.replace(tzinfo=timezone.utc) if parsed.tzinfo is None else parsed.astimezone(timezone.utc)
 
 
 @router.get("/entries", response_model=AuditEntriesOut, responses=errors(401, 403, 422),
             summary="Audit entries, oldest first, filtered by account, agency, dataset, action, decision, time")
 def entries(caller: CurrentCaller, state: StateDep, session: ReadSession, account: Name = None, agency: Name = None,
-            dataset: Name = None, action: Name = None, decision: Name = None, since: datetime | None = None,
-            until: datetime | None = None, after: Annotated[int, Query(ge=-1, le=2**62)] = -1,
+            dataset: Name = None, action: Name = None, decision: Name = None, since: Time = None,
+            until: Time = None, after: Annotated[int, Query(ge=-1, le=2**62)] = -1,
             limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> AuditEntriesOut:
     authorize(state, caller, Action.AUDIT_READ, "server")
+    start, end = _time("since", since), _time("until", until)
     query = select(AuditEntry).where(AuditEntry.seq > after)
     for column, value in ((AuditEntry.account, account), (AuditEntry.agency, agency),
                           (AuditEntry.dataset, dataset), (AuditEntry.action, action),
                           (AuditEntry.decision, decision)):
         if value is not None:
             query = query.where(column == value)
-    if since is not None:
-        query = query.where(AuditEntry.created_at >= since)
-    if until is not None:
-        query = query.where(AuditEntry.created_at < until)
+    if start is not None:
+        query = query.where(AuditEntry.created_at >= start)
+    if end is not None:
+        query = query.where(AuditEntry.created_at < end)
     rows = list(session.exec(query.order_by(AuditEntry.seq).limit(limit)))  # type: ignore[arg-type]
     out = [AuditEntryOut(seq=r.seq, leaf_hash=r.leaf_hash, entry=json.loads(r.entry_json)) for r in rows]
     return AuditEntriesOut(entries=out, next_after=rows[-1].seq if len(rows) == limit else None)
