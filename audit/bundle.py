@@ -104,6 +104,11 @@ def _read(path: Path) -> tuple[list[bytes], list[tuple[str, str]], list[dict]]:
     return (data.split(b"\n")[:-1] if data else []), checkpoints, proofs
 
 
+def read_entries(path: str | Path) -> list[bytes]:
+    """The entries of a bundle, each the bytes that were hashed (verify the bundle first)."""
+    return _read(Path(path))[0]
+
+
 def _check_entries(lines: list[bytes]) -> None:
     for index, line in enumerate(lines):
         try:

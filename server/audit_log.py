@@ -11,32 +11,46 @@ through its :class:`AuditSlot`, unmarked again if the recording transaction roll
 Entries are canonical JSON without floats (amounts are integer micro-epsilon, other
 numbers become strings), hashed into an RFC 9162 tree (:mod:`audit.merkle`); the tree
 heads are signed as C2SP checkpoints with the server's Ed25519 key.
+
+The log only grows. :class:`AuditLog` verifies the stored entries against every signed
+checkpoint when it starts and periodically, checks each entry it reads against its leaf
+hash, and never signs a checkpoint that does not extend the latest one stored (or the
+one it keeps beside its key, outside the database). A failed check is an *alarm*
+(:class:`Alarms`): the log is frozen — nothing is appended, no checkpoint signed, every
+request that needs an entry is answered 503 (:class:`AuditLogFailed`) — until the
+stored log verifies again, which is recorded (``audit.integrity_restored``).
 """
 
 from __future__ import annotations
 
 import contextvars
 import json
+import logging
+import os
 import threading
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
-from sqlalchemy import event, insert, update
+from sqlalchemy import event, func, insert, update
 from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
+from starlette.exceptions import HTTPException
 
 from audit.bundle import write_bundle
-from audit.checkpoint import Checkpoint
+from audit.checkpoint import Checkpoint, CheckpointError
 from audit.merkle import MerkleTree, leaf_hash
-from audit.signing import SigningKey
+from audit.signing import KeyError_, SigningKey, VerifierKey
 from server.caller import Caller
 from server.db import reader, session_scope
 from server.models import AuditCheckpoint, AuditEntry, AuditHead, AuditKey
 
 MAX_TEXT = 200
+logger = logging.getLogger("civicdp.audit")
 
 
 @dataclass
@@ -60,6 +74,136 @@ SLOT: contextvars.ContextVar[AuditSlot | None] = contextvars.ContextVar("civicdp
 
 def current_slot() -> AuditSlot | None:
     return SLOT.get()
+
+
+# -- integrity alarms ------------------------------------------------------------------------
+
+
+class IntegrityFailure(HTTPException):
+    """State that failed an integrity check: the request is answered 503, saying what failed."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, detail, headers={"Retry-After": "300"})
+
+
+class AuditLogFailed(IntegrityFailure):
+    """The stored log failed its integrity check: nothing is appended or signed until it verifies again."""
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+        super().__init__(f"the audit log failed its integrity check: {problem}. The server answers no request "
+                         "that needs an audit entry until the stored log verifies against its signed checkpoints "
+                         "again (GET /v1/ready shows the state)")
+
+
+@dataclass
+class Alarm:
+    """One failed check: what readiness shows (``problem``), the full explanation, since when."""
+
+    problem: str
+    detail: str
+    since: datetime
+    info: dict[str, Any] = field(default_factory=dict)
+    recorded: bool = False  # its audit entry has been written
+
+
+class Alarms:
+    """The integrity alarms of one state database, shared by everything in this process that uses it.
+
+    ``log`` is set while the stored log fails its check (everything stops); ``budgets``
+    (by scope key) and ``releases`` (by release id) hold what failed reconciliation or a
+    stored answer's check (only those are refused). ``verified`` remembers, per release,
+    what its audited entry vouches for, so a cached answer is checked against the log once
+    per process and against its bytes every time.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.log: Alarm | None = None
+        self.refused = 0
+        self.budgets: dict[tuple[str, str, str, str], Alarm] = {}
+        self.releases: dict[int, Alarm] = {}
+        self.verified: dict[int, tuple[str, ...]] = {}
+        self.audit_log: weakref.ReferenceType[AuditLog] | None = None
+        self.evidence: Any = None  # server.reconcile's folded audit trail, valid while the log verifies
+
+    def fail_log(self, problem: str) -> Alarm:
+        with self.lock:
+            if self.log is None:
+                self.log = Alarm(problem, problem, datetime.now(timezone.utc))
+                self.refused = 0
+                self.evidence = None
+                logger.critical("AUDIT LOG INTEGRITY ALARM: %s. Requests that need an audit entry are refused "
+                                "until the stored log verifies again.", problem)
+            return self.log
+
+    def clear_log(self) -> tuple[Alarm, int] | None:
+        with self.lock:
+            alarm, self.log = self.log, None
+            self.evidence = None
+            return None if alarm is None else (alarm, self.refused)
+
+    def count_refused(self) -> None:
+        with self.lock:
+            self.refused += 1
+
+    def report(self) -> dict[str, Any]:
+        """What readiness shows: no amounts, no entry contents (readiness needs no key)."""
+        with self.lock:
+            log = self.log
+            return {
+                "audit_log": ({"ok": True} if log is None else
+                              {"ok": False, "problem": log.problem, "since": _plain(log.since),
+                               "refused_requests": self.refused}),
+                "held_budgets": [{**alarm.info, "problem": alarm.problem, "since": _plain(alarm.since)}
+                                 for _, alarm in sorted(self.budgets.items())],
+                "refused_releases": [{"release_id": rid, "problem": alarm.problem, "since": _plain(alarm.since)}
+                                     for rid, alarm in sorted(self.releases.items())],
+            }
+
+    @property
+    def any(self) -> bool:
+        return self.log is not None or bool(self.budgets) or bool(self.releases)
+
+
+_ALARMS: dict[str, Alarms] = {}
+_ALARMS_BY_ENGINE: weakref.WeakKeyDictionary[Any, Alarms] = weakref.WeakKeyDictionary()
+_ALARMS_LOCK = threading.Lock()
+_GUARDED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def alarms_for(db: Any) -> Alarms:
+    """The alarms of the database behind ``db`` (an engine, or a session's bind), one per database URL."""
+    try:
+        return _ALARMS_BY_ENGINE[db]
+    except (KeyError, TypeError):
+        pass
+    key = db.url.render_as_string(hide_password=False)
+    with _ALARMS_LOCK:
+        alarms = _ALARMS.setdefault(key, Alarms())
+    try:
+        _ALARMS_BY_ENGINE[db] = alarms
+    except TypeError:
+        pass
+    return alarms
+
+
+def _guard_requests(db: DbEngine, alarms: Alarms) -> None:
+    """While the log is failed, refuse every database statement made on behalf of a request under /v1.
+
+    A request's first statement (authentication, usually) raises :class:`AuditLogFailed`,
+    answered 503, so nothing that needs an audit entry is done or answered. Work outside
+    requests (the checks that may find the log repaired, readiness) is not refused.
+    """
+    if db in _GUARDED:
+        return
+
+    def refuse(conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any, executemany: Any) -> None:
+        if alarms.log is not None and SLOT.get() is not None:
+            raise AuditLogFailed(alarms.log.problem)
+
+    event.listen(db, "before_cursor_execute", refuse)
+    _GUARDED.add(db)
 
 
 # -- entries -----------------------------------------------------------------------------
@@ -96,7 +240,14 @@ _INSERT = insert(AuditEntry.__table__)  # type: ignore[attr-defined]
 def append(session: Session, *, caller: Caller | None, action: str, target: str, decision: str,
            rule: list[str] | None = None, roles: list[str] | None = None, request: dict[str, Any] | None = None,
            detail: dict[str, Any] | None = None, dataset: str | None = None) -> AuditEntry:
-    """Append one entry inside the caller's transaction and return it (numbered, hashed)."""
+    """Append one entry inside the caller's transaction and return it (numbered, hashed).
+
+    Raises :class:`AuditLogFailed` while the stored log fails its integrity check: nothing
+    that needs an entry (a charge, a change, an answer) happens then.
+    """
+    failed = alarms_for(session.get_bind()).log
+    if failed is not None:
+        raise AuditLogFailed(failed.problem)
     connection = session.connection()  # Core statements built once: no ORM work per entry
     size = connection.execute(_BUMP).scalar_one()
     now = datetime.now(timezone.utc)
@@ -152,7 +303,19 @@ DECISIONS = {401: "unauthenticated", 403: "denied", 404: "not_found", 409: "refu
 
 
 def record_request(db: DbEngine, slot: AuditSlot, status: int) -> None:
-    """The entry of a request that recorded nothing itself (a read, a refusal, an error)."""
+    """The entry of a request that recorded nothing itself (a read, a refusal, an error).
+
+    While the log is failed nothing is written: refusals and errors leave unrecorded (they
+    are counted and the count is logged when the log recovers); an answer (a status below
+    400) that would leave without its entry is refused by raising.
+    """
+    alarms = alarms_for(db)
+    if alarms.log is not None:
+        alarms.count_refused()
+        slot.recorded = True
+        if status < 400:
+            raise AuditLogFailed(alarms.log.problem)
+        return
     decision = "allowed" if status < 400 else DECISIONS.get(status, "error" if status >= 500 else "refused")
     detail: dict[str, Any] = {**slot.detail, "status": status}
     if slot.reason:
@@ -178,27 +341,79 @@ def ensure_head(db: DbEngine) -> None:
 
 # -- the tree, checkpoints, proofs, export ---------------------------------------------------
 
+#: The latest checkpoint this server signed, kept beside its signing key (outside the database):
+#: a database rolled back together with its checkpoint rows is still caught.
+HELD_NAME = "audit-latest-checkpoint.txt"
+_BATCH = 20_000
+
+
+def _embedded_seq(data: bytes) -> int | None:
+    """The number an entry's bytes give themselves (canonical entries: ``...,"seq":N,"target":...``)."""
+    at = data.rfind(b',"seq":')
+    if at >= 0:
+        start = stop = at + 7
+        while stop < len(data) and 48 <= data[stop] <= 57:
+            stop += 1
+        if stop > start and data.startswith(b',"target":', stop):
+            return int(data[start:stop])
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    seq = value.get("seq") if isinstance(value, dict) else None
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) else None
+
+
+def checked_leaf(seq: int, text: str, hex_hash: str) -> bytes | str:
+    """The leaf hash of stored entry ``seq``, or what is wrong with it (a problem text)."""
+    data = text.encode()
+    leaf = leaf_hash(data)
+    if leaf.hex() != hex_hash:
+        return f"entry {seq} does not hash to its stored leaf hash: its text was changed in the database"
+    embedded = _embedded_seq(data)
+    if embedded != seq:
+        return (f"row {seq} holds entry number {embedded}: entries were reordered or renumbered in the database")
+    return leaf
+
 
 class AuditLog:
     """Checkpoints, proofs and exports over the stored entries (one per server process).
 
     Keeps the tree of committed leaf hashes in memory and catches up from the database
-    on demand; committed entries always form a prefix, so catching up is a range read.
+    on demand; committed entries always form a prefix, so catching up is a range read,
+    and a missing number with later entries stored is an alarm, never a silent stop.
+    Each entry read is checked against its leaf hash and the number it gives itself.
+
+    The whole stored log is verified against every signed checkpoint (and the checkpoint
+    kept beside the key) when the log is opened and every ``verify_every_minutes``
+    (:meth:`tick`, driven by the checkpoint timer through :meth:`due`); budgets and stored
+    answers are reconciled at the same times (:mod:`server.reconcile`). A checkpoint is
+    signed only if the tree extends the latest one stored.
     """
 
     def __init__(self, db: DbEngine, key_path: Path, origin: str, every_entries: int = 1000,
-                 every_minutes: float = 5.0) -> None:
+                 every_minutes: float = 5.0, *, verify_every_minutes: float = 15.0,
+                 held_path: Path | None = None, check_on_start: bool = True) -> None:
         self.db = db
         self.key_path = Path(key_path)
         self.origin = origin
         self.every_entries = every_entries
         self.every_minutes = every_minutes
+        self.verify_every = timedelta(minutes=verify_every_minutes)
+        self.held_path = Path(held_path) if held_path else self.key_path.with_name(HELD_NAME)
         self._tree = MerkleTree()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._key: SigningKey | None = None
         self._key_stamp: tuple[int, int] | None = None
         self._checkpointed = -1
         self._since_look = 0
+        self._last_check: datetime | None = None
+        self.alarms = alarms_for(db)
+        self.alarms.audit_log = weakref.ref(self)
+        _guard_requests(db, self.alarms)
+        from server import reconcile  # noqa: F401, PLC0415 - registers the ledger's spend check
+        if check_on_start:
+            self.tick(force=True)
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -230,30 +445,266 @@ class AuditLog:
         with Session(reader(self.db)) as session:
             return list(session.exec(select(AuditKey).order_by(AuditKey.id)))
 
+    def _verifiers(self, session: Session) -> list[VerifierKey]:
+        """Every key the log has signed with (without creating a key that does not exist yet)."""
+        keys = []
+        for (text,) in session.execute(select(AuditKey.verifier)):
+            try:
+                keys.append(VerifierKey.parse(text))
+            except KeyError_:
+                pass
+        try:
+            if self._key is not None:
+                keys.append(self._key.verifier)
+            elif self.key_path.exists():
+                keys.append(SigningKey.load(self.key_path).verifier)
+        except (KeyError_, OSError):
+            pass
+        return keys
+
+    # -- alarms ---------------------------------------------------------------------------------
+
+    @property
+    def failed(self) -> str | None:
+        """Why the stored log failed its integrity check, or None while it passes."""
+        alarm = self.alarms.log
+        return None if alarm is None else alarm.problem
+
+    def _fail(self, problem: str) -> NoReturn:
+        self.alarms.fail_log(problem)
+        raise AuditLogFailed(problem)
+
+    def _raise_if_failed(self) -> None:
+        alarm = self.alarms.log
+        if alarm is not None:
+            raise AuditLogFailed(alarm.problem)
+
+    def _recovered(self) -> None:
+        cleared = self.alarms.clear_log()
+        if cleared is None:
+            return
+        alarm, refused = cleared
+        logger.warning("audit log verifies again (it failed since %s: %s)", alarm.since, alarm.problem)
+        with session_scope(self.db) as session:
+            append(session, caller=None, action="audit.integrity_restored", target="audit", decision="restored",
+                   detail={"problem": alarm.problem, "since": alarm.since, "refused_requests": refused})
+
+    def integrity(self) -> dict[str, Any]:
+        """The integrity alarms, as readiness reports them."""
+        return self.alarms.report()
+
     # -- tree -----------------------------------------------------------------------------------
 
     def sync(self) -> MerkleTree:
-        """Bring the in-memory tree up to the committed log."""
+        """Bring the in-memory tree up to the committed log; raise :class:`AuditLogFailed` on a gap."""
         with self._lock:
-            with Session(reader(self.db)) as session:
-                rows = session.execute(select(AuditEntry.seq, AuditEntry.leaf_hash)
-                                       .where(AuditEntry.seq >= len(self._tree)).order_by(AuditEntry.seq))
-                for seq, hex_hash in rows:
-                    if seq != len(self._tree):
-                        break  # an entry not yet committed: stop at the committed prefix
-                    self._tree.append(bytes.fromhex(hex_hash))
+            self._sync_locked()
             return self._tree
+
+    def _sync_locked(self) -> None:
+        self._raise_if_failed()
+        with Session(reader(self.db)) as session:
+            head = session.execute(select(AuditHead.size).where(AuditHead.id == 1)).scalar_one_or_none() or 0
+            rows = session.execute(select(AuditEntry.seq, AuditEntry.entry_json, AuditEntry.leaf_hash)
+                                   .where(AuditEntry.seq >= len(self._tree)).order_by(AuditEntry.seq))
+            for seq, text, hex_hash in rows:
+                expected = len(self._tree)
+                if seq != expected:
+                    self._fail(f"entry {expected} is missing but entries from {seq} on are stored: an entry "
+                               "was deleted from the database")
+                leaf = checked_leaf(seq, text, hex_hash)
+                if isinstance(leaf, str):
+                    self._fail(leaf)
+                self._tree.append(leaf)
+        if len(self._tree) < head:
+            self._fail(f"the log's counter says {head:,} entries but only {len(self._tree):,} are stored: "
+                       "entries were deleted from the database")
+
+    def leaf(self, seq: int) -> bytes | None:
+        """The leaf hash of entry ``seq`` as this server read and checked it (None if not committed yet)."""
+        with self._lock:
+            if seq >= len(self._tree):
+                self._sync_locked()
+            return self._tree.leaf(seq) if 0 <= seq < len(self._tree) else None
+
+    def _snapshot(self) -> Session:
+        """A read-only session whose statements all see one state of the database."""
+        if self.db.dialect.name == "sqlite":
+            return Session(reader(self.db))  # a deferred transaction reads one WAL snapshot
+        return Session(self.db.execution_options(isolation_level="REPEATABLE READ"))
+
+    def _read_leaves(self, session: Session) -> tuple[list[bytes], str | None]:
+        leaves: list[bytes] = []
+        after = -1
+        while True:
+            rows = session.execute(select(AuditEntry.seq, AuditEntry.entry_json, AuditEntry.leaf_hash)
+                                   .where(AuditEntry.seq > after).order_by(AuditEntry.seq).limit(_BATCH)).all()
+            if not rows:
+                return leaves, None
+            for seq, text, hex_hash in rows:
+                if seq != len(leaves):
+                    return leaves, (f"entry {len(leaves)} is missing but entries from {seq} on are stored: "
+                                    "an entry was deleted from the database")
+                leaf = checked_leaf(seq, text, hex_hash)
+                if isinstance(leaf, str):
+                    return leaves, leaf
+                leaves.append(leaf)
+            after = rows[-1][0]
+
+    @staticmethod
+    def _check_note(size: int, root: str, note: str, tree: MerkleTree, keys: list[VerifierKey],
+                    what: str) -> str | None:
+        """What is wrong with a stored checkpoint against ``tree``, or None."""
+        try:
+            signed = Checkpoint.parse(note)
+        except CheckpointError:
+            return f"{what} is not a valid checkpoint: its row was altered"
+        if signed.size != size or signed.root.hex() != root:
+            return f"{what} does not say what its row says: the checkpoint row was altered"
+        if not signed.verified_by(keys):
+            return f"{what} is not signed by the log's keys: the checkpoint row was altered"
+        if size > len(tree):
+            return (f"{what} signs {size:,} entries but only {len(tree):,} are stored: entries were removed "
+                    "(the log was truncated)")
+        if tree.root(size) != signed.root:
+            return (f"the stored entries do not match {what}: an entry among numbers 0..{size - 1} was changed, "
+                    "removed, inserted or reordered")
+        return None
+
+    def _check_held(self, tree: MerkleTree) -> str | None:
+        held = self._read_held()
+        if held is None:
+            return None
+        if held.size > len(tree):
+            return (f"this server signed a checkpoint of {held.size:,} entries (kept in {self.held_path}) but only "
+                    f"{len(tree):,} are stored: the log was rolled back (if the database was replaced on purpose, "
+                    "move that file away)")
+        if tree.root(held.size) != held.root:
+            return (f"the stored entries do not match the checkpoint of size {held.size:,} this server signed "
+                    f"(kept in {self.held_path}): the history was rewritten")
+        return None
+
+    def _read_held(self) -> Checkpoint | None:
+        try:
+            return Checkpoint.parse(self.held_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError, CheckpointError) as exc:
+            logger.warning("ignoring %s: not a readable checkpoint (%s)", self.held_path, exc)
+            return None
+
+    def _hold(self, note: Checkpoint) -> None:
+        """Keep ``note`` beside the key unless a larger checkpoint is kept there already."""
+        held = self._read_held()
+        if held is not None and held.size > note.size:
+            return
+        temporary = self.held_path.with_name(f"{self.held_path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(note.text())
+            os.replace(temporary, self.held_path)
+        except OSError as exc:
+            logger.warning("could not keep the latest checkpoint in %s: %s", self.held_path, exc)
+
+    def verify(self) -> None:
+        """Verify the whole stored log; raise :class:`AuditLogFailed` (the alarm), or clear an alarm.
+
+        In one snapshot: entries numbered 0, 1, ... without a gap, as many as the log's
+        counter says, each hashing to its leaf hash and carrying its own number; every
+        stored checkpoint parsed, signed by one of the log's keys and matching the tree;
+        the checkpoint kept beside the key matching too; and the entries this process read
+        earlier unchanged. Linear in the size of the log.
+        """
+        with self._lock:
+            problem = self._verify_locked()
+            if problem is not None:
+                self._fail(problem)
+        self._recovered()
+
+    def _verify_locked(self) -> str | None:
+        with self._snapshot() as session:
+            head = session.execute(select(AuditHead.size).where(AuditHead.id == 1)).scalar_one_or_none() or 0
+            stored = session.execute(select(AuditCheckpoint.size, AuditCheckpoint.root, AuditCheckpoint.note)
+                                     .order_by(AuditCheckpoint.size)).all()
+            keys = self._verifiers(session)
+            leaves, problem = self._read_leaves(session)
+        if problem is not None:
+            return problem
+        if len(leaves) != head:
+            return (f"the log's counter says {head:,} entries but {len(leaves):,} are stored: "
+                    + ("entries were deleted from the database" if len(leaves) < head
+                       else "entries were added, or the counter changed, outside the server"))
+        memory = self._tree.levels[0]
+        if leaves[:len(memory)] != memory:
+            first = next((i for i, (a, b) in enumerate(zip(leaves, memory)) if a != b), len(leaves))
+            return (f"entry {first} is not what this server read earlier: it was changed, removed or reordered "
+                    "in the database")
+        tree = MerkleTree.from_leaves(leaves)
+        for size, root, note in stored:
+            problem = self._check_note(size, root, note, tree, keys, f"the signed checkpoint of size {size:,}")
+            if problem is not None:
+                return problem
+        problem = self._check_held(tree)
+        if problem is not None:
+            return problem
+        self._tree = tree
+        return None
+
+    def tick(self, now: datetime | None = None, *, force: bool = False) -> None:
+        """The periodic checks, when ``verify_every`` has passed (or ``force``): the log, then budgets and answers."""
+        now = now or datetime.now(timezone.utc)
+        if not force and self._last_check is not None and now - self._last_check < self.verify_every:
+            return
+        self._last_check = now
+        try:
+            self.verify()
+        except AuditLogFailed:
+            pass
+        except Exception:  # noqa: BLE001 - e.g. the database is down: retried at the next check
+            logger.exception("could not verify the audit log; retrying at the next check")
+        from server import reconcile  # noqa: PLC0415 - reconcile builds on this module
+
+        try:
+            reconcile.check_state(self.db, self)
+        except Exception:  # noqa: BLE001
+            logger.exception("could not reconcile budgets and stored answers; retrying at the next check")
 
     def latest(self) -> AuditCheckpoint | None:
         with Session(reader(self.db)) as session:
             return session.exec(select(AuditCheckpoint).order_by(AuditCheckpoint.size.desc())).first()  # type: ignore[union-attr]
 
+    def _check_extends(self, latest: AuditCheckpoint | None, tree: MerkleTree) -> None:
+        """Refuse (the alarm) unless ``tree`` extends the latest stored checkpoint and the one kept beside the key."""
+        if latest is not None:
+            with Session(reader(self.db)) as session:
+                keys = self._verifiers(session)
+            problem = self._check_note(latest.size, latest.root, latest.note, tree, keys,
+                                       f"the latest signed checkpoint (size {latest.size:,})")
+            if problem is not None:
+                self._fail(f"{problem}; refusing to sign a checkpoint that does not extend it")
+        problem = self._check_held(tree)
+        if problem is not None:
+            self._fail(f"{problem}; refusing to sign a checkpoint that does not extend it")
+        size = len(tree)
+        with Session(reader(self.db)) as session:
+            stored = session.execute(select(func.count()).select_from(AuditEntry)
+                                     .where(AuditEntry.seq >= 0, AuditEntry.seq < size)).scalar_one()
+        if stored != size:
+            self._fail(f"{size - stored:,} of the first {size:,} entries this server read are no longer stored: "
+                       "entries were deleted from the database")
+
     def checkpoint(self, extra_keys: list[SigningKey] | None = None) -> AuditCheckpoint:
-        """The checkpoint of the whole committed log, signed now if the log has grown."""
-        tree = self.sync()
+        """The checkpoint of the whole committed log, signed now if the log has grown.
+
+        Signed only if the tree extends the latest stored checkpoint (same root at its
+        size, at least as many entries) and the checkpoint kept beside the key; otherwise
+        the alarm is raised and :class:`AuditLogFailed` raised.
+        """
         with self._lock:
+            latest = self.latest()  # before catching up: every entry it signs is then read
+            self._sync_locked()
+            tree = self._tree
             size = len(tree)
-            latest = self.latest()
+            self._check_extends(latest, tree)
             if latest is not None and latest.size == size and not extra_keys:
                 self._checkpointed = size
                 return latest
@@ -268,11 +719,15 @@ class AuditLog:
                     if extra_keys:
                         session.execute(AuditCheckpoint.__table__.delete().where(AuditCheckpoint.size == size))
                     session.add(row)
-            except IntegrityError:  # another process signed this size first: theirs stands
+            except IntegrityError:  # another process signed this size first: theirs stands, if it is ours
                 pass
-            self._checkpointed = size
             with Session(reader(self.db)) as session:
-                return session.get(AuditCheckpoint, size)  # type: ignore[return-value]
+                stored = session.get(AuditCheckpoint, size)
+            if stored is None or stored.root != note.root.hex():
+                self._fail(f"another signer stored a different root for size {size:,}: the log has forked")
+            self._hold(note if stored.note == note.text() else Checkpoint.parse(stored.note))
+            self._checkpointed = size
+            return stored
 
     def count_request(self) -> bool:
         """Count one request; True every ``every_entries / 8`` of them, when :meth:`look` is due.
@@ -288,18 +743,29 @@ class AuditLog:
 
     def look(self) -> None:
         """Sign a checkpoint if ``every_entries`` entries have been added since the last one."""
-        if self._checkpointed < 0:
-            latest = self.latest()
-            self._checkpointed = latest.size if latest else 0
-        if self._head_size() - self._checkpointed >= self.every_entries:
-            self.checkpoint()
+        if self.alarms.log is not None:
+            return  # nothing is signed while the log fails its check
+        try:
+            if self._checkpointed < 0:
+                latest = self.latest()
+                self._checkpointed = latest.size if latest else 0
+            if self._head_size() - self._checkpointed >= self.every_entries:
+                self.checkpoint()
+        except AuditLogFailed:
+            pass  # the alarm is raised; readiness reports it
 
     def _head_size(self) -> int:
         with Session(reader(self.db)) as session:
             return session.get(AuditHead, 1).size  # type: ignore[union-attr]
 
     def due(self, now: datetime) -> bool:
-        """Has the log grown and the last checkpoint grown older than ``every_minutes``?"""
+        """Has the log grown and the last checkpoint grown older than ``every_minutes``?
+
+        Runs the periodic checks first (:meth:`tick`); never due while the log fails its check.
+        """
+        self.tick(now)
+        if self.alarms.log is not None:
+            return False
         latest = self.latest()
         size = self._head_size()
         if latest is None:
@@ -321,7 +787,12 @@ class AuditLog:
                 "second_root": tree.root(second).hex(), "path": [h.hex() for h in proof]}
 
     def export(self, target: str | Path | IO[bytes]) -> AuditCheckpoint:
-        """Write a bundle of the whole log up to a checkpoint signed now."""
+        """Write a bundle of the whole log up to a checkpoint signed now.
+
+        Every exported entry is checked against the tree as it is written: an entry
+        changed, removed or reordered in the database since it was read raises the alarm
+        and fails the export.
+        """
         head = self.checkpoint()
         with Session(reader(self.db)) as session:
             checkpoints = list(session.exec(select(AuditCheckpoint).where(AuditCheckpoint.size <= head.size)
@@ -329,15 +800,23 @@ class AuditLog:
         tree = self.sync()
         proofs = [{"first": a.size, "second": b.size, "path": [h.hex() for h in tree.consistency_proof(a.size, b.size)]}
                   for a, b in zip(checkpoints, checkpoints[1:])]
-        write_bundle(target, self._entries(head.size), [c.note for c in checkpoints], proofs)
+        write_bundle(target, self._entries(head.size, tree), [c.note for c in checkpoints], proofs)
         return head
 
-    def _entries(self, size: int):  # type: ignore[no-untyped-def]
-        batch = 20_000
+    def _entries(self, size: int, tree: MerkleTree) -> Iterator[bytes]:
+        expected = 0
         with Session(reader(self.db)) as session:
-            for start in range(0, size, batch):
-                rows = session.execute(select(AuditEntry.entry_json).where(AuditEntry.seq >= start,
-                                                                          AuditEntry.seq < min(size, start + batch))
+            for start in range(0, size, _BATCH):
+                rows = session.execute(select(AuditEntry.seq, AuditEntry.entry_json)
+                                       .where(AuditEntry.seq >= start, AuditEntry.seq < min(size, start + _BATCH))
                                        .order_by(AuditEntry.seq))
-                for (text,) in rows:
-                    yield text.encode()
+                for seq, text in rows:
+                    data = text.encode()
+                    if seq != expected or leaf_hash(data) != tree.leaf(seq):
+                        self._fail(f"entry {expected} is not what this server read and signed: it was changed, "
+                                   "removed or reordered in the database (the export was stopped)")
+                    expected += 1
+                    yield data
+        if expected != size:
+            self._fail(f"entry {expected} is no longer stored: entries were deleted from the database "
+                       "(the export was stopped)")

@@ -1,7 +1,9 @@
 """``civicdp audit``: what an oversight body runs.
 
 Offline (no server, no network): ``verify`` an exported bundle with the log's public
-key, and ``witness`` checkpoints (cosign only what is consistent with what was seen).
+key, ``witness`` checkpoints (cosign only what is consistent with what was seen), and
+``reconcile`` a verified bundle with the server's database (its log, budgets and stored
+answers against the evidence in the log).
 Over HTTP with an oversight key (``--url``/``CIVICDP_URL``, ``--api-key``/``CIVICDP_API_KEY``):
 ``entries``, ``ledger``, ``checkpoint``, ``prove``, ``export``. On the server machine:
 ``public-key`` and ``rotate-key``.
@@ -19,7 +21,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from audit.bundle import TamperDetected, verify_bundle
+from audit.bundle import TamperDetected, read_entries, verify_bundle
 from audit.checkpoint import Checkpoint, CheckpointError
 from audit.signing import KeyError_, SigningKey, VerifierKey
 from audit.witness import Witness, WitnessRefused
@@ -84,6 +86,50 @@ def verify(
         raise typer.Exit(code=1) from None
     for line in report.lines():
         console.print(line, highlight=False)
+
+
+@audit.command()
+def reconcile(
+    bundle: Annotated[Path, typer.Argument(help="A bundle from `civicdp audit export`")],
+    public_key: PublicKeys,
+    database_url: Annotated[str | None, typer.Option(
+        help="The server's state database, read only (default: DATABASE_URL, or the SQLite file in "
+             "CIVICDP_DATA_DIR)")] = None,
+    trusted_checkpoint: Annotated[Path | None, typer.Option(help="The last checkpoint you hold")] = None,
+) -> None:
+    """Compare a verified export with the database: its log, every budget and every stored answer.
+
+    Every budget's spent amount must be the sum of its ledger entries and the end of its
+    audited charges, which follow on from each other; every stored answer must hash to
+    the result hash its audit entry records. Exit 1 when anything disagrees.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from server.db import make_engine
+    from server.reconcile import reconcile_export
+
+    keys = _keys(public_key)
+    trusted = _checkpoint_file(trusted_checkpoint) if trusted_checkpoint else None
+    try:
+        verify_bundle(bundle, keys, trusted)
+    except TamperDetected as exc:
+        err.print(f"[bold red]TAMPERING DETECTED in the export:[/] {exc}", highlight=False)
+        raise typer.Exit(code=1) from None
+    url = database_url or Settings().state_url
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).is_file():
+        fail(f"no database at {url[len('sqlite:///'):]}: give --database-url (or CIVICDP_DATA_DIR)")
+    db = make_engine(url)
+    try:
+        report = reconcile_export(read_entries(bundle), db)
+    except SQLAlchemyError as exc:
+        fail(f"could not read the database at {db.url.render_as_string(hide_password=True)}: "
+             f"{type(exc).__name__}")
+    finally:
+        db.dispose()
+    for line in report.lines():
+        console.print(line, highlight=False, markup=False)
+    if report.found:
+        raise typer.Exit(code=1)
 
 
 @audit.command()

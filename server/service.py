@@ -240,6 +240,11 @@ class QueryService:
                                                   Release.query_hash == query_hash)).first()
 
     def _cached(self, caller: Caller, stored: Release) -> QueryResultOut:
+        from server.reconcile import check_stored_answer  # noqa: PLC0415 - kept local to this step
+
+        # Served only if its bytes hash to its result_hash and its audit entry records that hash
+        # (otherwise 503, an alarm, and a refusal on record).
+        check_stored_answer(self.db, caller, stored)
         with session_scope(self.db) as session:
             record(session, caller, Action.QUERY_RUN.value, stored.dataset, "cached", release_id=stored.id,
                    dataset_version=stored.dataset_version, query=stored.canonical_query, query_hash=stored.query_hash,
