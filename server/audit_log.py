@@ -140,8 +140,10 @@ class Alarms:
     def clear_log(self) -> tuple[Alarm, int] | None:
         with self.lock:
             alarm, self.log = self.log, None
-            self.evidence = None
-            return None if alarm is None else (alarm, self.refused)
+            if alarm is None:
+                return None
+            self.evidence = None  # folded while the log was failed: read everything again
+            return alarm, self.refused
 
     def count_refused(self) -> None:
         with self.lock:

@@ -17,7 +17,9 @@ from typer.testing import CliRunner
 from audit.signing import VerifierKey
 from server import ledger
 from server.models import Budget, LedgerEntry, Release
-from server.reconcile import BudgetRow, Charge, LedgerRow, fold_ledger, ledger_summaries, reconcile_budgets
+from server.reconcile import (
+    BudgetRow, Charge, LedgerRow, fold_ledger, ledger_summaries, reconcile_budgets, reconcile_database,
+)
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     ANALYST, DATASET, OTHER_ANALYST, OVERSIGHT, Api, api, count_query, dataset_folder, running_api,
 )
@@ -278,3 +280,21 @@ def test_reconciliation_on_postgresql(tmp_path: Path, dataset_folder: Path, pg_u
         ready = _ready(api)
         assert [b["budget_id"] for b in ready["held_budgets"]] == [budget.id]
         assert [r["release_id"] for r in ready["refused_releases"]] == [answer["release_id"]]
+
+
+def test_periodic_reconciliation_reads_only_the_entries_since_the_last(api: Api) -> None:
+    """The audited charges are folded once: each check reads the entries added since the one before."""
+    _spend_the_month(api)
+    api.state.audit.tick(force=True)
+    folds = api.state.audit.alarms.evidence
+    assert folds is not None and folds.upto == api.records()[-1].seq
+    seen = folds.upto
+    assert api.query(OTHER_ANALYST, count_query(epsilon=0.2)).status_code == 200
+    api.state.audit.tick(force=True)
+    assert api.state.audit.alarms.evidence is folds and folds.upto > seen
+    assert _ready(api) == {"status": "ready"} and reconcile_database(api.state.db) == []
+    budget = _analyst_budget(api)
+    _sql(api, "DELETE FROM ledgerentry WHERE budget_id = :i", i=budget.id)
+    _sql(api, "UPDATE budget SET spent_micro = 0 WHERE id = :i", i=budget.id)
+    api.state.audit.tick(force=True)  # still caught from the folded charges
+    assert [b["budget_id"] for b in _ready(api)["held_budgets"]] == [budget.id]
