@@ -91,22 +91,91 @@ def bound_candidates(limit: int) -> list[int]:
     return sorted(candidates)
 
 
-def bound_scores(people_with_at_least: np.ndarray, candidates: list[int], target_above: float) -> np.ndarray:
-    """Scores of candidate bounds L (lower is better) for a private choice of L.
+#: How far above the dataset's bound ``auto`` may look: candidates 1..AUTO_REACH * L_fixed.
+AUTO_REACH = 4
+#: Pull toward the dataset's bound: a candidate L pays ``AUTO_PULL * resolution * |L - L_fixed|
+#: / L_fixed`` people of score, so the data must outweigh that before auto moves far.
+AUTO_PULL = 2
 
-    ``people_with_at_least[r - 1]`` is the number of people with at least r rows, for
-    r = 1..max(candidates)+1. Candidate L scores ``|#people with more than L rows -
-    target_above|`` (in quarter-person units, to keep scores integral); one person
-    changes every score by at most one person. Choosing L so that about
-    ``target_above`` people exceed it balances the rows lost to truncation (bias)
-    against noise that grows with L.
+
+def auto_candidates(fixed: int, limit: int, upward: bool) -> list[int]:
+    """Public candidate bounds of ``"contributions": "auto"``: every L from 1 to the top.
+
+    The top is ``min(limit, AUTO_REACH * fixed)`` when the kind may raise the bound, else
+    ``fixed`` itself (means and quantiles only lower it). Every integer is a candidate, so
+    the bound that minimises the predicted error is always among them (the worst case in
+    :func:`auto_worst_case` relies on that).
     """
-    exceed = people_with_at_least[np.asarray(candidates)].astype(np.int64)  # index L is r = L + 1
-    return np.abs(exceed * 4 - round(target_above * 4))
+    top = min(limit, AUTO_REACH * fixed) if upward else min(limit, fixed)
+    return list(range(1, max(top, 1) + 1))
+
+
+def bound_scores(people_with_at_least: np.ndarray, candidates: list[int], target_above: float,
+                 fixed: int, resolution: float = 0.0, upward: bool = True) -> np.ndarray:
+    """Integer scores (lower is better, quarter-person units) of candidate bounds for ``auto``.
+
+    ``people_with_at_least[r - 1]`` is the number of people with at least r kept rows
+    (on the rows the query keeps: after its filters and dropping missing values), for
+    r = 1..max(candidates)+1. With ``n_r`` that profile, the query's predicted error at
+    bound L is ``E(L) = sum_{r > L} n_r + t * L`` (``t = target_above``: rows dropped by
+    the bound, weighted as the kind's bias, plus noise that grows by t per unit of L), a
+    convex function of L; its minimisers are the L with ``n_{L+1} <= t <= n_L``.
+
+    Candidate L scores the distance from t to the interval ``[n_{L+1}, n_L]`` (zero
+    exactly at the minimisers), plus a public pull toward the dataset's bound ``fixed``:
+    ``ceil(AUTO_PULL * resolution * |L - fixed| / fixed)`` people (``resolution``: the
+    selection's own error, so moving far needs evidence well beyond it). When the kind
+    only lowers the bound (``upward`` false), the top candidate ``fixed`` needs only
+    ``t <= n_fixed``.
+
+    Sensitivity (:data:`BOUND_SCORE_SENSITIVITY`): adding or removing one person changes
+    every ``n_r`` by 0 or 1 (the person's rows are ranked among their own rows only), so
+    both ends of every interval move by at most one person, and the distance from a fixed
+    point to an interval moves by at most the largest move of its ends. The pull is
+    public. Scores are in quarter people (t rounded to a quarter), so they move by at most 4.
+    """
+    n = np.asarray(people_with_at_least, dtype=np.int64)
+    bounds = np.asarray(candidates, dtype=np.int64)
+    above = 4 * n[bounds]  # 4 * n_{L+1}
+    at = 4 * n[bounds - 1]  # 4 * n_L
+    target = int(round(4 * target_above))
+    gap = np.maximum(above - target, 0)
+    if not upward:
+        gap = np.where(bounds == fixed, 0, gap)  # the top candidate: no bound above it to compare with
+    distance = gap + np.maximum(target - at, 0)
+    pull = np.ceil(4 * AUTO_PULL * resolution * np.abs(bounds - fixed) / fixed).astype(np.int64)
+    return distance + pull
 
 
 #: Sensitivity of :func:`bound_scores` (scores are in quarter-person units).
 BOUND_SCORE_SENSITIVITY = 4
+
+
+def auto_worst_case(ratio: float, fixed: int, top: int, upward: bool) -> float:
+    """Worst excess of ``auto``'s predicted error over the dataset's bound, as a share of the latter.
+
+    ``ratio`` is rho = tau / t: the selection's error tau (people; the exponential
+    mechanism's score error at the query's confidence, over the candidates) over the
+    break-even t of :func:`bound_scores`. With probability at least that confidence the
+    chosen L has ``score(L) <= min score + tau`` and then
+
+        E(L) <= (1 + w) * E(fixed),
+
+    with w returned here. Lowering only (means, quantiles): ``w = rho``. Raising too
+    (candidates up to ``top``, pull k = AUTO_PULL):
+    ``w = max(rho * max(k, (1 + k)^2 / (4k)), 1 / k,
+    fixed / (top + 1 - fixed), rho * (fixed + k * (top - fixed)) / (top + 1))``:
+    the first term when t lies within the profile, the second when fewer people than t
+    have rows at all, the last two when more than t people have more than ``top`` rows.
+    See :mod:`queries.auto_bound` for the derivation.
+    """
+    if not upward or top <= fixed:
+        return ratio
+    k = AUTO_PULL
+    within = ratio * max(k, (1 + k) ** 2 / (4 * k))
+    few = 1 / k
+    heavy = max(fixed / (top + 1 - fixed), ratio * (fixed + k * (top - fixed)) / (top + 1))
+    return max(within, few, heavy)
 
 
 def top_count_scores(counts_by_bound: list[np.ndarray], top: int, noise: list[int]) -> np.ndarray:

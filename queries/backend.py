@@ -87,7 +87,13 @@ class Backend(Protocol):
         that cannot be read as a key or a number is a value outside the keys, or missing."""
         ...
 
-    def contribution_profile(self, dataset_dir: Path, metadata: DatasetMetadata, table: str,
-                             limit: int) -> np.ndarray:
-        """``people_with_at_least[r - 1]`` for r = 1..limit: people with at least r rows."""
+    def contribution_profile(self, dataset_dir: Path, metadata: DatasetMetadata, table: str, limit: int,
+                             filters: tuple[RowFilter, ...] = (), measure: Measure | None = None) -> np.ndarray:
+        """``people_with_at_least[r - 1]`` for r = 1..limit: people with at least r rows.
+
+        Counted on the rows that ``aggregate`` bounds for the same ``filters`` and
+        ``measure``: rows passing every filter and, when the measured column is declared
+        nullable, with a value (read as ``aggregate`` reads it); rows without a person
+        count for no one. With neither, every row of the table. Adding or removing one
+        person changes each entry by at most 1."""
         ...

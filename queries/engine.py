@@ -2,9 +2,10 @@
 
 Request flow inside the engine: validate the spec against the metadata → calibrate
 the kind's OpenDP mechanisms (the loss comes from their privacy maps) → if the
-contribution bound is "auto", choose it privately with part of the loss → ask the
-backend for exact bounded aggregates → add noise and attach intervals. ``plan`` and
-``estimate`` never read the data. Charging a budget is the caller's job (the server
+contribution bound is "auto", choose it privately with part of the loss, for the
+query at hand (:mod:`queries.auto_bound`) → ask the backend for exact bounded
+aggregates → add noise and attach intervals. ``plan`` and ``estimate`` never read the
+data. Charging a budget is the caller's job (the server
 charges in the same transaction as the audit entry, before the answer leaves); the
 ``before_release`` hook lets it run after the cost is fixed and before any noise is
 drawn or data read.
@@ -19,9 +20,10 @@ from typing import Any, Callable
 
 import polars as pl
 
-from privacy.bounding import BOUND_SCORE_SENSITIVITY, bound_candidates, bound_scores
+from privacy.bounding import BOUND_SCORE_SENSITIVITY
 from privacy.loss import PrivacyLoss
 from privacy.mechanisms import NoisyMin
+from queries import auto_bound
 from queries.analyses import ANALYSES, AnalysisPlan, AnalysisSpec
 from queries.backend import AggregateRequest, Backend
 from queries.context import EngineLimits, QueryContext, resolve
@@ -43,8 +45,9 @@ class Plan:
     context: QueryContext
     kind: Kind
     calibration: Calibration  # for the fixed bound, or the reference bound when "auto"
-    selector: NoisyMin | None  # private choice of the bound, when "auto"
+    selector: NoisyMin | None  # private choice of the bound, when "auto" (and it did not fall back)
     main_epsilon: float | None
+    auto: auto_bound.AutoBound | None = None  # the rule for "auto", also when it fell back to the fixed bound
 
     @property
     def loss(self) -> PrivacyLoss:
@@ -84,15 +87,22 @@ class Engine:
         # The analyst's epsilon as a budget in the dataset's unit (epsilon, or rho on zCDP
         # datasets): the parts below split that budget, so on zCDP they compose by rho.
         budget = None if spec.epsilon is None else ctx.accounting.budget(spec.epsilon)
-        selector, main_epsilon = None, budget
+        selector, main_epsilon, auto = None, budget, None
         contributions = ctx.contributions
         if contributions is None:  # "auto": part of the loss chooses L privately
             auto_budget = budget * self.limits.auto_fraction  # type: ignore[operator]
             main_epsilon = budget - auto_budget  # type: ignore[operator]
-            selector = ctx.accounting.selection(BOUND_SCORE_SENSITIVITY, auto_budget)
             contributions = metadata.max_contributions  # reference for estimates only
-        calibration = kind.calibrate(ctx, contributions, main_epsilon)
-        plan = Plan(ctx, kind, calibration, selector, main_epsilon)
+            calibration = kind.calibrate(ctx, contributions, main_epsilon)
+            auto = auto_bound.plan(kind, ctx, calibration,
+                                   ctx.accounting.selection(BOUND_SCORE_SENSITIVITY, auto_budget))
+            selector = auto.selector
+            if selector is None:  # a public decision: the choice would be too coarse to be safe
+                main_epsilon = budget
+                calibration = kind.calibrate(ctx, contributions, main_epsilon)
+        else:
+            calibration = kind.calibrate(ctx, contributions, main_epsilon)
+        plan = Plan(ctx, kind, calibration, selector, main_epsilon, auto)
         self._check_maximum(plan.loss)
         return plan
 
@@ -114,8 +124,11 @@ class Engine:
         mechanisms = plan.calibration.describe()
         if plan.selector is not None:
             notes.append("contributions are chosen privately at run time; the accuracy shown is for "
-                         f"the dataset's default bound of {plan.calibration.contributions} rows per person")
+                         f"the dataset's default bound of {plan.calibration.contributions} rows per person; "
+                         + plan.auto.describe())  # type: ignore[union-attr]
             mechanisms.append(_selector_row(plan.selector))
+        elif plan.auto is not None:
+            notes.append(f"contributions 'auto' kept the dataset's bound: {plan.auto.reason}")
         return Estimate(plan.loss, "auto" if plan.selector else plan.calibration.contributions,
                         plan.spec.confidence, mechanisms, plan.kind.predicted(plan.context, plan.calibration),
                         notes)
@@ -146,7 +159,10 @@ class Engine:
             bound = self._choose_bound(plan)
             calibration = plan.kind.calibrate(ctx, bound, plan.main_epsilon)
             mechanisms = calibration.describe() + [{**_selector_row(plan.selector), "chosen": bound}]
-            notes.append(f"contribution bound chosen privately: {bound} rows per person")
+            notes.append(f"contribution bound chosen privately: {bound} rows per person; "
+                         + plan.auto.describe())  # type: ignore[union-attr]
+        elif plan.auto is not None:
+            notes.append(f"contributions 'auto' kept the dataset's bound: {plan.auto.reason}")
         request = AggregateRequest(ctx.dataset_dir, ctx.metadata, ctx.spec.table, calibration.contributions,
                                    ctx.filters, ctx.group_by, plan.kind.measure(ctx))
         exact = self._aggregate(request)
@@ -162,17 +178,20 @@ class Engine:
             raise _unavailable(request.table) from None
 
     def _choose_bound(self, plan: Plan) -> int:
-        ctx = plan.context
-        candidates = bound_candidates(ctx.metadata.max_contributions_limit)
+        """The private choice of L for this query (:mod:`queries.auto_bound`).
+
+        The profile counts people by their rows among the rows this query keeps: its
+        filters applied and, for a nullable measured column, missing values dropped, as
+        the backend does before bounding.
+        """
+        ctx, auto = plan.context, plan.auto
+        assert auto is not None and plan.selector is not None
         try:
             profile = self.backend.contribution_profile(ctx.dataset_dir, ctx.metadata, ctx.spec.table,
-                                                        candidates[-1] + 1)
+                                                        auto.top + 1, ctx.filters, plan.kind.measure(ctx))
         except Exception:
             raise _unavailable(ctx.spec.table) from None
-        # About n_cells / epsilon people above L balances truncation bias against noise.
-        target = ctx.n_cells / plan.main_epsilon  # type: ignore[operator]
-        scores = bound_scores(profile, candidates, target)
-        return candidates[plan.selector.release(scores.tolist())]  # type: ignore[union-attr]
+        return auto.candidates[plan.selector.release(auto.scores(profile).tolist())]
 
 
 def _selector_row(selector: NoisyMin) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import os
 import re
 import tempfile
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ _KEY_CHARS = 24  # hex characters of the cache key in a cache file's name
 _CACHE_NAME = re.compile(rf"[0-9a-f]{{{_KEY_CHARS}}}\.parquet")
 _INT64 = (-(2**63), 2**63 - 1)
 _ATTEMPTS = 3  # rankings tried while the steward is replacing files
+_PROFILES_KEPT = 256  # contribution profiles remembered (each a few KB), least recently used dropped
 
 #: What changes whenever a file's bytes may have: a rewrite (size, mtime, ctime), a
 #: replacement (inode), a copy with its mtime preserved (cp -p, rsync -a: inode or ctime).
@@ -67,7 +69,9 @@ class PolarsBackend:
 
     def __init__(self, cache_dir: Path | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self._profiles: dict[tuple[str, int], np.ndarray] = {}
+        # (ranked file, limit, what the query keeps) -> people with at least r kept rows
+        self._profiles: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._profiles_guard = threading.Lock()
         self._digests: dict[str, tuple[FileState, str]] = {}  # path -> (its state, sha256 of its bytes)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -192,42 +196,75 @@ class PolarsBackend:
 
     # -- the Backend interface -------------------------------------------------------
 
-    def contribution_profile(self, dataset_dir: Path, metadata: DatasetMetadata, table: str,
-                             limit: int) -> np.ndarray:
-        # The exact profile of a table file never changes; the private choice made from it
-        # draws fresh noise every time, so remembering the profile costs no privacy.
-        key = (str(self._ranked_path(dataset_dir, metadata, table)), limit)
-        if key not in self._profiles:
-            self._profiles[key] = self._profile(dataset_dir, metadata, table, limit)
-        return self._profiles[key].copy()
+    def contribution_profile(self, dataset_dir: Path, metadata: DatasetMetadata, table: str, limit: int,
+                             filters: tuple[RowFilter, ...] = (), measure: Measure | None = None) -> np.ndarray:
+        """People with at least r kept rows, r = 1..limit, on the rows ``aggregate`` bounds.
 
-    def _profile(self, dataset_dir: Path, metadata: DatasetMetadata, table: str, limit: int) -> np.ndarray:
-        counts = (
-            self.scan(dataset_dir, metadata, table)
-            .filter(pl.col(RANK) <= limit)
-            .group_by(RANK)
-            .len()
-            .collect()
-        )
+        The rows are those of :meth:`_kept` for the same filters and measure: the rank used
+        is the one bounding uses (the cached rank, or the re-rank after filtering), so the
+        profile is exactly how many people would lose a row at each bound.
+        """
+        # The exact profile of a table file never changes; the private choice made from it
+        # draws fresh noise every time, so remembering the profile costs no privacy. The key
+        # holds everything the kept rows depend on: the ranked file (named after the data's
+        # bytes and the declaration), the filters with the declared types they are read
+        # with, the measured column, how it is read and whether its missing values are dropped.
+        meta = metadata.tables[table]
+        kept = (tuple((f, meta.columns[f.column].type) for f in filters),
+                None if measure is None or measure.column is None else
+                (measure.column, measure.kind == "rows", meta.columns[measure.column].type,
+                 meta.columns[measure.column].nullable))
+        key = (str(self._ranked_path(dataset_dir, metadata, table)), limit, kept)
+        with self._profiles_guard:
+            known = self._profiles.get(key)
+            if known is not None:
+                self._profiles.move_to_end(key)
+                return known.copy()
+        profile = self._profile(dataset_dir, metadata, table, limit, filters, measure)
+        with self._profiles_guard:
+            self._profiles[key] = profile
+            while len(self._profiles) > _PROFILES_KEPT:
+                self._profiles.popitem(last=False)
+        return profile.copy()
+
+    def _profile(self, dataset_dir: Path, metadata: DatasetMetadata, table: str, limit: int,
+                 filters: tuple[RowFilter, ...], measure: Measure | None) -> np.ndarray:
+        frame, rank, _ = self._kept(self.scan(dataset_dir, metadata, table), metadata, table, filters, measure)
+        # Ranks run 1..k within each person, so the rows of rank r are the people with at least r rows.
+        counts = (frame.select(rank.alias(RANK)).filter(pl.col(RANK) <= limit)
+                  .group_by(RANK).len().collect())
         profile = np.zeros(limit, dtype=np.int64)
         profile[counts[RANK].to_numpy().astype(np.int64) - 1] = counts["len"].to_numpy()
         return profile
+
+    @staticmethod
+    def _kept(frame: pl.LazyFrame, metadata: DatasetMetadata, table: str, filters: tuple[RowFilter, ...],
+              measure: Measure | None) -> tuple[pl.LazyFrame, pl.Expr, pl.Expr | None]:
+        """The rows bounding applies to, the rank that bounds them, and the measured value.
+
+        Filters, and for a nullable measured column its missing values, are applied
+        first; the remaining rows of each person are then re-ranked in the same order.
+        Without either, the cached rank is used as it is (the fast path).
+        """
+        meta = metadata.tables[table]
+        value = _measured(measure) if measure is not None else None
+        conditions = [_filter_expr(f, meta.columns[f.column].type) for f in filters]
+        if value is not None and meta.columns[measure.column].nullable:  # type: ignore[union-attr]
+            conditions.append(value.is_not_null())
+        rank = pl.col(RANK)
+        if conditions:
+            # Filter, then bound: re-rank the remaining rows of each person in the same order.
+            frame = frame.filter(pl.all_horizontal(conditions))
+            rank = _run_rank(_unit_column(metadata, table))
+        return frame, rank, value
 
     def aggregate(self, request: AggregateRequest) -> pl.DataFrame:
         meta = request.metadata.tables[request.table]
         measure = request.measure
         if measure.kind == "sum":
             _check_units(measure)
-        frame = self.scan(request.dataset_dir, request.metadata, request.table)
-        value = _measured(measure)
-        conditions = [_filter_expr(f, meta.columns[f.column].type) for f in request.filters]
-        if value is not None and meta.columns[measure.column].nullable:  # type: ignore[index]
-            conditions.append(value.is_not_null())
-        rank = pl.col(RANK)
-        if conditions:
-            # Filter, then bound: re-rank the remaining rows of each person in the same order.
-            frame = frame.filter(pl.all_horizontal(conditions))
-            rank = _run_rank(_unit_column(request.metadata, request.table))
+        frame, rank, value = self._kept(self.scan(request.dataset_dir, request.metadata, request.table),
+                                        request.metadata, request.table, request.filters, measure)
         frame = frame.filter(rank <= request.contributions)
         if value is not None and not meta.columns[measure.column].nullable:  # type: ignore[index]
             # Declared without nulls: a stray null is dropped after bounding (the fast path stays).

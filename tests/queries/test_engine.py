@@ -414,7 +414,8 @@ def test_auto_contributions_choose_a_bound_in_range_and_charge_epsilon(dataset: 
                                                                        epsilon: float) -> None:
     """The bound chosen privately lies in 1..limit; the total loss is the spec's epsilon."""
     limit = dataset.metadata.max_contributions_limit
-    spec = {"aggregate": "count", "group_by": ["service"], "epsilon": epsilon, "contributions": "auto"}
+    # 181 days: enough groups for a private choice of the bound (see queries/auto_bound.py)
+    spec = {"aggregate": "count", "group_by": ["request_time:day"], "epsilon": epsilon, "contributions": "auto"}
     for _ in range(5):
         result = dataset.run(spec)
         assert 1 <= result.contributions <= limit
@@ -426,6 +427,19 @@ def test_auto_contributions_choose_a_bound_in_range_and_charge_epsilon(dataset: 
         counts = [m for m in result.mechanisms if m["role"] == "counts"]
         assert counts[0]["sensitivity"] == result.contributions
     assert dataset.estimate(spec).loss == dataset.run(spec).loss
+
+
+def test_auto_contributions_fall_back_to_the_fixed_bound_when_too_coarse(dataset: LocalDataset) -> None:
+    """Three groups: a private choice could not be safely better, so the whole loss answers at the fixed bound."""
+    spec = {"aggregate": "count", "group_by": ["service"], "epsilon": 0.5, "contributions": "auto"}
+    estimate, result = dataset.estimate(spec), dataset.run(spec)
+    fixed = dataset.metadata.max_contributions
+    assert estimate.contributions == result.contributions == fixed
+    assert float(result.loss.epsilon) == pytest.approx(0.5, rel=1e-9)
+    assert [m["role"] for m in result.mechanisms] == ["counts"]
+    assert result.mechanisms[0]["epsilon"] == pytest.approx(0.5, rel=1e-9)
+    for notes in (estimate.notes, result.notes):
+        assert any(note.startswith("contributions 'auto' kept the dataset's bound") for note in notes)
 
 
 def test_auto_contributions_refuse_a_target_accuracy(dataset: LocalDataset) -> None:
