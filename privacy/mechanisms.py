@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from functools import lru_cache
 from typing import Sequence
 
@@ -45,6 +46,8 @@ def ensure_safe_features() -> None:
 ensure_safe_features()
 
 _INT_VECTOR = domains.vector_domain(domains.atom_domain(T="i64"))
+#: Largest Gaussian scale whose accuracy OpenDP computes exactly (beyond it, a closed-form bound).
+_EXACT_GAUSSIAN_SCALE = 64.0
 
 
 def _loss(epsilon: float) -> PrivacyLoss:
@@ -170,7 +173,16 @@ class GaussianVector:
         return _rho_loss(_gaussian(_check_scale(self.scale)).map(self.sensitivity), self.delta)
 
     def accuracy(self, alpha: float) -> float:
-        """Half-width that the noise exceeds with probability at most ``alpha``."""
+        """Half-width that the noise exceeds with probability at most ``alpha``.
+
+        OpenDP's exact figure sums the distribution, slow at large scales (sums of fine
+        resolution have scales of 10^9). There the Gaussian quantile is used: for integers
+        ``t >= 0``, ``P(X > t) = sum_{k > t} e^{-k^2/2s^2} / Z <= Q(t/s)``, since the sum is at
+        most the integral from ``t`` and ``Z >= s sqrt(2 pi)`` (Poisson summation), so
+        ``ceil(s * z_{1 - alpha/2})`` is a true half-width (the noise is an integer).
+        """
+        if self.scale > _EXACT_GAUSSIAN_SCALE:
+            return float(math.ceil(self.scale * NormalDist().inv_cdf(1 - alpha / 2)))
         half = float(dp_accuracy.discrete_gaussian_scale_to_accuracy(self.scale, alpha))
         if not math.isfinite(half) or half <= 0:
             return 1.0 if self.scale < 0.2 else float("inf")

@@ -72,7 +72,10 @@ class Engine:
         self.backend = backend or PolarsBackend()
         self.limits = limits or EngineLimits()
 
-    def plan(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path) -> Plan | AnalysisPlan:
+    def plan(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path,
+             budget: float | None = None) -> Plan | AnalysisPlan:
+        """Validate and calibrate ``spec``; ``budget`` (in the dataset's unit) overrides what its
+        epsilon buys, for analyses that split one budget over engine parts."""
         request = parse_request(spec)
         if isinstance(request, AnalysisSpec):
             analysis_plan = ANALYSES[request.analysis].plan(request, metadata, Path(dataset_dir), self.limits)
@@ -86,7 +89,8 @@ class Engine:
         kind.check(ctx)
         # The analyst's epsilon as a budget in the dataset's unit (epsilon, or rho on zCDP
         # datasets): the parts below split that budget, so on zCDP they compose by rho.
-        budget = None if spec.epsilon is None else ctx.accounting.budget(spec.epsilon)
+        if budget is None and spec.epsilon is not None:
+            budget = ctx.accounting.budget(spec.epsilon)
         selector, main_epsilon, auto = None, budget, None
         contributions = ctx.contributions
         if contributions is None:  # "auto": part of the loss chooses L privately

@@ -44,9 +44,10 @@ import polars as pl
 from pydantic import Field
 
 from privacy.loss import PrivacyLoss, compose
-from privacy.mechanisms import LaplaceVector
+from privacy.accounting import Additive
 from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
-from queries.analyses.ratio_intervals import inverted_intervals, noise_margin, segment_margins, share_grid
+from queries.analyses.ratio_intervals import (inverted_intervals, is_gaussian, noise_margin, segment_margins,
+                                              share_grid)
 from queries.analyses.service_common import (
     Period, bounded, catalogue, keyed_targets, period_filters, resolve_rows,
 )
@@ -98,7 +99,7 @@ class LevelPlan:
     name: str
     cells: pl.DataFrame  # [service, (step), target_hours, threshold_hours, __lag_cell]
     rows: QueryContext  # table, period filters and contribution bound of the bounded read
-    mechanism: LaplaceVector
+    mechanism: Additive
     cell_alpha: float  # error level of each cell: the family's alpha over every cell of the answer
 
     @property
@@ -110,14 +111,14 @@ class LevelPlan:
         """Noise bound of the share test on each segment of the share grid (public numbers only)."""
         _, w1, w2 = share_grid()
         scale = self.mechanism.scale
-        return segment_margins(w1, w2, scale, scale, self.cell_alpha)
+        return segment_margins(w1, w2, scale, scale, self.cell_alpha, is_gaussian(self.mechanism))
 
     @cached_property
     def cases_margin(self) -> float:
         """Bound on the noise of a cell's cases (the sum of its two counts) at ``cell_alpha``."""
         scale = self.mechanism.scale
         return float(noise_margin(np.array(scale), np.array(scale), np.array(1.0), np.array(1.0),
-                                  self.cell_alpha))
+                                  self.cell_alpha, is_gaussian(self.mechanism)))
 
     def cases_needed_to_flag(self, threshold: float) -> int | None:
         """Cases a cell needs to be flagged when all of them are late and the noise is zero."""
@@ -303,10 +304,11 @@ class LaggedPoints(Analysis):
                              "Remove 'max_share', or ask for \"statistic\": \"share_late\"")
         events = metadata.tables.get("events")
         names = ["services", "steps"] if spec.level == "both" else [spec.level]
-        epsilon = spec.epsilon / len(names)
+        # The analyst's epsilon as the dataset's budget (epsilon, or rho on zCDP), split over the levels.
+        budget = metadata.accounting.rule.budget(spec.epsilon) / len(names)
         columns = {spec.service}
         services = _service_targets(spec, metadata, dataset_dir, events)
-        levels: list[tuple[str, pl.DataFrame, QueryContext, LaplaceVector]] = []
+        levels: list[tuple[str, pl.DataFrame, QueryContext, Additive]] = []
         for name in names:
             if name == "services":
                 _need(events, spec.duration, "duration", numeric=True)
@@ -322,7 +324,7 @@ class LaggedPoints(Analysis):
                 raise QueryError("level", f"no {name} have a public target", "Ask for another level")
             cells = cells.with_columns((pl.col("target_hours") * spec.factor).alias("threshold_hours"))
             cells = cells.with_row_index(_CELL).with_columns(pl.col(_CELL).cast(pl.Int64))
-            mechanism = LaplaceVector.for_epsilon(ctx.contributions or 1, epsilon)
+            mechanism = metadata.accounting.rule.additive(ctx.contributions or 1, budget)
             levels.append((name, cells, ctx, mechanism))
         # One family over every cell the answer can flag, both levels together.
         cell_alpha = (1 - spec.confidence) / sum(level[1].height for level in levels)

@@ -215,16 +215,20 @@ class PerformanceReport(Analysis):
         filters = period_filters(spec.period, spec.time)
         shares = _grouping_shares(by, events)
         engine = Engine(limits=limits)
+        # One budget for the whole report, split over its parts: epsilon, or rho on zCDP
+        # datasets (where the parts then compose to the report's epsilon at the dataset's delta).
+        budget = metadata.accounting.rule.budget(spec.epsilon)
         value_bound = spec.value_contributions or min(VALUE_CONTRIBUTIONS, spec.contributions or metadata.max_contributions)
         parts = []
         for index, column in enumerate(by):
             for name, extra in metrics:
                 bound = spec.contributions if name == "volume" else value_bound
+                share = shares[index] * WEIGHTS[name] / total_weight
                 document = {"aggregate": "count", "group_by": [column], "filters": filters,
-                            "epsilon": spec.epsilon * shares[index] * WEIGHTS[name] / total_weight,
+                            "epsilon": spec.epsilon * share,
                             "confidence": spec.confidence, "contributions": bound, **extra}
                 try:
-                    plan = engine.plan(document, metadata, dataset_dir)
+                    plan = engine.plan(document, metadata, dataset_dir, budget=budget * share)
                 except QueryError as exc:
                     field = f"by.{index}" if exc.field.startswith("group_by") else (
                         "period" if exc.field.startswith("filters") else exc.field)

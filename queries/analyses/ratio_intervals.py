@@ -1,7 +1,8 @@
 """Intervals for a ratio of two noisy totals, by inverting one test per candidate value.
 
 Lagged points (a share ``A / (A + B)``) and department scores (a ratio ``O / E``) both
-release two integer totals with independent discrete Laplace noise and report a function
+release two integer totals with independent discrete Laplace noise (discrete Gaussian on
+zCDP datasets: see :func:`noise_margin`) and report a function
 of them. Bounding each total by its own interval and taking the corners (the Bonferroni
 box) needs both noises extreme at once and splits the error level between the two.
 Here a candidate value ``t`` of the ratio is tested directly: written with weights
@@ -30,6 +31,8 @@ import math
 
 import numpy as np
 
+from privacy.mechanisms import GaussianVector
+
 SEGMENTS = 2000  # grid segments over the candidates; the interval is wider by at most one
 _CHUNK = 512  # cells per vectorised block (cells x nodes floats)
 
@@ -55,13 +58,21 @@ def two_laplace_tail(x: np.ndarray, scale1: np.ndarray, scale2: np.ndarray) -> n
 
 
 def noise_margin(scale1: np.ndarray, scale2: np.ndarray, w1: np.ndarray, w2: np.ndarray,
-                 alpha: float) -> np.ndarray:
-    """Bound ``q`` with ``P(|w1 X - w2 Y| > q) <= alpha`` for discrete Laplace ``X, Y`` of those scales."""
+                 alpha: float, gaussian: bool = False) -> np.ndarray:
+    """Bound ``q`` with ``P(|w1 X - w2 Y| > q) <= alpha`` for discrete Laplace ``X, Y`` of those scales.
+
+    With ``gaussian``, ``X, Y`` are discrete Gaussians of those scales (zCDP datasets): each
+    is sigma^2-subgaussian (Canonne, Kamath and Steinke 2020), so ``w1 X - w2 Y`` is
+    subgaussian with variance proxy ``(w1 s1)^2 + (w2 s2)^2`` and
+    ``q = sqrt(2 (w1^2 s1^2 + w2^2 s2^2) ln(2 / alpha))`` bounds it, growing with either weight.
+    """
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     s1 = np.asarray(w1, float) * scale1
     s2 = np.asarray(w2, float) * scale2
     s1, s2 = np.broadcast_arrays(s1, s2)
+    if gaussian:
+        return np.sqrt(2 * (s1**2 + s2**2) * math.log(2 / alpha))
     # Bonferroni over the two terms bounds the answer from above; bisect below it.
     high = (s1 + s2) * math.log(2 / alpha) + 1e-12
     low = np.zeros_like(high)
@@ -73,14 +84,19 @@ def noise_margin(scale1: np.ndarray, scale2: np.ndarray, w1: np.ndarray, w2: np.
 
 
 def segment_margins(nodes_w1: np.ndarray, nodes_w2: np.ndarray, scale1: float, scale2: float,
-                    alpha: float) -> np.ndarray:
+                    alpha: float, gaussian: bool = False) -> np.ndarray:
     """One noise bound per grid segment, valid for every candidate of the segment.
 
     The weights are monotone on each segment, so their largest values are at its ends.
     """
     w1 = np.maximum(nodes_w1[:-1], nodes_w1[1:])
     w2 = np.maximum(nodes_w2[:-1], nodes_w2[1:])
-    return noise_margin(np.full_like(w1, scale1), np.full_like(w2, scale2), w1, w2, alpha)
+    return noise_margin(np.full_like(w1, scale1), np.full_like(w2, scale2), w1, w2, alpha, gaussian)
+
+
+def is_gaussian(mechanism: object) -> bool:
+    """Whether a mechanism's noise is discrete Gaussian (zCDP) rather than discrete Laplace."""
+    return isinstance(mechanism, GaussianVector)
 
 
 def inverted_intervals(first: np.ndarray, second: np.ndarray, nodes_w1: np.ndarray, nodes_w2: np.ndarray,

@@ -39,9 +39,9 @@ import numpy as np
 import polars as pl
 
 from privacy.loss import PrivacyLoss, compose
-from privacy.mechanisms import LaplaceVector
+from privacy.accounting import Additive
 from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
-from queries.analyses.ratio_intervals import inverted_intervals, ratio_grid, segment_margins
+from queries.analyses.ratio_intervals import inverted_intervals, is_gaussian, ratio_grid, segment_margins
 from queries.analyses.service_common import Period, bounded, catalogue, period_filters, resolve_rows
 from queries.backend import Backend
 from queries.context import EngineLimits, QueryContext, key_texts, sum_units
@@ -71,8 +71,8 @@ class ScoresPlan(AnalysisPlan):
     expected: pl.DataFrame  # [service, __expected] public expected hours per service
     upper: float
     resolution: float
-    observed_mechanism: LaplaceVector
-    expected_mechanism: LaplaceVector
+    observed_mechanism: Additive
+    expected_mechanism: Additive
 
     @property
     def loss(self) -> PrivacyLoss:
@@ -90,7 +90,8 @@ class ScoresPlan(AnalysisPlan):
     def margins(self) -> np.ndarray:
         """Noise bound of the score test on each segment of the ratio grid, in units (public numbers)."""
         _, w1, w2 = ratio_grid()
-        return segment_margins(w1, w2, self.observed_mechanism.scale, self.expected_mechanism.scale, self.alpha)
+        return segment_margins(w1, w2, self.observed_mechanism.scale, self.expected_mechanism.scale, self.alpha,
+                               is_gaussian(self.observed_mechanism))
 
     def _mechanisms(self) -> list[dict[str, Any]]:
         return [{"role": role, "mechanism": m.name, "scale": m.scale, "sensitivity": m.sensitivity,
@@ -224,9 +225,11 @@ class DepartmentScores(Analysis):
         top = float(expected["__expected"].max())  # type: ignore[arg-type]
         observed_units = contributions * sum_units(spec.duration, 0, hi, resolution)
         expected_units = contributions * sum_units(spec.duration, 0, top, resolution)
-        observed_epsilon, expected_epsilon = split_loss(spec.epsilon, observed_units, expected_units)
-        observed_mechanism = LaplaceVector.for_epsilon(observed_units, observed_epsilon)
-        expected_mechanism = LaplaceVector.for_epsilon(expected_units, expected_epsilon)
+        accounting = metadata.accounting.rule  # the budget is epsilon, or rho on zCDP datasets
+        observed_epsilon, expected_epsilon = split_loss(accounting.budget(spec.epsilon), observed_units,
+                                                        expected_units)
+        observed_mechanism = accounting.additive(observed_units, observed_epsilon)
+        expected_mechanism = accounting.additive(expected_units, expected_epsilon)
         return ScoresPlan(spec, ctx, tuple(group.keys), expected, hi, resolution,  # type: ignore[arg-type]
                           observed_mechanism, expected_mechanism)
 

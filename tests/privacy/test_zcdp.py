@@ -104,3 +104,14 @@ def test_the_gaussian_accuracy_covers_its_noise() -> None:
     half = mechanism.accuracy(0.05)
     outside = sum(abs(x) > half for x in mechanism.release([0] * 2000)) / 2000
     assert outside <= 0.065
+
+
+@pytest.mark.parametrize("scale", [64.5, 200.0, 5000.0])
+def test_the_closed_form_gaussian_half_width_at_large_scales_is_a_true_bound(scale: float) -> None:
+    # P(|X| > t) for the discrete Gaussian, summed directly over +-12 scales (the rest is < 1e-30).
+    import numpy as np
+    half = GaussianVector(1.0, scale, 1e-7).accuracy(0.05)
+    k = np.arange(-int(12 * scale), int(12 * scale) + 1)
+    weights = np.exp(-(k / scale) ** 2 / 2)
+    outside = weights[np.abs(k) > half].sum() / weights.sum()
+    assert outside <= 0.05 and half <= 1.01 * 1.96 * scale + 1
