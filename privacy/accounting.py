@@ -22,15 +22,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Union
 
-import opendp.combinators as combinators
-import opendp.domains as domains
-import opendp.measurements as measurements
-import opendp.metrics as metrics
-
-from privacy import mechanisms  # noqa: F401 - enables OpenDP's features first
 from privacy.errors import InvalidLoss
 from privacy.loss import MICRO, NANO, PrivacyLoss
-from privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin
+from privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin, zcdp_epsilon
 
 Mode = Literal["pure", "zcdp"]
 Additive = Union[LaplaceVector, GaussianVector]
@@ -43,11 +37,7 @@ def epsilon_of_rho(rho: float, delta: float) -> float:
     """The epsilon at which rho-zCDP holds as (epsilon, delta)-DP (OpenDP's conversion, rounded up)."""
     if not (math.isfinite(rho) and rho > 0 and 0 < delta < 1):
         raise InvalidLoss(f"cannot convert rho={rho} at delta={delta}")
-    gaussian = measurements.make_gaussian(domains.atom_domain(T="f64", nan=False),
-                                          metrics.absolute_distance(T="f64"), scale=1.0)
-    # A Gaussian of scale 1 has rho = d^2 / 2 at sensitivity d: the profile of rho is at d = sqrt(2 rho).
-    profile = combinators.make_zCDP_to_approxDP(gaussian).map(math.sqrt(2 * rho))
-    return float(profile.epsilon(delta))
+    return zcdp_epsilon(rho, delta)
 
 
 @lru_cache(maxsize=4096)

@@ -18,6 +18,7 @@ from functools import lru_cache
 from typing import Sequence
 
 import opendp.accuracy as dp_accuracy
+import opendp.combinators as combinators
 import opendp.domains as domains
 import opendp.measurements as measurements
 import opendp.measures as measures
@@ -73,6 +74,14 @@ def _noisy_min(scale: float, zcdp: bool = False) -> opendp.mod.Measurement:
     space = _INT_VECTOR, metrics.linf_distance(T="i64", monotonic=False)
     measure = measures.zero_concentrated_divergence() if zcdp else measures.max_divergence()
     return measurements.make_noisy_max(*space, measure, scale=scale, negate=True)
+
+
+def zcdp_epsilon(rho: float, delta: float) -> float:
+    """OpenDP's (epsilon, delta)-DP statement of rho-zCDP at ``delta`` (``make_zCDP_to_approxDP``)."""
+    gaussian = measurements.make_gaussian(domains.atom_domain(T="f64", nan=False),
+                                          metrics.absolute_distance(T="f64"), scale=1.0)
+    # A Gaussian of scale 1 has rho = d^2 / 2 at sensitivity d: rho's profile is the one at d = sqrt(2 rho).
+    return float(combinators.make_zCDP_to_approxDP(gaussian).map(math.sqrt(2 * rho)).epsilon(delta))
 
 
 def _rho_loss(rho: float, delta: float) -> PrivacyLoss:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from sqlalchemy.engine import Engine as DbEngine
@@ -12,13 +13,16 @@ from policies.enforcer import PolicyStore
 from queries.context import EngineLimits
 from queries.engine import Engine
 from server import auth
-from server.audit_log import AuditLog, ensure_head
+from server.audit_log import AuditLog, AuditLogFailed, ensure_head
 from server.db import init_db, make_engine
 from server.deps import AppState
 from server.ledger import CapDefaults
 from server.computations import abandon_stale
 from server.service import QueryService
 from server.settings import Settings
+
+
+logger = logging.getLogger(__name__)
 
 
 def policy_database(settings: Settings, db: DbEngine) -> DbEngine:
@@ -53,8 +57,13 @@ def build_state(settings: Settings) -> AppState:
     audit.key  # noqa: B018 - creates the signing key on first start, and records its public key
     engine = Engine(limits=EngineLimits(max_epsilon=settings.max_epsilon, auto_fraction=settings.auto_fraction))
     timeout = timedelta(minutes=settings.computation_timeout_minutes)
-    # Charged computations a crash left behind: audited as abandoned, their charges kept.
-    abandon_stale(db, timeout)
+    # Charged computations a crash left behind: audited as abandoned, their charges kept. With
+    # the log frozen by a failed integrity check nothing can be recorded: they wait until it
+    # verifies again (readiness reports the log; the next start abandons them).
+    try:
+        abandon_stale(db, timeout)
+    except AuditLogFailed:
+        logger.warning("charged computations left by a crash are not abandoned: the audit log is frozen")
     return AppState(settings=settings, db=db, policy_db=policy_db, policies=policies,
                     queries=QueryService(db, engine, policies, caps, timeout), caps=caps,
                     secret=auth.load_or_create_server_secret(settings.secret_path),

@@ -25,6 +25,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from server.audit_log import AuditLogFailed
 from server.feeds import FeedService
 
 logger = logging.getLogger("civicdp.feeds")
@@ -51,7 +52,10 @@ def start_feeds(state: Any) -> FeedScheduler | None:
     service = FeedService.of(state)
     # Claims a crash left charged but unreleased are recorded as failed at every start, also
     # when this process does not schedule (another may, or a steward triggers by hand).
-    service.recover()
+    try:
+        service.recover()
+    except AuditLogFailed:  # the log is frozen: nothing can be recorded until it verifies again
+        logger.warning("feed claims left by a crash are not recovered: the audit log is frozen")
     if not settings.feeds_scheduler:
         return None
     scheduler = BackgroundScheduler(timezone=timezone.utc)

@@ -358,15 +358,4 @@ class Quantiles(Kind):
         return out
 
 
-class EndpointSelection:
-    """Retired with issue 12: interval endpoints are read off the tree of counts, not selected.
-
-    Kept only because ``tests/privacy/neighbours.py`` patches ``EndpointSelection.mechanism``;
-    remove it together with that import.
-    """
-
-    def mechanism(self, level: float) -> NoisyMin:
-        raise NotImplementedError("interval endpoints are no longer selections")
-
-
 register(Quantiles())

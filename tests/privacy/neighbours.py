@@ -55,7 +55,6 @@ from queries.analyses.performance import ReportPlan
 from queries.analyses.scores import ScoresPlan
 from queries.engine import Engine, Plan
 from queries.kinds import KINDS
-from queries.kinds.quantiles import EndpointSelection
 from queries.metadata import load_metadata
 from tests.queries import perf_data
 
@@ -337,14 +336,6 @@ class NoiseRemoved:
             best = min(range(len(exact)), key=exact.__getitem__)  # the first lowest score
             return int(harness._record(mechanism, "selection", exact, best))
 
-        endpoint_mechanism = EndpointSelection.mechanism
-
-        def endpoint(selection: EndpointSelection, level: float) -> NoisyMin:
-            made = endpoint_mechanism(selection, level)
-            harness.name(made, harness.labels.get(id(selection), "interval endpoint"))
-            harness._endpoints.add(id(made))
-            return made
-
         tree_release = TreeCounter.release
 
         def tree(counter: TreeCounter, exact: Any) -> list[int]:
@@ -353,7 +344,6 @@ class NoiseRemoved:
 
         patch.setattr(LaplaceVector, "release", laplace)
         patch.setattr(NoisyMin, "release", select)
-        patch.setattr(EndpointSelection, "mechanism", endpoint)
         patch.setattr(TreeCounter, "release", tree)
         for kind in KINDS.values():
             # Calibrations this harness did not see planned (a bound chosen at run time, the

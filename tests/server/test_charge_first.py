@@ -19,6 +19,7 @@ from sqlmodel import Session, select
 
 from queries.engine import Engine
 from server import computations
+from server.audit_log import record
 from server.computations import FAILED_TEXT
 from server.db import session_scope
 from server.caller import Caller
@@ -147,6 +148,9 @@ def stale_claim(api: Api) -> Computation:
     with session_scope(api.state.db) as session:
         claimed = computations.claim(session, caller, row.name, row.version, query_hash, plan.loss.micro_epsilon,
                                      service._scopes(caller, row.name), service.caps)
+        record(session, caller, "query.run", row.name, dataset=row.name, dataset_version=row.version,
+               computation_id=claimed.id, query_hash=query_hash, loss_micro=plan.loss.micro_epsilon,
+               ledger=list(claimed.changes))
         stored = session.get(Computation, claimed.id)
         stored.started_at = stored.started_at - timedelta(hours=2)
         session.add(stored)
@@ -172,6 +176,10 @@ def test_a_crash_between_charge_and_release_keeps_the_charge_and_is_abandoned_on
         with session_scope(first.state.db) as session:
             claimed = computations.claim(session, caller, row.name, row.version, query_hash,
                                          plan.loss.micro_epsilon, service._scopes(caller, row.name), service.caps)
+            # The charge's audit entry, written with it as QueryService._charge does.
+            record(session, caller, "query.run", row.name, dataset=row.name, dataset_version=row.version,
+                   computation_id=claimed.id, query_hash=query_hash, loss_micro=plan.loss.micro_epsilon,
+                   ledger=list(claimed.changes))
     # "The server stopped while computing": restarted with a timeout the claim is older than.
     with running_api(tmp_path / "state", None, keys=keys, computation_timeout_minutes=1e-9) as second:
         assert second.count(Computation) == 0
