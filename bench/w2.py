@@ -148,8 +148,11 @@ def run_demo(data: Path, runs: int, rule: str | None = None, epsilon: float = 1.
         change_coverage("bundle_changes, the same period twice (no change)", changes, engine, coverage_releases)
 
 
-def groceries_dataset(source: Path, out: Path) -> Path:
-    """The grocery transactions as a civicdp dataset: member -> person, item -> service, date -> time."""
+def groceries_dataset(source: Path, out: Path, accounting: dict | None = None) -> Path:
+    """The grocery transactions as a civicdp dataset: member -> person, item -> service, date -> time.
+
+    ``accounting`` (e.g. ``{"mode": "zcdp", "delta": 1e-7}``) is declared in its metadata.
+    """
     if (out / "metadata.json").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -165,6 +168,8 @@ def groceries_dataset(source: Path, out: Path) -> Path:
                     "person_id": {"type": "int", "identifier": True},
                     "service_id": {"type": "str", "keys": items},
                     "request_time": {"type": "datetime", "bounds": ["2014-01-01T00:00:00", "2016-01-01T00:00:00"]}}}}}
+    if accounting:
+        metadata["accounting"] = accounting
     (out / "metadata.json").write_text(json.dumps(metadata, indent=1))
     return out
 
@@ -263,8 +268,11 @@ def change_coverage(label: str, plan: BundlesPlan, engine: Engine, releases: int
               f"of them wrong (true change 0 or of the other sign) {wrong}")
 
 
-def run_groceries(source: Path, runs: int, coverage_releases: int = 0) -> None:
-    data = groceries_dataset(source, Path("bench/out/groceries"))
+def run_groceries(source: Path, runs: int, coverage_releases: int = 0, accounting: str = "pure") -> None:
+    declared = {"mode": "zcdp", "delta": 1e-7} if accounting == "zcdp" else None
+    data = groceries_dataset(source, Path("bench/out/groceries" + ("-zcdp" if declared else "")), declared)
+    print(f"\naccounting: {accounting}" + (" (delta 1e-7: Gaussian pair counts, L2 sensitivity sqrt(k))"
+                                          if declared else ""))
     engine = Engine()
     dataset = LocalDataset(data, engine)
     base = {"analysis": "bundles", "window_days": 30, "top_k": 20}
@@ -327,12 +335,15 @@ def main() -> None:
     parser.add_argument("--coverage", type=int, default=0, metavar="N",
                         help="also measure the intervals' coverage after selection over N releases (W6)")
     parser.add_argument("--skip-demo", action="store_true", help="only the groceries figures")
+    parser.add_argument("--accounting", choices=("pure", "zcdp", "both"), default="pure",
+                        help="the groceries dataset's accounting (default pure; both: side by side)")
     args = parser.parse_args()
     if not args.skip_demo:
         run_demo(demo_dataset("w2", args.people, args.seed, args.data), args.runs, args.rule, args.epsilon,
                  args.top_k, args.coverage)
     if args.groceries is not None:
-        run_groceries(args.groceries, args.runs, args.coverage)
+        for accounting in (("pure", "zcdp") if args.accounting == "both" else (args.accounting,)):
+            run_groceries(args.groceries, args.runs, args.coverage, accounting)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from privacy.mechanisms import LaplaceVector
+from privacy.accounting import Additive
 from queries.analyses.pairs import PairSpace
 
 
@@ -56,8 +56,8 @@ class NoisyCounts:
     pairs: np.ndarray  # noisy people per pair (every pair of the catalogue)
     items: np.ndarray  # noisy people per item
     people: int  # noisy number of people
-    pair_mechanism: LaplaceVector
-    item_mechanism: LaplaceVector
+    pair_mechanism: Additive
+    item_mechanism: Additive
 
     def pair_half(self, alpha: float) -> float:
         """Half-width that one pair's noise exceeds with probability at most ``alpha``."""

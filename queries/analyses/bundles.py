@@ -59,7 +59,8 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from privacy.bounding import (TOP_COUNT_SENSITIVITY, bound_candidates, quantile_scores, quantile_sensitivity,
                                top_count_scores)
 from privacy.loss import PrivacyLoss, compose
-from privacy.mechanisms import LaplaceVector, NoisyMin
+from privacy.accounting import PURE, Accounting, Additive
+from privacy.mechanisms import NoisyMin
 from queries.analyses import bundle_tables as tables
 from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
 from queries.analyses.pairs import (PairSpace, bounded_item_counts, bounded_pair_counts,
@@ -172,16 +173,17 @@ class BundlesPlan(AnalysisPlan):
 
     spec: BundlesSpec | BundleChangesSpec
     setting: Setting
-    item_mechanism: LaplaceVector
-    pair_mechanism: LaplaceVector | None  # None: calibrated at run time for the chosen max_pairs
-    pair_epsilon: float | None
+    item_mechanism: Additive
+    pair_mechanism: Additive | None  # None: calibrated at run time for the chosen max_pairs
+    pair_epsilon: float | None  # the pairs' budget in the dataset's unit (epsilon, or rho on zCDP)
     selector: NoisyMin | None
     notes: list[str] = field(default_factory=list)
+    accounting: Accounting = PURE
 
     @property
     def loss(self) -> PrivacyLoss:
         periods = len(self.setting.periods)
-        pair = self.pair_mechanism.loss if self.pair_mechanism else PrivacyLoss(Fraction(self.pair_epsilon))
+        pair = self.pair_mechanism.loss if self.pair_mechanism else self.accounting.loss_of(self.pair_epsilon)
         per_period = pair + self.item_mechanism.loss
         selection = [self.selector.loss] if self.selector else []
         return compose([*selection, *([per_period] * periods)])
@@ -192,7 +194,7 @@ class BundlesPlan(AnalysisPlan):
 
     # -- cost and accuracy, no data --------------------------------------------------------
 
-    def _mechanism_rows(self, pair_mechanism: LaplaceVector, chosen: int | None = None) -> list[dict[str, Any]]:
+    def _mechanism_rows(self, pair_mechanism: Additive, chosen: int | None = None) -> list[dict[str, Any]]:
         per = "each period" if len(self.setting.periods) > 1 else "the period"
         rows = [{"role": f"pair counts ({per})", "mechanism": pair_mechanism.name, "scale": pair_mechanism.scale,
                  "sensitivity": pair_mechanism.sensitivity, "epsilon": float(pair_mechanism.loss.epsilon)},
@@ -205,10 +207,18 @@ class BundlesPlan(AnalysisPlan):
             rows.append(row if chosen is None else {**row, "chosen": chosen})
         return rows
 
-    def _reference_pairs(self) -> LaplaceVector:
+    def _fixed_pairs(self) -> int | None:
+        """The spec's fixed bound on pairs per person (the mechanism's sensitivity is L2 on zCDP datasets)."""
+        return self.spec.max_pairs if isinstance(self.spec.max_pairs, int) else None
+
+    def _pairs_mechanism(self, max_pairs: int) -> Additive:
+        """The pair counts' noise for a bound of ``max_pairs``: L1 sensitivity k, L2 sqrt(k) (distinct pairs)."""
+        return self.accounting.additive(max_pairs, self.pair_epsilon, l2_sensitivity=math.sqrt(max_pairs))  # type: ignore[arg-type]
+
+    def _reference_pairs(self) -> Additive:
         if self.pair_mechanism is not None:
             return self.pair_mechanism
-        return LaplaceVector.for_epsilon(REFERENCE_PAIRS, self.pair_epsilon)  # type: ignore[arg-type]
+        return self._pairs_mechanism(REFERENCE_PAIRS)
 
     def describe(self) -> Estimate:
         pair = self._reference_pairs()
@@ -224,7 +234,7 @@ class BundlesPlan(AnalysisPlan):
         accuracy = {"pair_half_width": pair.accuracy(alpha / n_pairs),
                     "item_half_width": self.item_mechanism.accuracy(alpha),
                     "unit": "people", "pairs": n_pairs, "top_k": self.setting.top_k}
-        return Estimate(self.loss, self.pair_mechanism.sensitivity if self.pair_mechanism else "auto",
+        return Estimate(self.loss, self._fixed_pairs() or "auto",
                         self.spec.confidence, self._mechanism_rows(pair), accuracy, notes)
 
     # -- the data-touching step ------------------------------------------------------------
@@ -245,7 +255,7 @@ class BundlesPlan(AnalysisPlan):
             max_pairs, pair_counts = self._choose_for_top_pairs(pairs)
             return Exact(max_pairs, pair_counts, *items)
         if max_pairs is None:
-            max_pairs = self.pair_mechanism.sensitivity if self.pair_mechanism else self._choose(pairs)
+            max_pairs = self._fixed_pairs() or self._choose(pairs)
         return Exact(max_pairs, [bounded_pair_counts(p, s.space, max_pairs) for p in pairs], *items)
 
     def person_pairs(self, backend: Backend) -> tuple[list[pl.DataFrame], list[pl.DataFrame]]:
@@ -269,8 +279,7 @@ class BundlesPlan(AnalysisPlan):
         catalogue only, so it adds nothing to the scores' sensitivity.
         """
         alpha = self.setting.alpha / self.setting.space.n_pairs
-        return [math.ceil(LaplaceVector.for_epsilon(k, self.pair_epsilon).accuracy(alpha))  # type: ignore[arg-type]
-                for k in candidates]
+        return [math.ceil(self._pairs_mechanism(k).accuracy(alpha)) for k in candidates]
 
     def _choose_for_top_pairs(self, pairs: list[pl.DataFrame]) -> tuple[int, list[np.ndarray]]:
         """The bound whose top_k-th pair count stands furthest above its noise, by permute-and-flip.
@@ -306,7 +315,7 @@ class BundlesPlan(AnalysisPlan):
 
     def release(self, exact: Exact) -> list[tables.NoisyCounts]:
         """Add the noise: every pair count, every item count and the people total, per period."""
-        pair_mechanism = self.pair_mechanism or LaplaceVector.for_epsilon(exact.max_pairs, self.pair_epsilon)  # type: ignore[arg-type]
+        pair_mechanism = self.pair_mechanism or self._pairs_mechanism(exact.max_pairs)
         released = []
         for pairs, items, people in zip(exact.pairs, exact.items, exact.people):
             noisy_items = self.item_mechanism.release([*items.tolist(), people])
@@ -393,6 +402,7 @@ class _Bundles(Analysis):
             raise QueryError("max_bundle_size", f"must be 2, 3 or 4, got {spec.max_bundle_size}",
                              "Bundles are assembled from 2 to 4 items")
         periods = len(setting.periods)
+        accounting = metadata.accounting.rule
         if spec.accuracy is not None:
             if spec.max_pairs == "auto":
                 raise QueryError("max_pairs", "a target accuracy needs a fixed number of pairs per person, "
@@ -402,23 +412,29 @@ class _Bundles(Analysis):
                 raise QueryError("accuracy", f"counts of people are whole numbers, so a half-width of "
                                  f"{spec.accuracy} cannot be promised", "Ask for an accuracy of at least 1")
             # The stated half-width is that of the answer's intervals: simultaneous over every pair.
-            pair = LaplaceVector.for_accuracy(spec.max_pairs, spec.accuracy, setting.alpha / setting.space.n_pairs)
-            items = LaplaceVector.for_accuracy(setting.max_items + 1, spec.accuracy, setting.alpha)
-            return BundlesPlan(spec, setting, items, pair, None, None, _notes(setting))
-        epsilon = Fraction(repr(spec.epsilon))
+            pair = accounting.additive_for_accuracy(spec.max_pairs, spec.accuracy,
+                                                    setting.alpha / setting.space.n_pairs,
+                                                    l2_sensitivity=math.sqrt(spec.max_pairs))
+            items = accounting.additive_for_accuracy(setting.max_items + 1, spec.accuracy, setting.alpha,
+                                                     l2_sensitivity=math.sqrt(setting.max_items + 1))
+            return BundlesPlan(spec, setting, items, pair, None, None, _notes(setting), accounting)
+        # The analyst's epsilon as the dataset's budget (epsilon, or rho on zCDP datasets).
+        epsilon = Fraction(repr(accounting.budget(spec.epsilon)))
         selector = None
         if spec.max_pairs == "auto":
             sensitivity = (TOP_COUNT_SENSITIVITY if spec.max_pairs_rule == "top_pairs"
                            else quantile_sensitivity(spec.pairs_quantile, 1))
-            selector = NoisyMin.for_epsilon(sensitivity, float(epsilon * SELECTION_SHARE[spec.max_pairs_rule]))
-            epsilon -= Fraction(selector.loss.epsilon)
+            selector = accounting.selection(sensitivity, float(epsilon * SELECTION_SHARE[spec.max_pairs_rule]))
+            epsilon -= Fraction(repr(accounting.amount(selector.loss)))
         per_period = epsilon / periods
         pair_epsilon = float(per_period * PAIR_SHARE)
-        items = LaplaceVector.for_epsilon(setting.max_items + 1, float(per_period - Fraction(pair_epsilon)))
+        # Each person's items are distinct, and so is the people total: L1 m + 1, L2 sqrt(m + 1).
+        items = accounting.additive(setting.max_items + 1, float(per_period - Fraction(pair_epsilon)),
+                                    l2_sensitivity=math.sqrt(setting.max_items + 1))
         if spec.max_pairs == "auto":
-            return BundlesPlan(spec, setting, items, None, pair_epsilon, selector, _notes(setting))
-        pair = LaplaceVector.for_epsilon(spec.max_pairs, pair_epsilon)
-        return BundlesPlan(spec, setting, items, pair, None, None, _notes(setting))
+            return BundlesPlan(spec, setting, items, None, pair_epsilon, selector, _notes(setting), accounting)
+        pair = accounting.additive(spec.max_pairs, pair_epsilon, l2_sensitivity=math.sqrt(spec.max_pairs))
+        return BundlesPlan(spec, setting, items, pair, None, None, _notes(setting), accounting)
 
 
 _RULES = {"top_pairs": "the bound whose top_k-th largest pair count stands furthest above its interval's "

@@ -42,7 +42,10 @@ def zcdp_perf(tmp_path_factory: pytest.TempPathFactory) -> LocalDataset:
     {"analysis": "lagged_points", "epsilon": 0.5, "level": "both"},
     {"analysis": "department_scores", "epsilon": 0.5},
     {"aggregate": "mean", "column": "duration_hours", "group_by": ["department"], "epsilon": 0.3},
-], ids=["report", "lagged", "scores", "mean"])
+    {"analysis": "bundles", "window_days": 30, "top_k": 10, "epsilon": 1.0, "max_pairs": 4},
+    {"analysis": "bundles", "window_days": 30, "top_k": 10, "epsilon": 1.0},
+    {"aggregate": "quantiles", "column": "waiting_minutes", "quantiles": [0.5, 0.9], "epsilon": 0.5},
+], ids=["report", "lagged", "scores", "mean", "bundles-fixed", "bundles-auto", "quantiles"])
 def test_parts_are_gaussian_and_compose_to_the_asked_epsilon(zcdp_perf: LocalDataset, spec: dict) -> None:
     estimate = zcdp_perf.estimate(spec)
     rho = rho_for_epsilon(spec["epsilon"], DELTA)
@@ -110,3 +113,13 @@ def test_lagged_share_intervals_cover_with_gaussian_noise(zcdp_threshold: LocalD
             (pl.col("ci_low") <= pl.col("true_share")) & (pl.col("true_share") <= pl.col("ci_high"))
         ).to_series().all() for name, t in truth.items())
     assert held / releases >= 0.72, held / releases
+
+
+def test_bundle_pairs_use_their_l2_sensitivity_and_keep_the_bound(zcdp_perf: LocalDataset) -> None:
+    """Each person's pairs are distinct: L1 sensitivity k, L2 sqrt(k); the bound itself stays k."""
+    spec = {"analysis": "bundles", "window_days": 30, "top_k": 10, "epsilon": 1.0, "max_pairs": 4}
+    estimate = zcdp_perf.estimate(spec)
+    pairs = next(m for m in estimate.mechanisms if m["role"].startswith("pair counts"))
+    assert pairs["mechanism"] == "discrete Gaussian" and pairs["sensitivity"] == pytest.approx(2.0)
+    assert estimate.contributions == 4
+    assert zcdp_perf.run(spec).contributions == 4
