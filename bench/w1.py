@@ -2,7 +2,8 @@
 
 Usage::
 
-    python -m bench.w1 --people 200000 [--runs 3] [--data DIR] [--seed 1]
+    python -m bench.w1 --people 200000 [--runs 3] [--data DIR] [--seed 1] [--auto] [--profile other]
+                       [--split 0.3,0.45,0.15,0.1]
 
 Generates (or reuses) the demo dataset, then for each of several runs times the four
 W1 queries through the engine (total epsilon = 1 per person) and the same four
@@ -10,7 +11,11 @@ aggregations in plain Polars without privacy, and prints per-query and total med
 times, the DP / plain ratio, peak memory, and errors against the true (unbounded)
 answers split into bias (contribution bounding and clipping) and noise. It runs two
 settings: civicdp's own contribution bounds ("tuned") and the anchors' fixed 10 rows
-per person ("fixed-10").
+per person ("fixed-10"). With ``--auto`` the first setting is "auto" instead:
+``"contributions": "auto"`` on every query (queries/auto_bound.py chooses, or keeps,
+each bound), with the same split of epsilon as "tuned" (``--split`` sets another one for
+the first setting: epsilons of Q1..Q4, summing to 1). ``--profile other`` runs on the
+generator's data of another shape (its own column names; synthetic/demo_data.py).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import polars as pl
 
 from bench.demo import demo_dataset
+from synthetic.demo_data import COLUMNS
 from queries.backend import AggregateRequest
 from queries.context import CELL
 from queries.engine import Engine, LocalDataset, Plan
@@ -50,6 +56,17 @@ SETTINGS = {
         "Q4": {"aggregate": "count", "group_by": ["channel", "request_time:hour"], "epsilon": 0.1,
                "contributions": "auto"},
     },
+    # Every query "auto", with the epsilon split of "tuned" (no tuning of bounds at all).
+    "auto": {
+        "Q1": {"aggregate": "count", "group_by": ["service_id"], "epsilon": 0.3, "contributions": "auto"},
+        "Q2": {"aggregate": "mean", "column": "duration_hours", "bounds": [0, 720],
+               "group_by": ["department"], "epsilon": 0.45, "contributions": "auto"},
+        "Q3": {"aggregate": "quantiles", "column": "waiting_minutes", "quantiles": [0.5, 0.9],
+               "candidates": WAIT_GRID, "group_by": ["channel"], "filters": [WAITING_CHANNELS],
+               "epsilon": 0.15, "contributions": "auto", "intervals": False},
+        "Q4": {"aggregate": "count", "group_by": ["channel", "request_time:hour"], "epsilon": 0.1,
+               "contributions": "auto"},
+    },
     "fixed-10": {
         "Q1": {"aggregate": "count", "group_by": ["service_id"], "epsilon": 0.25, "contributions": 10},
         "Q2": {"aggregate": "mean", "column": "duration_hours", "bounds": [0, 720],
@@ -63,15 +80,26 @@ SETTINGS = {
 }
 
 
-def plain_polars(events: Path) -> dict[str, pl.DataFrame]:
+def named(spec: dict, profile: str) -> dict:
+    """``spec`` with the demo's column names replaced by the profile's."""
+    names = COLUMNS[profile]
+    out = {**spec}
+    if "column" in out:
+        out["column"] = names.get(out["column"], out["column"])
+    return out
+
+
+def plain_polars(events: Path, profile: str = "demo") -> dict[str, pl.DataFrame]:
     """The four aggregations without privacy (the reference, and the true answers)."""
     frame = pl.scan_parquet(events)
+    names = COLUMNS[profile]
+    duration, waiting = names["duration_hours"], names["waiting_minutes"]
     return {
         "Q1": frame.group_by("service_id").len().collect(),
-        "Q2": frame.group_by("department").agg(pl.col("duration_hours").clip(0, 720).mean()).collect(),
-        "Q3": frame.filter(pl.col("waiting_minutes").is_not_null()).group_by("channel").agg(
-            pl.col("waiting_minutes").quantile(0.5, "nearest").alias("q0.5"),
-            pl.col("waiting_minutes").quantile(0.9, "nearest").alias("q0.9")).collect(),
+        "Q2": frame.group_by("department").agg(pl.col(duration).clip(0, 720).mean()).collect(),
+        "Q3": frame.filter(pl.col(waiting).is_not_null()).group_by("channel").agg(
+            pl.col(waiting).quantile(0.5, "nearest").alias("q0.5"),
+            pl.col(waiting).quantile(0.9, "nearest").alias("q0.9")).collect(),
         "Q4": frame.group_by("channel", pl.col("request_time").dt.hour().cast(pl.Int64).alias("h")).len().collect(),
     }
 
@@ -80,7 +108,7 @@ def _truth(name: str, plain: pl.DataFrame) -> dict:
     if name == "Q1":
         return dict(zip(plain["service_id"], plain["len"]))
     if name == "Q2":
-        return dict(zip(plain["department"], plain["duration_hours"]))
+        return dict(zip(plain["department"], plain[plain.columns[1]]))
     if name == "Q3":
         return {(c, q): v for c, a, b in plain.iter_rows() for q, v in ((0.5, a), (0.9, b))}
     return {(c, h): n for c, h, n in plain.iter_rows()}
@@ -137,7 +165,8 @@ def errors(name: str, truth: dict, bounded: dict, released: dict) -> tuple[float
             float(np.median(abs(r - b) / safe)))
 
 
-def run(data: Path, runs: int) -> None:
+def run(data: Path, runs: int, settings: tuple[str, ...] = ("tuned", "fixed-10"), profile: str = "demo",
+        split: tuple[float, ...] | None = None) -> None:
     engine = Engine()
     dataset = LocalDataset(data, engine)
     events = data / dataset.metadata.tables["events"].path
@@ -147,14 +176,18 @@ def run(data: Path, runs: int) -> None:
     plain_times: list[float] = []
     for _ in range(runs):
         t = time.perf_counter()
-        plain = plain_polars(events)
+        plain = plain_polars(events, profile)
         plain_times.append(time.perf_counter() - t)
     plain_median = statistics.median(plain_times)
     print(f"plain Polars, four aggregations: median {plain_median:.3f} s over {runs} runs")
-    for setting, specs in SETTINGS.items():
+    for setting in settings:
+        specs = {name: named(spec, profile) for name, spec in SETTINGS[setting].items()}
+        if split is not None and setting == settings[0]:
+            specs = {name: {**spec, "epsilon": eps} for (name, spec), eps in zip(specs.items(), split)}
         per_query: dict[str, list[float]] = {q: [] for q in specs}
         totals, errs = [], {q: [] for q in specs}
         chosen: dict[str, list[int]] = {q: [] for q in specs}
+        how: dict[str, str] = {}
         for _ in range(runs):
             total = 0.0
             for name, spec in specs.items():
@@ -165,6 +198,10 @@ def run(data: Path, runs: int) -> None:
                 total += elapsed
                 chosen[name].append(result.contributions)
                 plan = engine.plan(spec, dataset.metadata, data)
+                if plan.auto is not None:
+                    how[name] = (f"auto chose among 1..{plan.auto.top}, worst case {1 + plan.auto.worst:.2f}x "
+                                 "the fixed bound's predicted error" if plan.selector is not None else
+                                 "auto kept the fixed bound (the choice would be too coarse)")
                 errs[name].append(errors(name, _truth(name, plain[name]),
                                          _bounded(engine, plan, name, result.contributions),
                                          _released(name, result.table)))
@@ -176,6 +213,8 @@ def run(data: Path, runs: int) -> None:
             unit = "min (MAE)" if name == "Q3" else "(median relative)"
             print(f"  {name}: median {statistics.median(per_query[name]):.3f} s; bound L={chosen[name]}; "
                   f"error {e[0]:.4f} {unit} = bias {e[1]:.4f} + noise {e[2]:.4f}")
+            if name in how:
+                print(f"      {how[name]}")
         dp_median = statistics.median(totals)
         print(f"  all four: median {dp_median:.3f} s; plain {plain_median:.3f} s; "
               f"ratio DP/plain = {dp_median / plain_median:.2f}")
@@ -188,9 +227,34 @@ def main() -> None:
     parser.add_argument("--people", type=int, default=200_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: bench/out/w1-PEOPLE)")
+    parser.add_argument("--data", type=Path, default=None, help="dataset folder (default: bench/out/w1-PEOPLE-SEED)")
+    parser.add_argument("--auto", action="store_true", help='"contributions": "auto" on every query')
+    parser.add_argument("--profile", default="demo", choices=sorted(COLUMNS),
+                        help="shape of the generated data (default: demo)")
+    parser.add_argument("--split", default=None, help="epsilons of Q1..Q4 for the first setting, e.g. 0.4,0.4,0.15,0.05")
     args = parser.parse_args()
-    run(demo_dataset("w1", args.people, args.seed, args.data), args.runs)
+    settings = ("auto", "fixed-10") if args.auto else ("tuned", "fixed-10")
+    split = None
+    if args.split:
+        split = tuple(float(x) for x in args.split.split(","))
+        if len(split) != 4 or abs(sum(split) - 1) > 1e-9:
+            parser.error("--split takes four epsilons (Q1..Q4) summing to 1")
+    run(dataset(args.people, args.seed, args.profile, args.data), args.runs, settings, args.profile, split)
+
+
+def dataset(people: int, seed: int, profile: str, folder: Path | None) -> Path:
+    """The generated dataset of ``profile`` (the demo's through bench.demo)."""
+    if profile == "demo":
+        return demo_dataset("w1", people, seed, folder)
+    data = folder or Path("bench/out") / f"w1-{people}-{seed}-{profile}"
+    if not (data / "metadata.json").exists():
+        from synthetic.demo_data import generate
+
+        started = time.perf_counter()
+        summary = generate(people, data, seed=seed, profile=profile)
+        print(f"generated {summary.events:,} events for {people:,} people ({profile}) "
+              f"in {time.perf_counter() - started:.1f} s")
+    return data
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ MAX_WORST = 1.0
 class Model:
     """A kind's predicted-error model for the auto bound: break-even t and direction."""
 
+    kind: str
     target: float  # t: people above L at which one more row per person costs as much noise as it saves bias
     upward: bool  # whether the kind may raise the bound above the dataset's
     unit: str  # what one dropped row can move: the bias unit, for the notes
@@ -104,24 +105,13 @@ class AutoBound:
         return bound_scores(people_with_at_least, list(self.candidates), self.model.target, self.fixed,
                             self.resolution if self.upward else 0.0, self.upward)
 
-    def predicted_excess(self, people_with_at_least: np.ndarray, bound: int) -> float:
-        """``(E(bound) - E(fixed)) / b``: the predicted error of ``bound`` over the fixed bound's, in people-rows.
-
-        Needs the profile up to ``max(bound, fixed) + 1``.
-        """
-        assert self.model is not None
-        n = np.asarray(people_with_at_least, dtype=np.float64)
-        low, high = sorted((bound, self.fixed))
-        kept_between = float(n[low:high].sum())  # n_r for r = low + 1 .. high
-        sign = 1 if bound > self.fixed else -1
-        return sign * (self.model.target * (high - low) - kept_between)
-
     def describe(self) -> str:
         """The rule as it applies to this query, for the answer's notes."""
         assert self.model is not None
-        direction = (f"bounds 1 to {self.top}" if self.upward else
-                     f"bounds 1 to {self.fixed} (a {'mean' if 'width' in self.model.unit else 'quantile'} "
-                     "only lowers the dataset's bound: its truncation bias is not the rows dropped)")
+        direction = f"bounds 1 to {self.top}"
+        if self.model.kind in ("mean", "quantiles"):
+            direction += (f" (a {self.model.kind.rstrip('s')} only lowers the dataset's bound: its truncation "
+                          "bias is not the rows dropped but how they differ, which the selection cannot measure)")
         return (f"the bound minimises this query's predicted error - rows dropped (each moving the answer "
                 f"by at most {self.model.unit}) plus the noise, which grows by {self.model.target:.4g} of them "
                 f"per row of bound - over {direction}, counted on the rows its filters and missing values "
@@ -135,24 +125,24 @@ def model(kind: Kind, ctx: QueryContext, calibration: Calibration) -> Model | No
     predicted: dict[str, Any] = kind.predicted(ctx, calibration)
     if kind.name in ("count", "histogram"):
         # Every released entry (cell, or cell x bin) carries the half-width; a dropped row is one row.
-        return Model(predicted["cells"] * predicted["half_width"] / bound, True, "one row")
+        return Model(kind.name, predicted["cells"] * predicted["half_width"] / bound, True, "one row")
     if kind.name == "sum":
         lo, hi = value_bounds(ctx)
         largest = max(abs(lo), abs(hi))
-        return Model(predicted["cells"] * predicted["half_width"] / bound / largest, True,
+        return Model(kind.name, predicted["cells"] * predicted["half_width"] / bound / largest, True,
                      f"{largest:g} (the largest |value|)")
     if kind.name == "mean":
         # Noise: the sum's half-width (the count's adds |mean - middle| times its own; at least
         # zero, so leaving it out never overstates what lowering saves). Bias: the bounds' width.
         lo, hi = value_bounds(ctx)
-        return Model(ctx.n_cells * predicted["sum_half_width"] / bound / (hi - lo), False,
+        return Model(kind.name, ctx.n_cells * predicted["sum_half_width"] / bound / (hi - lo), False,
                      f"{hi - lo:g} (the width of the bounds) over the rows kept")
     if kind.name == "quantiles":
         levels = ctx.spec.quantiles or ()
         rank_errors = predicted["rank_error"]
         noise = sum(rank_errors[f"{level:g}"] for level in levels) / bound
         bias = sum(max(level, 1 - level) for level in levels)
-        return Model(ctx.n_cells * noise / bias, False, "max(q, 1 - q) rows of rank")
+        return Model(kind.name, ctx.n_cells * noise / bias, False, "max(q, 1 - q) rows of rank")
     return None
 
 
@@ -182,6 +172,6 @@ def plan(kind: Kind, ctx: QueryContext, calibration: Calibration, selector: Nois
     return AutoBound(fixed, (fixed,), found, None, best.resolution, best.worst,
                      reason=(f"with {ctx.n_cells} group(s) and this loss, a private choice from the auto "
                              f"share could not tell bounds apart safely (its error, {best.resolution:.4g} "
-                             f"people, is {best.ratio:.2g} times the break-even {found.target:.4g}); "
+                             f"people, is {best.ratio:.3g} times the break-even {found.target:.4g}); "
                              f"the dataset's bound of {fixed} rows per person is kept and the whole loss "
                              "answers the query"))

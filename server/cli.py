@@ -55,11 +55,16 @@ def demo_data(
     people: Annotated[int, typer.Option(min=1, max=50_000_000, help="How many people to simulate")] = 200_000,
     out: Annotated[Path, typer.Option(help="Folder to write the dataset into")] = Path("data/demo"),
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data)")] = 0,
+    profile: Annotated[str, typer.Option(help="Shape of the data: 'demo', or 'other' (continuous waits with "
+                                              "zeros, durations near the top of their bounds, a heavier tail "
+                                              "of requests, other column names)")] = "demo",
 ) -> None:
     """Write a realistic synthetic dataset (events, catalogue, steps, planted bundles, metadata)."""
-    from synthetic.demo_data import generate
+    from synthetic.demo_data import PROFILES, generate
 
-    summary = generate(people, out, seed=seed)
+    if profile not in PROFILES:
+        fail(f"unknown profile '{profile}': use one of {', '.join(sorted(PROFILES))}")
+    summary = generate(people, out, seed=seed, profile=profile)
     console.print(f"wrote {summary.events:,} events of {summary.people:,} people and {summary.steps:,} "
                   f"processing steps to {out} in {summary.seconds:.1f} s")
 

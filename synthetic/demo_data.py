@@ -12,13 +12,25 @@ loops over people or events, so 2 million people (~10 M events, ~29 M steps)
 take under a minute on two cores (``civicdp demo-data`` is the command line).
 Requests per person are heavy-tailed (mean ~5; capping every person at 10 events
 drops ~19 % of the events), which is the shape the privacy benchmarks rely on.
+
+Two profiles (``generate(..., profile=...)``, ``civicdp demo-data --profile``):
+
+- ``demo`` (the default): waiting times in whole seconds, durations mostly low in
+  their [0, 720] bounds, familiar column names.
+- ``other``, data of another shape for checking that figures are not artefacts of the
+  friendly one: continuous waiting times with a third of them exactly zero (people served
+  at once: an atom), durations centred near the top of their bounds (every service's
+  target is 520 hours plus 1.25 times the demo's; over a third are clipped at 720), a
+  heavier tail of requests per person (lognormal sigma 1.1 instead of 0.85, up to 5,000
+  requests), and other names for the person, waiting and duration columns
+  (:data:`COLUMNS`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +101,35 @@ HOUR_WEIGHTS = np.array([  # 00..23, rows follow CHANNELS
     [0] * 7 + [0.15] + _OFFICE + [0.45, 0.35, 0.15] + [0] * 3,
 ])
 SATISFACTION_BY_CHANNEL = np.array([0.0, 0.15, 0.2, -0.35, -0.1])
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The shape of a generated dataset (see the module docstring)."""
+
+    heavy_share: float = 0.035  # people with a lognormal number of requests
+    heavy_mu: float = 2.95
+    heavy_sigma: float = 0.85
+    heavy_cap: int = 1000
+    light_p: float = 0.245  # geometric requests of everyone else
+    wait_seconds: bool = True  # waiting times rounded to whole seconds
+    zero_wait_share: float = 0.0  # queued requests served at once (waiting exactly 0)
+    duration_factor: float = 1.0  # every service's target (and so its durations) is factor * target + offset
+    duration_offset: float = 0.0  # hours
+    person: str = "person_id"
+    waiting: str = "waiting_minutes"
+    duration: str = "duration_hours"
+
+
+PROFILES = {
+    "demo": Profile(),
+    "other": Profile(heavy_share=0.04, heavy_mu=2.75, heavy_sigma=1.1, heavy_cap=5000, light_p=0.26,
+                     wait_seconds=False, zero_wait_share=0.33, duration_factor=1.25, duration_offset=520.0,
+                     person="resident_id", waiting="queue_minutes", duration="handling_hours"),
+}
+#: Column names per profile: the demo profile's name -> the profile's name.
+COLUMNS = {name: {"person_id": p.person, "waiting_minutes": p.waiting, "duration_hours": p.duration}
+           for name, p in PROFILES.items()}
 
 
 @dataclass(frozen=True)
@@ -181,12 +222,13 @@ def _build_catalogue(rng: np.random.Generator) -> Catalogue:
                      n_steps, step_department, step_weight, service_lag, step_lag, planned_weight)
 
 
-def _sample_counts(rng: np.random.Generator, people: int) -> tuple[np.ndarray, np.ndarray]:
-    """Events per person: geometric bulk plus 3.5 % lognormal heavy users."""
-    heavy = rng.random(people) < 0.035
-    light = rng.geometric(0.245, people)
-    heavy_n = np.ceil(rng.lognormal(2.95, 0.85, people)).astype(np.int64) + 2
-    return np.where(heavy, np.minimum(heavy_n, 1000), light), heavy
+def _sample_counts(rng: np.random.Generator, people: int,
+                   profile: Profile = PROFILES["demo"]) -> tuple[np.ndarray, np.ndarray]:
+    """Events per person: geometric bulk plus a few lognormal heavy users (3.5 % in the demo)."""
+    heavy = rng.random(people) < profile.heavy_share
+    light = rng.geometric(profile.light_p, people)
+    heavy_n = np.ceil(rng.lognormal(profile.heavy_mu, profile.heavy_sigma, people)).astype(np.int64) + 2
+    return np.where(heavy, np.minimum(heavy_n, profile.heavy_cap), light), heavy
 
 
 def _day_weights() -> np.ndarray:
@@ -265,8 +307,8 @@ def _sample_times(rng: np.random.Generator, channel: np.ndarray,
 
 
 def _waiting(rng: np.random.Generator, channel: np.ndarray, centre: np.ndarray,
-             seconds: np.ndarray, centre_busy: np.ndarray) -> np.ndarray:
-    """Waiting minutes (NaN off counter/kiosk): gamma bulk, busy hours, rare tail."""
+             seconds: np.ndarray, centre_busy: np.ndarray, profile: Profile = PROFILES["demo"]) -> np.ndarray:
+    """Waiting minutes (NaN off counter/kiosk): gamma bulk, busy hours, rare tail (and an atom at 0)."""
     hour = (seconds // 3600) % 24
     busy = HOUR_WEIGHTS[0] / HOUR_WEIGHTS[0].max()
     median = 11.0 * centre_busy[centre] * (0.75 + 0.35 * busy[hour])
@@ -275,7 +317,10 @@ def _waiting(rng: np.random.Generator, channel: np.ndarray, centre: np.ndarray,
     wait = rng.gamma(shape, median / (shape - 1 / 3))
     tail = rng.random(len(wait)) < 0.005
     wait[tail] += rng.lognormal(np.log(180), 0.5, tail.sum())
-    wait = np.round(wait * 60) / 60
+    if profile.wait_seconds:
+        wait = np.round(wait * 60) / 60
+    if profile.zero_wait_share:
+        wait[rng.random(len(wait)) < profile.zero_wait_share] = 0.0
     return np.where(np.isin(channel, QUEUED_CHANNELS), wait, np.nan)
 
 
@@ -330,28 +375,30 @@ def _us(values: np.ndarray, name: str) -> pl.Series:
     return pl.Series(name, values, dtype=pl.Int64).cast(pl.Datetime("us"))
 
 
-def _metadata(seed: int, people: int) -> dict:
+def _metadata(seed: int, people: int, profile: str = "demo") -> dict:
     """The data owner's declaration for the generated tables."""
+    names = PROFILES[profile]
     depts = {"type": "str", "keys": DEPARTMENT_IDS}
     year = ["2025-01-01T00:00:00", "2026-01-01T00:00:00"]
     steps_span = ["2025-01-01T00:00:00", "2026-03-01T00:00:00"]
     return {
         "name": "civic-demo",
-        "version": f"{seed}-{people}",
-        "description": "Synthetic public-service use events (civicdp demo-data)",
-        "privacy_unit": "person_id",
+        "version": f"{seed}-{people}" + ("" if profile == "demo" else f"-{profile}"),
+        "description": "Synthetic public-service use events (civicdp demo-data"
+                       + ("" if profile == "demo" else f", profile {profile}") + ")",
+        "privacy_unit": names.person,
         "max_contributions": MAX_CONTRIBUTIONS,
         "tables": {
             "events": {"path": "events.parquet", "columns": {
                 "event_id": {"type": "int", "identifier": True},
-                "person_id": {"type": "int", "identifier": True},
+                names.person: {"type": "int", "identifier": True},
                 "service_id": {"type": "str", "keys": SERVICE_IDS},
                 "department": depts,
                 "centre": {"type": "str", "keys": CENTRE_IDS},
                 "channel": {"type": "str", "keys": list(CHANNELS)},
                 "request_time": {"type": "datetime", "bounds": year},
-                "waiting_minutes": {"type": "float", "bounds": [0, 240], "nullable": True},
-                "duration_hours": {"type": "float", "bounds": [0, 720]},
+                names.waiting: {"type": "float", "bounds": [0, 240], "nullable": True},
+                names.duration: {"type": "float", "bounds": [0, 720]},
                 "satisfaction": {"type": "int", "keys": [1, 2, 3, 4, 5],
                                  "bounds": [1, 5], "nullable": True},
             }},
@@ -396,16 +443,22 @@ def _ground_truth(cat: Catalogue, bundles: list[dict]) -> dict:
     }
 
 
-def generate(people: int, out: Path, seed: int = 0) -> DemoSummary:
-    """Generate the demo dataset for ``people`` people into directory ``out``."""
+def generate(people: int, out: Path, seed: int = 0, profile: str = "demo") -> DemoSummary:
+    """Generate the demo dataset for ``people`` people into directory ``out`` (see :data:`PROFILES`)."""
     if people < 1:
         raise ValueError("people must be at least 1")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}: use one of {sorted(PROFILES)}")
+    shape = PROFILES[profile]
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     cat = _build_catalogue(rng)
-    counts, heavy = _sample_counts(rng, people)
+    if (shape.duration_factor, shape.duration_offset) != (1.0, 0.0):
+        target = cat.target_hours * shape.duration_factor + shape.duration_offset
+        cat = replace(cat, target_hours=np.round(target * 2) / 2)
+    counts, heavy = _sample_counts(rng, people, shape)
     n = int(counts.sum())
     person = np.repeat(np.arange(people), counts)
     starts = np.cumsum(counts) - counts
@@ -429,7 +482,7 @@ def generate(people: int, out: Path, seed: int = 0) -> DemoSummary:
     event_id = rng.permutation(n)
     person_id = rng.permutation(people)[person]
     centre_busy = rng.lognormal(0, 0.15, N_CENTRES) * (1 + 8 * centre_p) ** 0.5
-    wait = _waiting(rng, channel, centre, seconds, centre_busy / np.median(centre_busy))
+    wait = _waiting(rng, channel, centre, seconds, centre_busy / np.median(centre_busy), shape)
     request_us = YEAR_START_US + seconds * US_PER_S
     step_cols, total_s = _steps(rng, cat, service, request_us)
     hours = total_s / 3600.0
@@ -437,14 +490,14 @@ def generate(people: int, out: Path, seed: int = 0) -> DemoSummary:
 
     events = pl.DataFrame([
         pl.Series("event_id", event_id, dtype=pl.Int64),
-        pl.Series("person_id", person_id, dtype=pl.Int64),
+        pl.Series(shape.person, person_id, dtype=pl.Int64),
         _label(service, SERVICE_IDS, "service_id"),
         _label(cat.department[service], DEPARTMENT_IDS, "department"),
         _label(centre, CENTRE_IDS, "centre"),
         _label(channel, list(CHANNELS), "channel"),
         _us(request_us, "request_time"),
-        pl.Series("waiting_minutes", wait, dtype=pl.Float64, nan_to_null=True),
-        pl.Series("duration_hours", hours, dtype=pl.Float64),
+        pl.Series(shape.waiting, wait, dtype=pl.Float64, nan_to_null=True),
+        pl.Series(shape.duration, hours, dtype=pl.Float64),
         pl.Series("satisfaction", satisfaction, nan_to_null=True).cast(pl.Int64),
     ])
     steps = pl.DataFrame([
@@ -470,7 +523,7 @@ def generate(people: int, out: Path, seed: int = 0) -> DemoSummary:
     service_steps.write_parquet(paths["service_steps.parquet"])
     steps.write_parquet(paths["steps.parquet"])
     for name, obj in (("bundles.json", bundles), ("ground_truth.json", truth),
-                      ("metadata.json", _metadata(seed, people))):
+                      ("metadata.json", _metadata(seed, people, profile))):
         paths[name].write_text(json.dumps(obj, indent=2) + "\n")
     return DemoSummary(people, n, steps.height, time.perf_counter() - t0, paths)
 

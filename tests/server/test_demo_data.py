@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from synthetic.demo_data import CHANNELS, DemoSummary, generate
+from synthetic.demo_data import CHANNELS, COLUMNS, DemoSummary, generate
 
 PEOPLE = 5_000
 SEED = 7
@@ -234,3 +234,88 @@ def test_heavy_tail_calibration(tmp_path: Path) -> None:
     assert 0.17 <= loss <= 0.21
     assert 150 <= n.max() <= 1000
     assert np.mean(n <= 5) > 0.6
+
+
+# -- the second profile: data of another shape --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoSummary, Path]:
+    """The ``other`` profile at the same size and seed as the demo fixture."""
+    out = tmp_path_factory.mktemp("other")
+    return generate(PEOPLE, out, seed=SEED, profile="other"), out
+
+
+def test_other_profile_renames_columns_and_declares_them(other: tuple[DemoSummary, Path]) -> None:
+    summary, out = other
+    names = COLUMNS["other"]
+    assert names == {"person_id": "resident_id", "waiting_minutes": "queue_minutes",
+                     "duration_hours": "handling_hours"}
+    events = pl.read_parquet(out / "events.parquet")
+    assert events.columns == [names.get(c, c) for c in EVENTS_SCHEMA]
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["privacy_unit"] == "resident_id" and meta["version"] == f"{SEED}-{PEOPLE}-other"
+    cols = meta["tables"]["events"]["columns"]
+    assert list(cols) == events.columns
+    assert cols["queue_minutes"] == {"type": "float", "bounds": [0, 240], "nullable": True}
+    assert cols["handling_hours"] == {"type": "float", "bounds": [0, 720]}
+    assert events["resident_id"].n_unique() == PEOPLE and summary.events == events.height
+    assert 4.5 * PEOPLE < events.height < 5.5 * PEOPLE
+
+
+def test_other_profile_waits_are_continuous_with_an_atom_at_zero(other: tuple[DemoSummary, Path]) -> None:
+    events = pl.read_parquet(other[1] / "events.parquet")
+    queued = events["channel"].is_in(["counter", "kiosk"])
+    assert (events["queue_minutes"].is_not_null() == queued).all()
+    wait = events["queue_minutes"].drop_nulls()
+    assert 0.28 < (wait == 0).mean() < 0.38  # the atom
+    positive = wait.filter(wait > 0)
+    assert ((positive * 60 - (positive * 60).round()).abs() > 1e-3).mean() > 0.9  # not whole seconds
+    assert positive.n_unique() > 0.99 * positive.len()
+
+
+def test_other_profile_durations_sit_near_the_top_of_their_bounds(other: tuple[DemoSummary, Path]) -> None:
+    events = pl.read_parquet(other[1] / "events.parquet")
+    hours = events["handling_hours"]
+    assert 0.25 < (hours > 720).mean() < 0.5  # clipped at the upper bound
+    means = events.group_by("department").agg(pl.col("handling_hours").clip(0, 720).mean())["handling_hours"]
+    assert means.min() > 480  # the bounds' middle is 360
+    demo = pl.read_parquet(_demo_events(other[1].parent))
+    assert demo["duration_hours"].clip(0, 720).mean() < 150  # the demo profile's sit low
+
+
+def _demo_events(folder: Path) -> Path:
+    out = folder / "demo-for-comparison"
+    if not (out / "events.parquet").exists():
+        generate(PEOPLE, out, seed=SEED)
+    return out / "events.parquet"
+
+
+def test_other_profile_has_a_heavier_tail_of_requests(other: tuple[DemoSummary, Path]) -> None:
+    def loss(path: Path, person: str, bound: int) -> float:
+        n = pl.read_parquet(path, columns=[person]).group_by(person).len()["len"].to_numpy().astype(np.int64)
+        return float(np.maximum(n - bound, 0).sum() / n.sum())
+
+    other_events = other[1] / "events.parquet"
+    demo_events = _demo_events(other[1].parent)
+    # about as many rows beyond 10 per person, but far more beyond 40 and 100 (demo: 4.4%, 0.7%)
+    assert abs(loss(other_events, "resident_id", 10) - loss(demo_events, "person_id", 10)) < 0.05
+    assert loss(other_events, "resident_id", 40) > 1.4 * loss(demo_events, "person_id", 40)
+    assert loss(other_events, "resident_id", 100) > 2 * loss(demo_events, "person_id", 100)
+
+
+def test_profiles_are_checked_and_the_command_takes_one(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    with pytest.raises(ValueError, match="unknown profile"):
+        generate(10, tmp_path / "x", profile="nope")
+    runner = CliRunner()
+    result = runner.invoke(app, ["demo-data", "--people", "200", "--out", str(tmp_path / "o"),
+                                 "--profile", "other"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "o" / "metadata.json").read_text())["privacy_unit"] == "resident_id"
+    refused = runner.invoke(app, ["demo-data", "--people", "200", "--out", str(tmp_path / "p"),
+                                  "--profile", "nope"])
+    assert refused.exit_code != 0 and "unknown profile" in refused.output
