@@ -171,6 +171,7 @@ class Engine:
                                    ctx.filters, ctx.group_by, plan.kind.measure(ctx))
         exact = self._aggregate(request)
         table = plan.kind.release(ctx, calibration, exact)
+        notes.append(_bounding_note(request))
         return Result(table, plan.loss, calibration.contributions, ctx.spec.confidence, mechanisms,
                       ctx.spec, notes, time.perf_counter() - started)
 
@@ -196,6 +197,16 @@ class Engine:
         except Exception:
             raise _unavailable(ctx.spec.table) from None
         return auto.candidates[plan.selector.release(auto.scores(profile).tolist())]
+
+
+def _bounding_note(request: AggregateRequest) -> str:
+    """What the interval covers: the bounded data (how many rows bounding dropped is data: not said)."""
+    measure = request.measure
+    clipped = (f", values clipped to [{measure.lower:g}, {measure.upper:g}]"
+               if measure.column and measure.lower < measure.upper else "")
+    return (f"at most {request.contributions} rows per person were kept (each person's first rows in a fixed "
+            f"random order; the rest dropped before aggregating){clipped}: intervals cover the answer on "
+            "these bounded data, not the bias of bounding")
 
 
 def _selector_row(selector: NoisyMin) -> dict[str, Any]:

@@ -106,3 +106,17 @@ def test_one_pass_sums_never_cast_a_non_finite_value(tmp_path: Path, value: floa
             assert (totals > np.iinfo(np.int64).min).all()
             bound = sub.calibration.mechanisms["sums"].sensitivity / sub.calibration.contributions
             assert (np.abs(totals) <= fast["rows"].to_numpy() * bound).all()
+
+
+@pytest.mark.parametrize("spec, clipped", [
+    ({"aggregate": "count", "group_by": ["channel"], "epsilon": 1.0}, None),
+    ({"aggregate": "mean", "column": "duration_hours", "epsilon": 1.0}, "[0, 720]"),
+    ({"aggregate": "histogram", "column": "duration_hours", "bins": [0, 10, 100], "epsilon": 1.0}, None),
+], ids=["count", "mean", "histogram"])
+def test_every_answer_says_that_its_interval_covers_the_bounded_data(tmp_path: Path, spec: dict,
+                                                                     clipped: str | None) -> None:
+    local = LocalDataset(perf_data.write(tmp_path / "notes", people=50))
+    notes = " ".join(local.run(spec).notes)
+    assert f"at most {perf_data.MAX_CONTRIBUTIONS} rows per person were kept" in notes
+    assert "intervals cover the answer on these bounded data" in notes
+    assert (f"clipped to {clipped}" in notes) if clipped else ("clipped" not in notes)
