@@ -4,9 +4,11 @@
     node hash  = SHA-256(0x01 || left || right)
     MTH(D[n])  = hash of the tree whose left part holds the largest power of two < n leaves
 
-:class:`MerkleTree` keeps every *perfect* subtree hash (about 2n hashes) so that
-appending is O(log n) and any proof is O(log² n). The verification functions are the
-algorithms of RFC 9162 §2.1.3.2 and §2.1.4.2, and need nothing but hashes.
+:class:`HashTree` computes roots and proofs from the hashes of *perfect* subtrees (2^h
+leaves starting at a multiple of 2^h), wherever they are kept: :class:`MerkleTree` keeps
+all of them in memory (about 2n hashes), so appending is O(log n) and any proof is
+O(log² n); the server keeps them in stored tiles (:mod:`audit.tiles`). The verification
+functions are the algorithms of RFC 9162 §2.1.3.2 and §2.1.4.2, and need nothing but hashes.
 """
 
 from __future__ import annotations
@@ -44,41 +46,21 @@ def root_of(leaves: Sequence[bytes]) -> bytes:
     return level[0]
 
 
-class MerkleTree:
-    """An append-only tree of leaf hashes with O(log n) appends and roots of any prefix."""
+class HashTree:
+    """Roots and RFC 9162 proofs of a tree of ``len(self)`` leaves, from its perfect subtree hashes.
 
-    def __init__(self, leaves: Iterable[bytes] = ()) -> None:
-        # levels[h][i] is the hash of leaves [i * 2^h, (i + 1) * 2^h): perfect subtrees only.
-        self.levels: list[list[bytes]] = [[]]
-        for leaf in leaves:
-            self.append(leaf)
-
-    @classmethod
-    def from_leaves(cls, leaves: list[bytes]) -> MerkleTree:
-        """The tree of many leaves at once: each level in one pass (much faster than appends)."""
-        tree = cls()
-        level = list(leaves)
-        tree.levels = [level]
-        while len(level) > 1:
-            level = [_sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
-            tree.levels.append(level)
-        return tree
+    Subclasses say how many leaves there are and give :meth:`perfect`, the hash of leaves
+    ``[index * 2^height, (index + 1) * 2^height)``; everything else is computed from those.
+    """
 
     def __len__(self) -> int:
-        return len(self.levels[0])
+        raise NotImplementedError
 
-    def append(self, leaf: bytes) -> None:
-        self.levels[0].append(leaf)
-        height = 0
-        while len(self.levels[height]) % 2 == 0:
-            level = self.levels[height]
-            if height + 1 == len(self.levels):
-                self.levels.append([])
-            self.levels[height + 1].append(node_hash(level[-2], level[-1]))
-            height += 1
+    def perfect(self, height: int, index: int) -> bytes:
+        raise NotImplementedError
 
     def leaf(self, index: int) -> bytes:
-        return self.levels[0][index]
+        return self.perfect(0, index)
 
     def hash(self, start: int, end: int) -> bytes:
         """MTH(D[start:end]) for the ranges RFC 9162 proofs use (start aligned to the split)."""
@@ -87,7 +69,7 @@ class MerkleTree:
             return EMPTY_ROOT
         if size & (size - 1) == 0 and start % size == 0:
             height = size.bit_length() - 1
-            return self.levels[height][start >> height]
+            return self.perfect(height, start >> height)
         k = _split(size)
         return node_hash(self.hash(start, start + k), self.hash(start + k, end))
 
@@ -133,6 +115,46 @@ class MerkleTree:
     def _check_size(self, size: int) -> None:
         if not 0 <= size <= len(self):
             raise ValueError(f"the log has {len(self)} entries, not {size}")
+
+
+class MerkleTree(HashTree):
+    """An append-only tree of leaf hashes in memory, with O(log n) appends and roots of any prefix."""
+
+    def __init__(self, leaves: Iterable[bytes] = ()) -> None:
+        # levels[h][i] is the hash of leaves [i * 2^h, (i + 1) * 2^h): perfect subtrees only.
+        self.levels: list[list[bytes]] = [[]]
+        for leaf in leaves:
+            self.append(leaf)
+
+    @classmethod
+    def from_leaves(cls, leaves: list[bytes]) -> MerkleTree:
+        """The tree of many leaves at once: each level in one pass (much faster than appends)."""
+        tree = cls()
+        level = list(leaves)
+        tree.levels = [level]
+        while len(level) > 1:
+            level = [_sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
+            tree.levels.append(level)
+        return tree
+
+    def __len__(self) -> int:
+        return len(self.levels[0])
+
+    def append(self, leaf: bytes) -> None:
+        self.levels[0].append(leaf)
+        height = 0
+        while len(self.levels[height]) % 2 == 0:
+            level = self.levels[height]
+            if height + 1 == len(self.levels):
+                self.levels.append([])
+            self.levels[height + 1].append(node_hash(level[-2], level[-1]))
+            height += 1
+
+    def perfect(self, height: int, index: int) -> bytes:
+        return self.levels[height][index]
+
+    def leaf(self, index: int) -> bytes:
+        return self.levels[0][index]
 
 
 def verify_inclusion(leaf: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes) -> bool:

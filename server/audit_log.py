@@ -43,11 +43,12 @@ from starlette.exceptions import HTTPException
 
 from audit.bundle import write_bundle
 from audit.checkpoint import Checkpoint, CheckpointError
-from audit.merkle import MerkleTree, leaf_hash
+from audit.merkle import HashTree, leaf_hash
 from audit.signing import KeyError_, SigningKey, VerifierKey
 from server.caller import Caller
 from server.db import reader, session_scope
 from server.models import AuditCheckpoint, AuditEntry, AuditHead, AuditKey
+from server.tree_store import Scan, TileStore, TreeProblem, ensure_tree, locked_session
 
 MAX_TEXT = 200
 logger = logging.getLogger("civicdp.audit")
@@ -339,6 +340,7 @@ def ensure_head(db: DbEngine) -> None:
                     session.execute(insert(AuditHead).values(id=1, size=0))
             except IntegrityError:
                 pass
+    ensure_tree(db)
 
 
 # -- the tree, checkpoints, proofs, export ---------------------------------------------------
@@ -381,16 +383,21 @@ def checked_leaf(seq: int, text: str, hex_hash: str) -> bytes | str:
 class AuditLog:
     """Checkpoints, proofs and exports over the stored entries (one per server process).
 
-    Keeps the tree of committed leaf hashes in memory and catches up from the database
-    on demand; committed entries always form a prefix, so catching up is a range read,
-    and a missing number with later entries stored is an alarm, never a silent stop.
-    Each entry read is checked against its leaf hash and the number it gives itself.
+    The Merkle tree is stored in the database as tiles (:mod:`server.tree_store`), shared
+    by every process: the entries committed since the tree's size are integrated on
+    demand (a range read, under the log's lock), a missing number with later entries
+    stored is an alarm, never a silent stop, and each entry read is checked against its
+    leaf hash and the number it gives itself. Nothing proportional to the log is kept in
+    memory, and a restart rebuilds nothing.
 
     The whole stored log is verified against every signed checkpoint (and the checkpoint
     kept beside the key) when the log is opened and every ``verify_every_minutes``
     (:meth:`tick`, driven by the checkpoint timer through :meth:`due`); budgets and stored
-    answers are reconciled at the same times (:mod:`server.reconcile`). A checkpoint is
-    signed only if the tree extends the latest one stored.
+    answers are reconciled at the same times (:mod:`server.reconcile`); the read of the
+    whole log also compares the stored tree with the entries. A checkpoint is signed only
+    if the tree extends the latest one stored, by one signer at a time per database (the
+    log's lock), and a process that has not verified the log reads it once before its
+    first signature.
     """
 
     def __init__(self, db: DbEngine, key_path: Path, origin: str, every_entries: int = 1000,
@@ -403,7 +410,8 @@ class AuditLog:
         self.every_minutes = every_minutes
         self.verify_every = timedelta(minutes=verify_every_minutes)
         self.held_path = Path(held_path) if held_path else self.key_path.with_name(HELD_NAME)
-        self._tree = MerkleTree()
+        self.tiles = TileStore(db, checked_leaf)
+        self._verified = False  # this process has read the whole log and found it sound
         self._lock = threading.RLock()
         self._key: SigningKey | None = None
         self._key_stamp: tuple[int, int] | None = None
@@ -497,37 +505,30 @@ class AuditLog:
 
     # -- tree -----------------------------------------------------------------------------------
 
-    def sync(self) -> MerkleTree:
-        """Bring the in-memory tree up to the committed log; raise :class:`AuditLogFailed` on a gap."""
+    def sync(self) -> HashTree:
+        """The stored tree of the whole committed log (integrated first); raise :class:`AuditLogFailed` on a gap."""
         with self._lock:
-            self._sync_locked()
-            return self._tree
+            return self.tiles.tree(self._sync_locked())
 
-    def _sync_locked(self) -> None:
+    def _sync_locked(self) -> int:
         self._raise_if_failed()
-        with Session(reader(self.db)) as session:
-            head = session.execute(select(AuditHead.size).where(AuditHead.id == 1)).scalar_one_or_none() or 0
-            rows = session.execute(select(AuditEntry.seq, AuditEntry.entry_json, AuditEntry.leaf_hash)
-                                   .where(AuditEntry.seq >= len(self._tree)).order_by(AuditEntry.seq))
-            for seq, text, hex_hash in rows:
-                expected = len(self._tree)
-                if seq != expected:
-                    self._fail(f"entry {expected} is missing but entries from {seq} on are stored: an entry "
-                               "was deleted from the database")
-                leaf = checked_leaf(seq, text, hex_hash)
-                if isinstance(leaf, str):
-                    self._fail(leaf)
-                self._tree.append(leaf)
-        if len(self._tree) < head:
-            self._fail(f"the log's counter says {head:,} entries but only {len(self._tree):,} are stored: "
-                       "entries were deleted from the database")
+        try:
+            return self.tiles.integrate()
+        except TreeProblem as problem:
+            self._fail(problem.problem)
 
     def leaf(self, seq: int) -> bytes | None:
-        """The leaf hash of entry ``seq`` as this server read and checked it (None if not committed yet)."""
+        """The leaf hash of entry ``seq`` as the stored tree holds it (None if not committed yet)."""
         with self._lock:
-            if seq >= len(self._tree):
-                self._sync_locked()
-            return self._tree.leaf(seq) if 0 <= seq < len(self._tree) else None
+            size = self.tiles.known_size
+            if seq >= size:
+                size = self._sync_locked()
+            if not 0 <= seq < size:
+                return None
+            try:
+                return self.tiles.tree(size).leaf(seq)
+            except TreeProblem as problem:
+                self._fail(problem.problem)
 
     def _snapshot(self) -> Session:
         """A read-only session whose statements all see one state of the database."""
@@ -535,26 +536,8 @@ class AuditLog:
             return Session(reader(self.db))  # a deferred transaction reads one WAL snapshot
         return Session(self.db.execution_options(isolation_level="REPEATABLE READ"))
 
-    def _read_leaves(self, session: Session) -> tuple[list[bytes], str | None]:
-        leaves: list[bytes] = []
-        after = -1
-        while True:
-            rows = session.execute(select(AuditEntry.seq, AuditEntry.entry_json, AuditEntry.leaf_hash)
-                                   .where(AuditEntry.seq > after).order_by(AuditEntry.seq).limit(_BATCH)).all()
-            if not rows:
-                return leaves, None
-            for seq, text, hex_hash in rows:
-                if seq != len(leaves):
-                    return leaves, (f"entry {len(leaves)} is missing but entries from {seq} on are stored: "
-                                    "an entry was deleted from the database")
-                leaf = checked_leaf(seq, text, hex_hash)
-                if isinstance(leaf, str):
-                    return leaves, leaf
-                leaves.append(leaf)
-            after = rows[-1][0]
-
     @staticmethod
-    def _check_note(size: int, root: str, note: str, tree: MerkleTree, keys: list[VerifierKey],
+    def _check_note(size: int, root: str, note: str, tree: HashTree | Scan, keys: list[VerifierKey],
                     what: str) -> str | None:
         """What is wrong with a stored checkpoint against ``tree``, or None."""
         try:
@@ -573,8 +556,8 @@ class AuditLog:
                     "removed, inserted or reordered")
         return None
 
-    def _check_held(self, tree: MerkleTree) -> str | None:
-        held = self._read_held()
+    def _check_held(self, tree: HashTree | Scan, held: Checkpoint | None = None) -> str | None:
+        held = held or self._read_held()
         if held is None:
             return None
         if held.size > len(tree):
@@ -612,9 +595,10 @@ class AuditLog:
 
         In one snapshot: entries numbered 0, 1, ... without a gap, as many as the log's
         counter says, each hashing to its leaf hash and carrying its own number; every
-        stored checkpoint parsed, signed by one of the log's keys and matching the tree;
-        the checkpoint kept beside the key matching too; and the entries this process read
-        earlier unchanged. Linear in the size of the log.
+        stored checkpoint parsed, signed by one of the log's keys and matching the root of
+        the entries; the checkpoint kept beside the key matching too; and the stored tree
+        holding exactly what the entries hash to (the entries integrated earlier
+        unchanged). Linear in the size of the log, constant in memory.
         """
         with self._lock:
             problem = self._verify_locked()
@@ -623,32 +607,30 @@ class AuditLog:
         self._recovered()
 
     def _verify_locked(self) -> str | None:
+        held = self._read_held()
         with self._snapshot() as session:
             head = session.execute(select(AuditHead.size).where(AuditHead.id == 1)).scalar_one_or_none() or 0
             stored = session.execute(select(AuditCheckpoint.size, AuditCheckpoint.root, AuditCheckpoint.note)
                                      .order_by(AuditCheckpoint.size)).all()
             keys = self._verifiers(session)
-            leaves, problem = self._read_leaves(session)
-        if problem is not None:
-            return problem
-        if len(leaves) != head:
-            return (f"the log's counter says {head:,} entries but {len(leaves):,} are stored: "
-                    + ("entries were deleted from the database" if len(leaves) < head
+            scan = self.tiles.scan(session, {size for size, _, _ in stored} | ({held.size} if held else set()))
+        if scan.problem is not None:
+            return scan.problem
+        if len(scan) != head:
+            return (f"the log's counter says {head:,} entries but {len(scan):,} are stored: "
+                    + ("entries were deleted from the database" if len(scan) < head
                        else "entries were added, or the counter changed, outside the server"))
-        memory = self._tree.levels[0]
-        if leaves[:len(memory)] != memory:
-            first = next((i for i, (a, b) in enumerate(zip(leaves, memory)) if a != b), len(leaves))
-            return (f"entry {first} is not what this server read earlier: it was changed, removed or reordered "
-                    "in the database")
-        tree = MerkleTree.from_leaves(leaves)
         for size, root, note in stored:
-            problem = self._check_note(size, root, note, tree, keys, f"the signed checkpoint of size {size:,}")
+            problem = self._check_note(size, root, note, scan, keys, f"the signed checkpoint of size {size:,}")
             if problem is not None:
                 return problem
-        problem = self._check_held(tree)
+        problem = self._check_held(scan, held)
         if problem is not None:
             return problem
-        self._tree = tree
+        if scan.tree_problem is not None:
+            self.tiles.forget()
+            return scan.tree_problem
+        self._verified = True
         return None
 
     def tick(self, now: datetime | None = None, *, force: bool = False) -> None:
@@ -674,62 +656,86 @@ class AuditLog:
         with Session(reader(self.db)) as session:
             return session.exec(select(AuditCheckpoint).order_by(AuditCheckpoint.size.desc())).first()  # type: ignore[union-attr]
 
-    def _check_extends(self, latest: AuditCheckpoint | None, tree: MerkleTree) -> None:
+    def _check_extends(self, latest: AuditCheckpoint | None, tree: HashTree | Scan, session: Session,
+                       count: bool = True) -> None:
         """Refuse (the alarm) unless ``tree`` extends the latest stored checkpoint and the one kept beside the key."""
         if latest is not None:
-            with Session(reader(self.db)) as session:
-                keys = self._verifiers(session)
-            problem = self._check_note(latest.size, latest.root, latest.note, tree, keys,
+            problem = self._check_note(latest.size, latest.root, latest.note, tree, self._verifiers(session),
                                        f"the latest signed checkpoint (size {latest.size:,})")
             if problem is not None:
                 self._fail(f"{problem}; refusing to sign a checkpoint that does not extend it")
         problem = self._check_held(tree)
         if problem is not None:
             self._fail(f"{problem}; refusing to sign a checkpoint that does not extend it")
+        if not count:
+            return
         size = len(tree)
-        with Session(reader(self.db)) as session:
-            stored = session.execute(select(func.count()).select_from(AuditEntry)
-                                     .where(AuditEntry.seq >= 0, AuditEntry.seq < size)).scalar_one()
+        stored = session.execute(select(func.count()).select_from(AuditEntry)
+                                 .where(AuditEntry.seq >= 0, AuditEntry.seq < size)).scalar_one()
         if stored != size:
             self._fail(f"{size - stored:,} of the first {size:,} entries this server read are no longer stored: "
                        "entries were deleted from the database")
+
+    def _first_check(self) -> None:
+        """Before this process's first signature, unless it verified the log: read it all once (the alarm if bad)."""
+        latest = self.latest()
+        held = self._read_held()
+        sizes = ({latest.size} if latest else set()) | ({held.size} if held else set())
+        with self._snapshot() as session:
+            scan = self.tiles.scan(session, sizes)
+            if scan.problem is not None:
+                self._fail(scan.problem)
+            self._check_extends(latest, scan, session, count=False)
+        if scan.tree_problem is not None:
+            self.tiles.forget()
+            self._fail(scan.tree_problem)
+        self._verified = True
 
     def checkpoint(self, extra_keys: list[SigningKey] | None = None) -> AuditCheckpoint:
         """The checkpoint of the whole committed log, signed now if the log has grown.
 
         Signed only if the tree extends the latest stored checkpoint (same root at its
         size, at least as many entries) and the checkpoint kept beside the key; otherwise
-        the alarm is raised and :class:`AuditLogFailed` raised.
+        the alarm is raised and :class:`AuditLogFailed` raised. One signer at a time per
+        database: the entries are integrated, checked and signed in one transaction under
+        the log's lock, so two processes never sign different roots for one size.
         """
         with self._lock:
-            latest = self.latest()  # before catching up: every entry it signs is then read
-            self._sync_locked()
-            tree = self._tree
-            size = len(tree)
-            self._check_extends(latest, tree)
-            if latest is not None and latest.size == size and not extra_keys:
-                self._checkpointed = size
-                return latest
-            now = datetime.now(timezone.utc).replace(microsecond=0)
-            note = Checkpoint(self.origin, size, tree.root(size),
-                              (f"time {now.isoformat().replace('+00:00', 'Z')}",))
-            for key in [self.key, *(extra_keys or [])]:
-                note = note.signed_by(key)
-            row = AuditCheckpoint(size=size, root=note.root.hex(), note=note.text(), created_at=now)
+            self._raise_if_failed()
+            if not self._verified:
+                self._first_check()
+            self._sync_locked()  # catch up in chunks first: the signing transaction then holds the lock briefly
+            key = self.key  # (re-read and registered outside the locked transaction)
+            written: list[tuple[int, int, bytes]] = []
             try:
-                with session_scope(self.db) as session:
-                    if extra_keys:
-                        session.execute(AuditCheckpoint.__table__.delete().where(AuditCheckpoint.size == size))
-                    session.add(row)
-            except IntegrityError:  # another process signed this size first: theirs stands, if it is ours
-                pass
-            with Session(reader(self.db)) as session:
-                stored = session.get(AuditCheckpoint, size)
-            if stored is None or stored.root != note.root.hex():
-                self._fail(f"another signer stored a different root for size {size:,}: the log has forked")
-            self._hold(note if stored.note == note.text() else Checkpoint.parse(stored.note))
+                with locked_session(self.db) as session:
+                    latest = session.exec(select(AuditCheckpoint)  # type: ignore[union-attr]
+                                          .order_by(AuditCheckpoint.size.desc())).first()
+                    size, _ = self.tiles.integrate_locked(session, written)
+                    tree = self.tiles.tree(size, session)
+                    self._check_extends(latest, tree, session)
+                    if latest is not None and latest.size == size and not extra_keys:
+                        signed = AuditCheckpoint(size=latest.size, root=latest.root, note=latest.note,
+                                                 created_at=latest.created_at)
+                        note = None
+                    else:
+                        now = datetime.now(timezone.utc).replace(microsecond=0)
+                        note = Checkpoint(self.origin, size, tree.root(size),
+                                          (f"time {now.isoformat().replace('+00:00', 'Z')}",))
+                        for signer in [key, *(extra_keys or [])]:
+                            note = note.signed_by(signer)
+                        if extra_keys:
+                            session.execute(AuditCheckpoint.__table__.delete().where(AuditCheckpoint.size == size))
+                        signed = AuditCheckpoint(size=size, root=note.root.hex(), note=note.text(), created_at=now)
+                        session.add(AuditCheckpoint(size=size, root=signed.root, note=signed.note, created_at=now))
+            except TreeProblem as problem:
+                self._fail(problem.problem)
+            for level, index, data in written:
+                self.tiles._remember(level, index, data)
+            self.tiles.known_size = max(self.tiles.known_size, size)
+            self._hold(note if note is not None else Checkpoint.parse(signed.note))
             self._checkpointed = size
-            return stored
+            return signed
 
     def count_request(self) -> bool:
         """Count one request; True every ``every_entries / 8`` of them, when :meth:`look` is due.
@@ -805,7 +811,7 @@ class AuditLog:
         write_bundle(target, self._entries(head.size, tree), [c.note for c in checkpoints], proofs)
         return head
 
-    def _entries(self, size: int, tree: MerkleTree) -> Iterator[bytes]:
+    def _entries(self, size: int, tree: HashTree) -> Iterator[bytes]:
         expected = 0
         with Session(reader(self.db)) as session:
             for start in range(0, size, _BATCH):

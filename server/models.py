@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, Integer, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 
@@ -176,3 +176,22 @@ class AuditKey(SQLModel, table=True):
     verifier: str = Field(unique=True, max_length=300)
     activated_at: datetime = Field(default_factory=utcnow)
     retired_at: datetime | None = None
+
+
+class AuditTile(SQLModel, table=True):
+    """A tile of the log's Merkle tree (:mod:`audit.tiles`): up to 256 hashes of one height, concatenated.
+
+    Written by whichever server process integrates new entries, under one lock
+    (:mod:`server.tree_store`); a full tile never changes, a partial one only grows.
+    """
+
+    level: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))
+    idx: int = Field(sa_column=Column(BigInteger, primary_key=True, autoincrement=False))
+    hashes: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+
+
+class AuditTree(SQLModel, table=True):
+    """How many entries the stored tree holds (entries ``0 .. size - 1`` are integrated into its tiles)."""
+
+    id: int = Field(default=1, primary_key=True)
+    size: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
