@@ -112,14 +112,19 @@ def tour(
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default: CIVICDP_HOST, else 127.0.0.1)")
+                    ] = None,
+    port: Annotated[int | None, typer.Option(min=1, max=65535, help="Port to listen on (default: CIVICDP_PORT, "
+                                                                      "else 8000)")] = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help="Worker processes, all on the same state database "
+                                                             "and listening socket")] = 1,
+) -> None:
     """Start the HTTP server on existing state (CIVICDP_DATA_DIR, or DATABASE_URL for PostgreSQL)."""
-    import uvicorn
-
-    from server.main import create_app
+    from server import serving
 
     settings = Settings()
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    serving.run(host or settings.host, port or settings.port, workers)
 
 
 @app.command()
