@@ -13,7 +13,8 @@ from sqlmodel import Session, select
 from queries.errors import QueryError
 from queries.integrity import duplicated_owner_keys
 from queries.metadata import DatasetMetadata, load_metadata, parse_metadata
-from server.errors import Conflict, NotFound
+from server.dataset_checks import DatasetRefused, check_declaration, check_files, check_metadata_file
+from server.errors import Conflict, InvalidRequest, NotFound
 from server.models import Budget, Dataset
 
 
@@ -21,15 +22,24 @@ def register(session: Session, folder: Path) -> Dataset:
     """Register (or update to a new version) the dataset in ``folder``; metadata is validated."""
     try:
         folder = Path(folder).resolve()
+        check_metadata_file(folder)  # before reading it: a FIFO would block, a device never end
         metadata = load_metadata(folder)
         missing = [t.path for t in metadata.tables.values() if not (folder / t.path).exists()]
     except QueryError:
         raise  # metadata.json is missing or invalid: the error names the field and the fix
+    except DatasetRefused as refused:
+        raise InvalidRequest("path", str(refused), "Fix the dataset folder and register again") from None
     except (OSError, ValueError) as exc:  # a name too long or with a NUL byte, a folder the server may not read
         reason = exc.strerror if isinstance(exc, OSError) else str(exc)
         raise NotFound(f"cannot read a dataset folder at {str(folder)[:200]!r}: {reason}") from None
     if missing:
         raise NotFound(f"the dataset's table file {missing[0]} is not in {folder}")
+    try:
+        check_files(folder, metadata)
+        check_declaration(metadata)
+    except DatasetRefused as refused:
+        raise InvalidRequest("path", str(refused), "Fix the dataset folder or its metadata.json and register again"
+                             ) from None
     try:
         duplicated = duplicated_owner_keys(folder, metadata)
     except (OSError, pl.exceptions.PolarsError):
