@@ -33,6 +33,10 @@ from server.auth import AuthenticationFailed
 from server.ledger import BudgetRefused
 
 
+#: The one text for anything a caller may not see, whether it exists or not (no existence oracle).
+NOT_VISIBLE = "you may not read {what} '{name}', or it does not exist"
+
+
 class AccessDenied(Exception):
     """The policy store refused the request."""
 

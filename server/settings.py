@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     computation_timeout_minutes: float = Field(
         default=60.0, gt=0, le=10080,
         description="A charged query still computing after this long is taken as abandoned (its charge stays)")
+    shared_release_agencies: list[str] = Field(
+        default_factory=list,
+        description="Agencies whose releases' queries every analyst may read (default: each agency its own)")
     feeds_scheduler: bool = Field(default=True, description="Produce feed releases on schedule in this process")
     feeds_check_seconds: float = Field(default=60.0, ge=0.1, le=3600,
                                        description="How often the scheduler looks for due feed releases")

@@ -9,6 +9,7 @@ from fastapi import APIRouter, status
 from policies.actions import Action
 from server import admin, registry
 from server.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
+from server.errors import NOT_VISIBLE, AccessDenied, NotFound
 from server.routes.common import errors
 from server.schemas import DatasetOut, DatasetRegister
 
@@ -32,8 +33,12 @@ def list_datasets(caller: CurrentCaller, state: StateDep, session: ReadSession) 
 @router.get("/{name}", response_model=DatasetOut, responses=errors(401, 403, 404),
             summary="One dataset's public metadata")
 def get_dataset(name: str, caller: CurrentCaller, state: StateDep, session: ReadSession) -> DatasetOut:
-    authorize(state, caller, Action.DATASET_READ, f"dataset:{name}")
-    return _public(registry.get(session, name))
+    # One text whether the dataset does not exist or may not be read: existence is not told.
+    try:
+        authorize(state, caller, Action.DATASET_READ, f"dataset:{name}")
+        return _public(registry.get(session, name))
+    except (AccessDenied, NotFound):
+        raise AccessDenied(NOT_VISIBLE.format(what="dataset", name=name[:100])) from None
 
 
 @router.post("", response_model=DatasetOut, status_code=status.HTTP_201_CREATED,

@@ -16,7 +16,7 @@ from policies.actions import Action
 from queries.errors import QueryError
 from server.caller import Caller
 from server.deps import AppState, CurrentCaller, StateDep, authorize
-from server.errors import AccessDenied
+from server.errors import AccessDenied, NotFound
 from server.monitor_models import Monitor
 from server.monitors import MonitorService, alert_dict, monitor_dict, release_dict
 from server.routes.common import errors
@@ -44,6 +44,19 @@ def _deny(state: AppState, caller: Caller, action: Action, target: str, reason: 
     with session_scope(state.db) as session:
         record(session, caller, action.value, target, "denied", reason=reason)
     raise AccessDenied(reason, None)
+
+
+def _visible(state: AppState, caller: Caller, name: str, *, need_subscription: bool) -> Monitor:
+    """The monitor ``name`` if the caller may read it. A caller who may not read every monitor
+    gets the same 403 for a monitor that does not exist as for one of another agency's."""
+    try:
+        row = _service(state).get(name)
+    except NotFound:
+        if _allowed(state, caller, Action.MONITOR_READ):
+            raise
+        _deny(state, caller, Action.MONITOR_READ, f"monitor:{name}", "no rule lets you read this monitor")
+    _readable(state, caller, row, need_subscription=need_subscription)
+    return row
 
 
 def _readable(state: AppState, caller: Caller, row: Monitor, *, need_subscription: bool) -> None:
@@ -84,8 +97,7 @@ def list_monitors(caller: CurrentCaller, state: StateDep) -> list[dict[str, Any]
 
 @router.get("/{name}", responses=errors(401, 403, 404, 422), summary="One monitor: definition, loss, progress")
 def get_monitor(name: str, caller: CurrentCaller, state: StateDep) -> dict[str, Any]:
-    row = _service(state).get(name)
-    _readable(state, caller, row, need_subscription=False)
+    row = _visible(state, caller, name, need_subscription=False)
     return monitor_dict(row)
 
 
@@ -113,7 +125,7 @@ def append_batch(name: str, start: datetime, end: datetime, caller: CurrentCalle
 def list_releases(name: str, caller: CurrentCaller, state: StateDep,
                   after: Annotated[int, Query(ge=-1, le=2**31)] = -1) -> list[dict[str, Any]]:
     service = _service(state)
-    _readable(state, caller, service.get(name), need_subscription=True)
+    _visible(state, caller, name, need_subscription=True)
     return [release_dict(r) for r in service.releases(name, after)]
 
 
@@ -121,7 +133,7 @@ def list_releases(name: str, caller: CurrentCaller, state: StateDep,
 def list_alerts(name: str, caller: CurrentCaller, state: StateDep,
                 after: Annotated[int, Query(ge=0, le=2**62)] = 0) -> list[dict[str, Any]]:
     service = _service(state)
-    _readable(state, caller, service.get(name), need_subscription=True)
+    _visible(state, caller, name, need_subscription=True)
     return [alert_dict(a, name) for a in service.alerts(name, after)]
 
 
@@ -131,7 +143,7 @@ def stream_alerts(name: str, caller: CurrentCaller, state: StateDep,
                   after: Annotated[int, Query(ge=0, le=2**62)] = 0,
                   once: bool = False) -> StreamingResponse:
     service = _service(state)
-    _readable(state, caller, service.get(name), need_subscription=True)
+    _visible(state, caller, name, need_subscription=True)
 
     async def events() -> AsyncIterator[str]:
         last = after
@@ -154,8 +166,11 @@ def stream_alerts(name: str, caller: CurrentCaller, state: StateDep,
 def subscribe(name: str, body: SubscriptionIn, caller: CurrentCaller, state: StateDep) -> dict[str, Any]:
     authorize(state, caller, Action.MONITOR_SUBSCRIBE, "server")
     service = _service(state)
-    row = service.get(name)
-    if row.agency != caller.agency:
+    try:
+        agency = service.get(name).agency
+    except NotFound:
+        agency = None  # refused exactly like another agency's monitor: existence is not told
+    if agency != caller.agency:
         _deny(state, caller, Action.MONITOR_SUBSCRIBE, f"monitor:{name}",
-              f"monitor '{name}' belongs to agency '{row.agency}', not yours")
+              "no rule lets you subscribe to this monitor (only to your agency's)")
     return service.subscribe(caller, name, body.callback_url)

@@ -64,12 +64,14 @@ EXPECTED_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
     "POST /v1/queries [shared]":                          (403,    200,        200,           403,       403,  401),
     "POST /v1/queries [health-only]":                     (403,    200,        403,           403,       403,  401),
     "POST /v1/queries [transport-only]":                  (403,    403,        200,           403,       403,  401),
-    "GET /v1/releases/{release_id} [shared]":             (403,    200,        200,           200,       403,  401),
+    # A release's query is its agency's (made by ana-health here): other agencies get the 403 of a missing one.
+    "GET /v1/releases/{release_id} [shared]":             (403,    200,        403,           200,       403,  401),
     "GET /v1/releases/{release_id} [health-only]":        (403,    200,        403,           200,       403,  401),
     "GET /v1/releases/{release_id} [transport-only]":     (403,    403,        200,           200,       403,  401),
     "GET /v1/budgets":                                    (403,    200,        200,           403,       403,  401),
     "GET /v1/budgets [all=true]":                         (200,    403,        403,           200,       403,  401),
     "PUT /v1/budgets/caps":                               (200,    403,        403,           403,       403,  401),
+    "GET /v1/budgets/caps":                               (200,    403,        403,           200,       403,  401),
     "GET /v1/accounts":                                   (200,    403,        403,           403,       403,  401),
     "POST /v1/accounts":                                  (201,    403,        403,           403,       403,  401),
     "POST /v1/accounts/{name}/keys":                      (201,    403,        403,           403,       403,  401),
@@ -232,6 +234,7 @@ REQUESTS: dict[str, Callable[[Matrix], Request]] = {
     "GET /v1/budgets [all=true]": lambda m: ("GET", "/v1/budgets", {"params": {"all": "true"}}),
     "PUT /v1/budgets/caps": lambda m: ("PUT", "/v1/budgets/caps", {"json": {
         "dataset": SHARED, "scope": "lifetime", "subject": "*", "epsilon": 4.0}}),  # the default: no change
+    "GET /v1/budgets/caps": lambda m: ("GET", "/v1/budgets/caps", {}),
     "GET /v1/accounts": lambda m: ("GET", "/v1/accounts", {}),
     "POST /v1/accounts": lambda m: ("POST", "/v1/accounts", {"json": {
         "name": f"new-{uuid.uuid4().hex[:8]}", "agency": "health"}}),
