@@ -69,7 +69,7 @@ class Served:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        self.app = create_app(Settings(data_dir=state, database_url=None, feeds_scheduler=False))
+        self.app = create_app(Settings(data_dir=state, database_url=None, feeds_scheduler=False, init_state=True))
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -72,7 +72,7 @@ async def _request_overhead(database_url: str | None, dataset_dir: Path, n: int)
 
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        app = create_app(Settings(data_dir=Path(tmp), database_url=database_url))
+        app = create_app(Settings(data_dir=Path(tmp), database_url=database_url, init_state=True))
         async with app.router.lifespan_context(app), httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
             results = await _measure(app.state.civicdp, client, dataset_dir, n)

@@ -18,12 +18,22 @@ such roles in each named agency where the object is linked (``linked_in_agency``
 ``model.conf``). So a server-wide steward or oversight sees a dataset registered for
 ``health`` alone, while a deny rule naming ``health`` or ``*`` still refuses them, and an
 analyst holding ``analyst`` in ``transport`` still does not see it.
+
+With a :class:`policies.storage.VersionedAdapter` the stored rules are the one source of
+truth for every process: each change is made in the database first (the row count says
+whether anything changed, so a grant already held or a revoke of nothing reports False
+whatever this process remembered), and the policy version moves in the same
+transaction. Before deciding, the store asks its :class:`~policies.storage.PolicyVersionWatcher`
+whether the version moved (``refresh_seconds``: at most that long between looks; 0:
+before every decision) and reloads every rule if it did, which also drops the
+memoised decisions. A change made by another process -- the command line, another
+worker -- is therefore in force at this process's next decision.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -37,6 +47,7 @@ from policies.caps import NO_CAP, epsilon_within, format_cap, parse_epsilon
 from policies.catalog import CatalogMixin
 from policies.errors import InvalidRuleValue, RuleArityMismatch
 from policies.objects import WILDCARD, validate_name
+from policies.storage import PolicyVersionWatcher, VersionedAdapter
 
 #: The SQLAlchemy adapter stores a rule in columns v0..v5 and silently drops the rest.
 MAX_FIELDS = 6
@@ -68,12 +79,26 @@ def _show(rule: Sequence[str]) -> str:
 class PolicyStore(CatalogMixin):
     """Rules, grants and object groups, and the enforcement of them."""
 
-    def __init__(self, adapter: Adapter | None = None, *, model_text: str = MODEL_TEXT) -> None:
+    def __init__(self, adapter: Adapter | None = None, *, model_text: str = MODEL_TEXT,
+                 refresh_seconds: float = 0.0) -> None:
         self._adapter = adapter
-        self._enforcer = casbin.SyncedEnforcer(casbin.Enforcer.new_model(text=model_text), adapter)
+        self._lock = threading.RLock()
+        self._watcher: PolicyVersionWatcher | None = None
+        if isinstance(adapter, VersionedAdapter):
+            # Built without the adapter, then loaded at a known version (a change landing in
+            # between is seen by the first poll).
+            self._enforcer = casbin.SyncedEnforcer(casbin.Enforcer.new_model(text=model_text), None)
+            self._enforcer.set_adapter(adapter)
+            self._enforcer.enable_auto_save(False)  # changes go to the database first, see _mutate
+            self._watcher = PolicyVersionWatcher(adapter, refresh_seconds)
+            self._watcher.set_update_callback(self._reload)
+            self._enforcer.set_watcher(self._watcher)
+            self._watcher.loaded = adapter.version()
+            self._enforcer.load_policy()
+        else:
+            self._enforcer = casbin.SyncedEnforcer(casbin.Enforcer.new_model(text=model_text), adapter)
         self._enforcer.add_function("epsilon_within", epsilon_within)
         self._enforcer.add_function("linked_in_agency", self._linked_in_agency)
-        self._lock = threading.RLock()
         self._objects: frozenset[str] | None = None
         # object -> the named agencies (never "*") in which it is a member of some group.
         self._homes: dict[str, tuple[str, ...]] | None = None
@@ -109,17 +134,45 @@ class PolicyStore(CatalogMixin):
         Changes are already saved one by one as they are made; this is for a bulk rewrite.
         """
         if self._adapter is not None:
-            self._enforcer.save_policy()
+            with self._lock:
+                self._enforcer.save_policy()
+                if self._watcher is not None:
+                    self._reload()
 
     def load(self) -> None:
         """Reload every rule from the adapter (e.g. after another process changed them), then check arity."""
         if self._adapter is not None:
             with self._lock:
+                if self._watcher is not None:
+                    self._watcher.loaded = self._watcher.adapter.version()
                 self._enforcer.load_policy()
-                self._objects = None
-                self._homes = None
-                self._decisions.clear()
+                self._forget()
         self.check_arity()
+
+    def refresh(self) -> bool:
+        """Reload the rules if another process changed them since they were loaded; True if it did.
+
+        Called before every decision and change; a store without a versioned adapter has
+        nothing to refresh from.
+        """
+        if self._watcher is None:
+            return False
+        return self._watcher.poll()
+
+    @property
+    def version(self) -> int | None:
+        """The policy version the rules in memory were loaded at (None: rules kept in memory only)."""
+        return None if self._watcher is None else self._watcher.loaded
+
+    def _reload(self) -> None:
+        with self._lock:
+            self.load()
+
+    def _forget(self) -> None:
+        """Drop what is derived from the rules: the object index and the memoised decisions."""
+        self._objects = None
+        self._homes = None
+        self._decisions.clear()
 
     # -- decisions ------------------------------------------------------------------------
 
@@ -130,6 +183,11 @@ class PolicyStore(CatalogMixin):
         Query actions need the epsilon the query would spend; it must be a finite number
         above 0 and within the cap of the rule that allows it.
         """
+        self.refresh()
+        return self._check(subject, agency, obj, action, epsilon)
+
+    def _check(self, subject: str, agency: str, obj: str, action: Action | str,
+               epsilon: float | None) -> Decision:
         try:
             act = Action(action)
         except ValueError:
@@ -183,9 +241,10 @@ class PolicyStore(CatalogMixin):
         Returns the first refusal, or an allowed decision whose ``rules`` lists the rule
         that allowed each object. An empty list of objects is refused.
         """
+        self.refresh()  # once: every object is judged on the same rules
         decisions: list[Decision] = []
         for obj in objects:
-            decision = self.check(subject, agency, obj, action, epsilon)
+            decision = self._check(subject, agency, obj, action, epsilon)
             if not decision.allowed:
                 return decision
             decisions.append(decision)
@@ -202,15 +261,16 @@ class PolicyStore(CatalogMixin):
     def grant(self, subject: str, role: Role | str, agency: str) -> bool:
         """Give ``subject`` ``role`` in ``agency`` (``*``: every agency); False if already held."""
         rule = [self._subject(subject), self._role(role), validate_name("agency", agency)]
-        return self._change(lambda: self._enforcer.add_named_grouping_policy("g", *rule))
+        return self._mutate("g", rule, add=True)
 
     def revoke(self, subject: str, role: Role | str, agency: str) -> bool:
-        """Take ``role`` in ``agency`` away from ``subject``; False if it was not held."""
+        """Take ``role`` in ``agency`` away from ``subject`` (every stored copy); False if it was not held."""
         rule = [subject, self._role(role), agency]
-        return self._change(lambda: self._enforcer.remove_named_grouping_policy("g", *rule))
+        return self._mutate("g", rule, add=False)
 
     def roles_of(self, subject: str) -> list[tuple[Role, str]]:
         """The roles granted to ``subject`` directly, as ``(role, agency)`` pairs."""
+        self.refresh()
         rows = self._enforcer.get_filtered_named_grouping_policy("g", 0, subject)
         return sorted((Role(row[1]), row[2]) for row in rows if row[1] in Role._value2member_map_)
 
@@ -240,10 +300,11 @@ class PolicyStore(CatalogMixin):
         except InvalidRuleValue:
             return False
         rule = [subject_or_role, agency, obj, str(action), cap_field, effect]
-        return self._change(lambda: self._enforcer.remove_named_policy("p", *rule))
+        return self._mutate("p", rule, add=False)
 
     def rules(self) -> list[list[str]]:
         """Every rule, as ``[subject_or_role, agency, object, action, cap, effect]``."""
+        self.refresh()
         return [list(rule) for rule in self._enforcer.get_named_policy("p")]
 
     # -- object groups --------------------------------------------------------------------
@@ -253,14 +314,15 @@ class PolicyStore(CatalogMixin):
         link = [validate_name("object", obj), validate_name("group", group), validate_name("agency", agency)]
         if WILDCARD in (obj, group):
             raise InvalidRuleValue("group link", link, "'*' alone is not an object or a group")
-        return self._change(lambda: self._enforcer.add_named_grouping_policy("g2", *link))
+        return self._mutate("g2", link, add=True)
 
     def unassign(self, obj: str, group: str, agency: str = WILDCARD) -> bool:
         """Take ``obj`` out of ``group`` for ``agency``; False if it was not in it."""
-        return self._change(lambda: self._enforcer.remove_named_grouping_policy("g2", obj, group, agency))
+        return self._mutate("g2", [obj, group, agency], add=False)
 
     def groups_of(self, obj: str, agency: str = WILDCARD) -> list[str]:
         """The groups ``obj`` is assigned to directly, in exactly ``agency``."""
+        self.refresh()
         rows = self._enforcer.get_filtered_named_grouping_policy("g2", 0, obj)
         return sorted(row[1] for row in rows if row[2] == agency)
 
@@ -276,15 +338,42 @@ class PolicyStore(CatalogMixin):
             raise InvalidRuleValue("subject or role", subject_or_role, "name an account or a role, not '*'")
         rule = [validate_name("subject or role", subject_or_role), validate_name("agency", agency),
                 validate_name("object", obj), act, cap, effect]
-        return self._change(lambda: self._enforcer.add_named_policy("p", *rule))
+        return self._mutate("p", rule, add=True)
 
-    def _change(self, mutate: Callable[[], bool]) -> bool:
+    def _mutate(self, ptype: str, rule: list[str], *, add: bool) -> bool:
+        """Add or remove one rule; whether anything changed.
+
+        With a versioned adapter the database decides: the change is made there first, in
+        a transaction that moves the policy version, and then mirrored in memory -- or, if
+        another process changed the rules meanwhile, every rule is reloaded.
+        """
+        sec = "p" if ptype == "p" else "g"
         with self._lock:
-            changed = bool(mutate())
-            self._objects = None
-            self._homes = None
-            self._decisions.clear()
+            if self._watcher is None:
+                changed = bool(self._memory(ptype, rule, add=add))
+                self._forget()
+                return changed
+            self.refresh()
+            adapter = self._watcher.adapter
+            before = self._watcher.loaded
+            changed = bool(adapter.add_policy(sec, ptype, rule) if add else adapter.remove_policy(sec, ptype, rule))
+            if changed and before is not None and adapter.last_version == before + 1:
+                self._memory(ptype, rule, add=add)  # ours was the only change since the rules were loaded
+                self._watcher.loaded = adapter.last_version
+                self._forget()
+            elif changed:
+                self._reload()
+            else:
+                self.refresh()  # nothing changed here: if memory disagreed, another process moved the version
             return changed
+
+    def _memory(self, ptype: str, rule: list[str], *, add: bool) -> bool:
+        """Add or remove ``rule`` in the enforcer (and, without a versioned adapter, its adapter)."""
+        if ptype == "p":
+            op = self._enforcer.add_named_policy if add else self._enforcer.remove_named_policy
+        else:
+            op = self._enforcer.add_named_grouping_policy if add else self._enforcer.remove_named_grouping_policy
+        return bool(op(ptype, *rule))
 
     def _known_objects(self) -> frozenset[str]:
         """Objects a request may name: group members and objects named by rules, but no bare group."""

@@ -49,14 +49,22 @@ class ColumnMeta(_Strict):
                 raise ValueError("keys must not be empty: list the public values or remove 'keys'")
             if len(set(self.keys)) != len(self.keys):
                 raise ValueError("keys must be unique")
+        if self.type == "datetime" and self.bounds is None:
+            raise ValueError("a datetime column needs public 'bounds' [start, end]")
         if self.bounds is not None:
             lo, hi = self.bounds
+            timed = [isinstance(b, datetime) for b in self.bounds]
+            if self.type == "datetime" and not all(timed):
+                raise ValueError("a datetime column's bounds must be ISO times, e.g. [\"2024-01-01T00:00:00Z\", "
+                                 f"\"2025-01-01T00:00:00Z\"], not numbers (got {[str(b) for b in self.bounds]})")
+            if self.type != "datetime" and any(timed):
+                raise ValueError(f"a {self.type} column's bounds must be numbers, not times")
+            if all(timed) and (lo.utcoffset() is None) != (hi.utcoffset() is None):  # type: ignore[union-attr]
+                raise ValueError("a datetime column's bounds must both have a time zone (e.g. 'Z') or both not")
             if isinstance(lo, float) and not (math.isfinite(lo) and math.isfinite(hi)):
                 raise ValueError("bounds must be finite numbers")
             if not lo < hi:
                 raise ValueError(f"bounds must be increasing, got [{lo}, {hi}]")
-        if self.type == "datetime" and self.bounds is None:
-            raise ValueError("a datetime column needs public 'bounds' [start, end]")
         return self
 
     @property

@@ -174,16 +174,36 @@ def revoke_key(session: Session, prefix: str, now: datetime) -> ApiKey:
     return key
 
 
+def secret_fingerprint(server_secret: bytes) -> str:
+    """A public fingerprint of the server secret (SHA-256, hex), recorded in the state database.
+
+    It tells which secret the database's key hashes were made with, so a process given
+    another secret file refuses to start instead of refusing every key. Domain-separated,
+    and of a 256-bit random value: it reveals nothing usable about the secret.
+    """
+    _check_server_secret(server_secret)
+    return hashlib.sha256(b"civicdp server secret fingerprint\x00" + server_secret).hexdigest()
+
+
 def load_or_create_server_secret(path: Path | str) -> bytes:
-    """The server's 32-byte key-hashing secret, created (mode 0600) on first start.
+    """The server's 32-byte key-hashing secret, created (mode 0600) if the file does not exist.
 
     Refuses, with :class:`ServerSecretError`, a file readable or writable by group or
     others (anyone who can read it and the database can test guesses offline), or one
-    of the wrong size.
+    of the wrong size. Only ``civicdp init`` creates the secret; starting processes use
+    :func:`load_server_secret`.
     """
     path = Path(path)
     if not path.exists():
         _create_secret_file(path)
+    return load_server_secret(path)
+
+
+def load_server_secret(path: Path | str) -> bytes:
+    """The server's existing key-hashing secret; :class:`ServerSecretError` if it is missing or unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise ServerSecretError(f"there is no server secret at {path}")
     info = path.stat()
     if not stat.S_ISREG(info.st_mode):
         raise ServerSecretError(f"server secret {path} is not a regular file")

@@ -1,7 +1,9 @@
-"""The ``civicdp`` command line: demo data, local queries and estimates, the tour.
+"""The ``civicdp`` command line: the state (``init``), demo data, local queries and estimates, the tour.
 
 Every command reports bad input as a one-line error and exit status 2, never a
-stack trace.
+stack trace. Commands on the server's state (and ``serve``) need a state made once by
+``civicdp init``; on a missing or mismatched state they refuse, naming
+``CIVICDP_DATA_DIR``, ``DATABASE_URL`` and ``civicdp init``.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import polars as pl
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from privacy.errors import PrivacyError
 from queries.context import EngineLimits
@@ -24,10 +28,22 @@ from server.cli_audit import audit
 from server.cli_common import fail, read_json
 from server.cli_feeds import feeds
 from server.cli_monitors import monitors
+from server.identity import StateError
 from server.settings import Settings
 
+
+class _StateCheckedGroup(TyperGroup):
+    """Every command: a state that is missing or does not match its files is one clear error, exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except StateError as exc:
+            fail(str(exc))
+
+
 app = typer.Typer(help="civicdp: differentially private statistics on public-service use.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=_StateCheckedGroup)
 console = Console(soft_wrap=True)
 app.add_typer(accounts, name="accounts")
 app.add_typer(keys, name="keys")
@@ -111,6 +127,65 @@ def tour(
     run_tour(data, people, _engine(), console)
 
 
+@app.command("init")
+def init(
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help="Folder for the state's files (default: CIVICDP_DATA_DIR, else ./data); the database "
+                           "is SQLite in it, or PostgreSQL at DATABASE_URL")] = None,
+) -> None:
+    """Create the server's state once: database, policy rules, key-hashing secret, signing key.
+
+    Records the fingerprints of the secret and of the signing key's public key in the
+    database, so a process given other files refuses to start. On an existing state it
+    only checks that the files match (nothing is created or replaced).
+    """
+    from server.bootstrap import init_state
+
+    settings = _settings_for_init(data_dir)
+    try:
+        identity, status = init_state(settings)
+    except StateError as exc:
+        fail(str(exc))
+    where = _state_location(settings)
+    if status == "existing":
+        console.print(f"the state at {where} exists already (initialised {identity.created_at:%Y-%m-%d}); its "
+                      "secret and signing key match it, nothing was changed", highlight=False)
+        return
+    console.print(f"created the civicdp state at {where}" if status == "created" else
+                  f"recorded the secret and signing key of the existing state at {where} (made by an earlier "
+                  "civicdp)", highlight=False)
+    console.print(f"  key-hashing secret  {settings.secret_path.resolve()}  (SHA-256 {identity.secret_sha256[:16]}…)",
+                  highlight=False)
+    console.print(f"  signing key         {settings.audit_key_path.resolve()}  public key {identity.signing_key}",
+                  highlight=False)
+    console.print("Back up the data folder (and the database), keep both files private (mode 0600), and give every "
+                  "server process of this state the same files. Publish the public key to oversight "
+                  "(civicdp audit public-key).", highlight=False)
+    if data_dir is not None:
+        console.print(f"Use it with: export CIVICDP_DATA_DIR={settings.data_dir}", highlight=False)
+
+
+def _settings_for_init(data_dir: Path | None) -> Settings:
+    """The settings, with ``--data-dir`` in place of CIVICDP_DATA_DIR when given."""
+    return Settings(data_dir=data_dir) if data_dir is not None else Settings()
+
+
+def _state_location(settings: Settings) -> str:
+    from server.identity import location
+
+    return location(settings)
+
+
+def _require_state(settings: Settings) -> None:
+    """Refuse (exit status 2) unless the settings point at an existing state whose files match it."""
+    from server.bootstrap import check_state
+
+    try:
+        check_state(settings)
+    except StateError as exc:
+        fail(str(exc))
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to listen on (default: CIVICDP_HOST, else 127.0.0.1)")
@@ -124,6 +199,7 @@ def serve(
     from server import serving
 
     settings = Settings()
+    _require_state(settings)
     serving.run(host or settings.host, port or settings.port, workers)
 
 

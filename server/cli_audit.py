@@ -256,14 +256,24 @@ def entries(
     decision: Annotated[str | None, typer.Option()] = None,
     since: Annotated[str | None, typer.Option(help="ISO time")] = None,
     until: Annotated[str | None, typer.Option(help="ISO time")] = None,
-    limit: Annotated[int, typer.Option(min=1)] = 50,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many entries (a note on stderr says if more "
+                                                   "match)")] = 50,
+    after: Annotated[int | None, typer.Option(min=-1, help="Only entries after this seq (to continue a listing)")
+                     ] = None,
 ) -> None:
     """List audit entries (JSON lines), oldest first, filtered."""
     with _client(url, api_key) as client:
         frame = _http(lambda: client.audit_entries(account=account, agency=agency, dataset=dataset, action=action,
-                                                   decision=decision, since=since, until=until, limit=limit))
-    for row in frame.to_dict(orient="records"):
-        console.print(json.dumps(row, default=str), highlight=False, markup=False)
+                                                   decision=decision, since=since, until=until, after=after,
+                                                   limit=limit + 1))
+    rows = frame.to_dict(orient="records")
+    for row in rows[:limit]:
+        # Fields an entry does not have are NaN in the frame: leave them out (NaN is not JSON).
+        shown = {k: v for k, v in row.items() if not (isinstance(v, float) and v != v)}
+        console.print(json.dumps(shown, default=str), highlight=False, markup=False)
+    if len(rows) > limit:
+        err.print(f"{limit} entries shown; more match: continue with --after {rows[limit - 1]['seq']}, or raise "
+                  "--limit", highlight=False)
 
 
 @audit.command()
@@ -272,8 +282,12 @@ def ledger(url: Url = "http://127.0.0.1:8000", api_key: ApiKey = "",
     """Every budget (spent and remaining per scope) and each charge over time."""
     with _client(url, api_key) as client:
         tables = _http(lambda: client.audit_ledger(dataset))
-    console.print(tables["budgets"].to_string(index=False) if len(tables["budgets"]) else "no budgets yet")
-    console.print(tables["history"].to_string(index=False) if len(tables["history"]) else "no charges yet")
+    budgets = tables["budgets"]
+    if "renews_at" in budgets:  # the lifetime scope never renews (null in JSON, NaN in a frame)
+        budgets = budgets.astype({"renews_at": object}).fillna({"renews_at": "never"})
+    console.print(budgets.to_string(index=False) if len(budgets) else "no budgets yet")
+    console.print(tables["history"].astype(object).fillna("-").to_string(index=False) if len(tables["history"])
+                  else "no charges yet")
 
 
 @audit.command()

@@ -24,13 +24,17 @@ DEMO_ACCOUNTS = [  # name, agency, role, role's agency ("*": every agency)
 
 
 def prepare_demo(settings: Settings, data: Path, people: int, console: Console) -> dict[str, str]:
-    """Create what the demo needs (idempotent) and return a fresh API key per demo account."""
+    """Create what the demo needs (idempotent) and return a fresh API key per demo account.
+
+    The demo makes its own state (as ``civicdp init`` would) if there is none where the
+    settings point, and uses the existing one otherwise (its files must match it).
+    """
     from synthetic.demo_data import generate
 
     if not (data / "metadata.json").exists():
         console.print(f"generating demo data for {people:,} people in {data} ...")
         generate(people, data, seed=0)
-    state = build_state(settings)
+    state = build_state(settings, init=True)
     keys: dict[str, str] = {}
     try:
         with session_scope(state.db) as session:

@@ -69,6 +69,17 @@ class Settings(BaseSettings):
         default=60.0, ge=1, le=86_400,
         description="Requests refused by the rate limit are recorded as one audit entry per client per window")
 
+    init_state: bool = Field(
+        default=False,
+        description="Create the state (database, key-hashing secret, signing key) at start-up if this database has "
+                    "none yet, as `civicdp init` does (tests and the demo); otherwise a process refuses to start on "
+                    "a missing state")
+    policy_refresh_seconds: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Longest time a process decides on its loaded policy rules before checking the stored policy "
+                    "version (one indexed read; 0: before every decision). Changes made by any process, the "
+                    "command line included, are in force everywhere after at most this long")
+
     @property
     def state_url(self) -> str:
         if self.database_url:

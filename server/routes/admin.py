@@ -59,8 +59,8 @@ def create_key(name: str, caller: CurrentCaller, state: StateDep, session: Write
     return KeyOut(prefix=key.prefix, account=name, expires_at=key.expires_at, api_key=plaintext)
 
 
-@router.delete("/keys/{prefix}", response_model=KeyOut, responses=errors(401, 403, 404),
-               summary="Revoke an API key")
+@router.delete("/keys/{prefix}", response_model=KeyOut, responses=errors(401, 403, 404, 409),
+               summary="Revoke an API key (409 if it was revoked already)")
 def revoke_key(prefix: str, caller: CurrentCaller, state: StateDep, session: WriteSession) -> KeyOut:
     authorize(state, caller, Action.KEY_MANAGE, "server")
     key = admin.revoke_key(session, caller, prefix)
@@ -78,7 +78,8 @@ def grant_role(name: str, body: RoleGrant, caller: CurrentCaller, state: StateDe
 
 
 @router.delete("/accounts/{name}/roles/{role}/{agency}", response_model=AccountOut,
-               responses=errors(401, 403, 404, 422), summary="Revoke a role in an agency")
+               responses=errors(401, 403, 404, 422),
+               summary="Revoke a role in an agency (404 if the account does not hold it)")
 def revoke_role(name: str, role: Role, agency: str, caller: CurrentCaller, state: StateDep,
                 session: WriteSession) -> AccountOut:
     authorize(state, caller, Action.ROLE_MANAGE, "server")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 from fastapi import APIRouter
+from pydantic import BaseModel, Field
 
 from policies.actions import Action
-from datetime import datetime, timezone
 
 from server import admin, ledger, registry
 from server.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
@@ -13,6 +15,19 @@ from server.routes.common import errors
 from server.schemas import BudgetCapSet, BudgetOut
 
 router = APIRouter(prefix="/budgets", tags=["budgets"])
+
+
+class BudgetCapOut(BaseModel):
+    """A cap in force on one kind of scope of a dataset."""
+
+    dataset: str
+    scope: str = Field(description="analyst, agency, dataset, lifetime, or feed (a feed's allocation)")
+    subject: str = Field(description="The account, agency or feed it applies to; * for every subject without "
+                                     "a cap of its own")
+    epsilon: float
+    cap_micro: int = Field(description="The cap as an integer: micro-epsilon as set (feeds: the dataset's unit)")
+    unit: str
+    source: str = Field(description="set (by a steward), default (the server's, no cap set), or feed")
 
 
 @router.get("", response_model=list[BudgetOut], responses=errors(401, 403, 422),
@@ -37,3 +52,11 @@ def set_cap(body: BudgetCapSet, caller: CurrentCaller, state: StateDep, session:
     authorize(state, caller, Action.BUDGET_MANAGE, "server")
     admin.set_cap(session, caller, body.dataset, body.scope, body.subject, body.epsilon)
     return body
+
+
+@router.get("/caps", response_model=list[BudgetCapOut], responses=errors(401, 403, 404),
+            summary="Every cap in force: set by stewards, feed allocations and the server's defaults")
+def list_caps(caller: CurrentCaller, state: StateDep, session: ReadSession,
+              dataset: str | None = None) -> list[BudgetCapOut]:
+    authorize(state, caller, Action.BUDGET_READ_ALL, "server")
+    return [BudgetCapOut(**cap) for cap in admin.caps_of(session, state.caps, dataset)]  # type: ignore[arg-type]

@@ -68,8 +68,11 @@ def count_query(**changes: Any) -> dict[str, Any]:
 
 
 def settings_for(data_dir: Path, database_url: str | None = None, **settings: Any) -> Settings:
-    """Server settings for a test; ``database_url`` is explicit so no environment variable leaks in."""
-    return Settings(data_dir=data_dir, database_url=database_url, **settings)
+    """Server settings for a test; ``database_url`` is explicit so no environment variable leaks in.
+
+    ``init_state`` defaults to True: a test's first start creates its state, as ``civicdp init`` would.
+    """
+    return Settings(data_dir=data_dir, database_url=database_url, **{"init_state": True, **settings})
 
 
 @dataclass
