@@ -360,6 +360,11 @@ def _accounting_in(document: str) -> Accounting:
     return Accounting(declared.get("mode", "pure"), float(declared.get("delta", 0.0)))
 
 
+def accounting_in(document: str) -> Accounting:
+    """The accounting a dataset's metadata document declares (each document parsed once)."""
+    return _accounting_in(document)
+
+
 def accounting_of(session: Session, dataset: str) -> Accounting:
     """The dataset's accounting (its registered metadata); pure when it is not registered."""
     document = session.execute(select(Dataset.metadata_json).where(Dataset.name == dataset)).scalar_one_or_none()

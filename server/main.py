@@ -13,6 +13,7 @@ from server.audit_http import AuditMiddleware, audit_checkpoints
 from server.bootstrap import build_state
 from server.feed_scheduler import start_feeds, stop_feeds
 from server.http_methods import AllowHeaderMiddleware
+from server.lean import LeanQueries
 from server.limits import (
     AnonymousTraffic, RequestLimitsMiddleware, document_limits, last_summary, summarise_refusals,
 )
@@ -52,7 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     document_limits(app)
     # Added innermost first: audit (outermost, one entry per request) -> size, structure and
-    # rate limits (before any body is parsed or key looked up) -> complete Allow on 405 -> routes.
+    # rate limits (before any body is parsed or key looked up) -> complete Allow on 405 -> the
+    # lean path of cached answers (server/lean.py; everything else passes through) -> routes.
+    app.add_middleware(LeanQueries, profile_file=settings.profile_file)
     app.add_middleware(AllowHeaderMiddleware)
     app.add_middleware(RequestLimitsMiddleware, settings=settings, traffic=traffic)
     app.add_middleware(AuditMiddleware, traffic=traffic)

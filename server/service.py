@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,18 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
 
 
+@dataclass(frozen=True)
+class CachedQuestion:
+    """A planned question, as the lean cached path keeps it: dataset and version, query key, policy objects."""
+
+    dataset: str
+    version: str
+    canonical: str
+    query_hash: str
+    objects: tuple[str, ...]
+    epsilon: float
+
+
 class QueryService:
     """Estimates and runs queries for authenticated callers."""
 
@@ -80,12 +93,28 @@ class QueryService:
             self._plans[key] = plan
         return spec, plan, row
 
+    @staticmethod
+    def objects(plan: Plan | AnalysisPlan) -> list[str]:
+        """What a query of ``plan`` is authorised on: the dataset first, so a deny rule on it blocks
+        every query of its columns too, then each column it reads."""
+        spec = plan.spec
+        return [f"dataset:{spec.dataset}", *(f"column:{spec.dataset}/{c}" for c in sorted(plan.columns()))]
+
+    def question(self, raw: Any) -> CachedQuestion:
+        """What the lean cached path (:mod:`server.lean`) remembers of a spec: facts that cannot change.
+
+        Planning is a pure function of the spec and the dataset's metadata at its version,
+        so these hold as long as that version is the registered one (checked again in the
+        transaction that records each answer).
+        """
+        spec, plan, row = self._plan(raw)
+        canonical, query_hash = self._query_key(spec)
+        return CachedQuestion(dataset=row.name, version=row.version, canonical=canonical, query_hash=query_hash,
+                              objects=tuple(self.objects(plan)), epsilon=plan.loss.as_dict()["epsilon"])
+
     def authorise(self, caller: Caller, plan: Plan | AnalysisPlan, action: Action, row: Any = None) -> None:
         spec = plan.spec
-        columns = plan.columns()
-        # The dataset first, so a deny rule on it blocks every query of its columns too.
-        objects = [f"dataset:{spec.dataset}", *(f"column:{spec.dataset}/{c}" for c in sorted(columns))]
-        decision = self.policies.check_all(caller.subject, caller.agency, objects, action,
+        decision = self.policies.check_all(caller.subject, caller.agency, self.objects(plan), action,
                                            plan.loss.as_dict()["epsilon"])
         slot = current_slot()
         if slot is not None:

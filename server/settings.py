@@ -80,6 +80,11 @@ class Settings(BaseSettings):
                     "version (one indexed read; 0: before every decision). Changes made by any process, the "
                     "command line included, are in force everywhere after at most this long")
 
+    profile_file: Path | None = Field(
+        default=None, description="When the server stops, each process writes the time per stage of its lean "
+                                  "cached path here as JSON, its process id added to the name (the W3 benchmark "
+                                  "reads it); default: not written")
+
     @property
     def state_url(self) -> str:
         if self.database_url:
