@@ -68,7 +68,9 @@ def default_rules(store: RuleSink) -> None:
     for action in (Action.DATASET_LIST, Action.DATASET_READ, Action.RELEASE_READ):
         store.allow(oversight, every, ALL_DATASETS, action)
 
-    for action in sorted(QUERY_ACTIONS):  # separation of duties: whatever else is granted
+    # Separation of duties, whatever else is granted: stewards and oversight never read data,
+    # neither by a query nor through a feed they could define and share with themselves.
+    for action in (*sorted(QUERY_ACTIONS), Action.FEED_READ):
         store.deny(steward, every, WILDCARD, action)
         store.deny(oversight, every, WILDCARD, action)
 

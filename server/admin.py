@@ -94,10 +94,27 @@ def grant_role(session: Session, policies: PolicyStore, actor: Caller | None, ac
     """Grant ``role`` in ``agency``; False (nothing recorded) if the account holds it already."""
     _validated(RoleGrant, role=role, agency=agency)
     account_named(session, account_name)
+    _check_separation(policies, account_name, Role(role))
     if not policies.grant(subject_of(account_name), role, agency):
         return False
     record(session, actor, "role.grant", account_name, role=role.value, agency=agency)
     return True
+
+
+#: Roles that read data, and roles that must never: no account holds one of each (in any agency).
+DATA_ROLES = frozenset({Role.ANALYST, Role.FEED_CONSUMER})
+DUTY_ROLES = frozenset({Role.STEWARD, Role.OVERSIGHT})
+
+
+def _check_separation(policies: PolicyStore, account_name: str, role: Role) -> None:
+    """Refuse a grant that would let a steward or an oversight officer read data, or the reverse."""
+    held = {Role(r) for r, _ in policies.roles_of(subject_of(account_name))}
+    clash = (DUTY_ROLES & held) if role in DATA_ROLES else (DATA_ROLES & held) if role in DUTY_ROLES else set()
+    if clash:
+        other = sorted(r.value for r in clash)[0]
+        raise Conflict(f"separation of duties: account '{account_name}' holds the role {other}, so it cannot also "
+                       f"hold {role.value} (stewards and oversight never read data; data readers never manage or "
+                       "audit). Use another account")
 
 
 def revoke_role(session: Session, policies: PolicyStore, actor: Caller | None, account_name: str,
