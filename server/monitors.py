@@ -36,6 +36,7 @@ from typing import Any
 
 import polars as pl
 from sqlalchemy.engine import Engine as DbEngine
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from policies.actions import Action
@@ -53,6 +54,10 @@ from server.monitor_state import Attempt, release, write_atomic
 from server.service import canonical_json, record
 
 MAX_BATCH_BYTES = 512 * 1024 * 1024
+#: A batch that lost to one accepted at the same time by another server process: nothing of it was kept.
+_CONCURRENT = ("another batch of monitor '{name}' was accepted while this one was being computed (by another "
+               "server process); nothing of this batch was kept, released or charged. Read the monitor's "
+               "covered_until and send the batch again if its period is not covered yet")
 CALLBACK_TIMEOUT = 3.0
 _LOCKS: dict[int, threading.Lock] = {}
 _LOCKS_GUARD = threading.Lock()
@@ -243,8 +248,13 @@ class MonitorService:
             first, last = row.released_steps, monitor.complete_steps(end) - 1
             released, new_nodes = release(monitor, batches, attempt, first, last, nodes)
             with session_scope(self.db) as session:
-                stored = session.get(Monitor, row.id)
-                assert stored is not None
+                # Another server process may have accepted a batch since this one read the monitor (the
+                # lock above holds in this process only): the row is locked (PostgreSQL; SQLite's write
+                # lock holds already) and must still be what the batch was checked and computed against.
+                stored = session.exec(select(Monitor).where(Monitor.id == row.id).with_for_update()).one()
+                if (_naive(stored.covered_until) != _naive(row.covered_until)
+                        or stored.released_steps != row.released_steps or not stored.active):
+                    raise Conflict(_CONCURRENT.format(name=row.name))
                 batch = MonitorBatch(monitor_id=row.id or 0, seq=seq, start=_aware(start), end=_aware(end),  # type: ignore[arg-type]
                                      rows=frame.height, path=str(path), sha256=hashlib.sha256(data).hexdigest())
                 session.add(batch)
@@ -282,6 +292,9 @@ class MonitorService:
                        alerts=[{"step": a.step, "rule_index": a.rule, "rule_text": a.rule_text, "group": a.group,
                                 "value": a.value, "ci_low": a.ci_low, "ci_high": a.ci_high} for a in alerts])
                 alert_out = [alert_dict(a, row.name) for a in alerts]
+        except IntegrityError:  # the same batch number committed by another process first
+            attempt.remove()
+            raise Conflict(_CONCURRENT.format(name=row.name)) from None
         except BaseException:
             attempt.remove()  # the batch was not accepted: leave no file of this attempt behind
             raise

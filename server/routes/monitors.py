@@ -107,7 +107,7 @@ def stop_monitor(name: str, caller: CurrentCaller, state: StateDep) -> dict[str,
     return monitor_dict(_service(state).deactivate(caller, name))
 
 
-@router.post("/{name}/batches", status_code=status.HTTP_201_CREATED, responses=errors(401, 403, 404, 422),
+@router.post("/{name}/batches", status_code=status.HTTP_201_CREATED, responses=errors(401, 403, 404, 409, 422),
              summary="Append a batch of events (Parquet body) covering [start, end) (stewards)")
 def append_batch(name: str, start: datetime, end: datetime, caller: CurrentCaller, state: StateDep,
                  data: Annotated[bytes, Body(media_type="application/octet-stream")]) -> dict[str, Any]:

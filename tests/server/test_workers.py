@@ -300,3 +300,32 @@ def test_workers_keep_nagle_off_on_keep_alive_connections(tmp_path: Path) -> Non
                 assert http.get("/v1/health").status_code == 200
             per_request = (time.perf_counter() - started) / 30
     assert per_request < 0.02, f"{per_request * 1000:.1f} ms per keep-alive request (Nagle's algorithm is on)"
+
+
+# -- monitors across processes ---------------------------------------------------------------------------
+
+
+def test_a_monitor_batch_sent_to_two_processes_at_once_is_accepted_once(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each process has its own lock per monitor: the database decides, and the loser keeps nothing."""
+    from server import monitors
+    from server.monitor_models import MonitorBatch, MonitorRelease
+    from tests.server.test_monitors import STEWARD, append, batch, monitor
+
+    assert api.post(STEWARD, "/v1/monitors", json=monitor()).status_code == 201
+    monkeypatch.setattr(monitors, "_lock", lambda monitor_id: threading.Lock())  # as if two processes
+    data = batch(0, 2)
+    answers: list[httpx.Response] = []
+    threads = [threading.Thread(target=lambda: answers.append(append(api, data, 0, 2))) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    statuses = sorted(a.status_code for a in answers)
+    assert statuses in ([201, 409], [201, 422]), [a.text for a in answers]  # 422: it saw the first's coverage
+    loser = next(a for a in answers if a.status_code != 201)
+    assert "another batch" in loser.text or "covered" in loser.text
+    assert api.count(MonitorBatch) == 1 and api.count(MonitorRelease) == 2
+    folder = api.state.settings.data_dir
+    files = [p for p in folder.rglob("batch-*.parquet") if not p.name.endswith((".used.parquet",))]
+    assert len(files) == 1, files  # the loser's files are gone
