@@ -68,23 +68,27 @@ def _server_env() -> dict[str, str]:
 
 @contextmanager
 def servers(data_dir: Path, database_url: str | None, count: int = 2) -> Iterator[list[str]]:
-    """``count`` server processes on one state; their base URLs."""
+    """``count`` server processes on one state; their base URLs (their stderr goes to files beside the state)."""
     ports = [_free_port() for _ in range(count)]
-    processes = [subprocess.Popen([sys.executable, "-c", SERVE, str(data_dir), database_url or "", str(port)],
-                                  cwd=ROOT, env=_server_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for port in ports]
+    logs = [data_dir.parent / f"server-{port}.log" for port in ports]
+    processes = []
+    for port, log in zip(ports, logs, strict=True):
+        with log.open("wb") as stderr:  # a file, never a pipe nobody reads (a full pipe would block the server)
+            processes.append(subprocess.Popen([sys.executable, "-c", SERVE, str(data_dir), database_url or "",
+                                               str(port)], cwd=ROOT, env=_server_env(), stdout=subprocess.DEVNULL,
+                                              stderr=stderr))
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     try:
-        deadline = time.monotonic() + 60
-        for process, url in zip(processes, urls, strict=True):
+        deadline = time.monotonic() + 120
+        for process, url, log in zip(processes, urls, logs, strict=True):
             while True:
-                assert process.poll() is None, process.communicate()[1].decode()[-2000:]
+                assert process.poll() is None, log.read_text()[-2000:]
                 try:
                     if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
-                assert time.monotonic() < deadline, "a server did not start"
+                assert time.monotonic() < deadline, f"a server did not start: {log.read_text()[-2000:]}"
                 time.sleep(0.1)
         yield urls
     finally:
@@ -92,10 +96,10 @@ def servers(data_dir: Path, database_url: str | None, count: int = 2) -> Iterato
             process.terminate()
         for process in processes:
             try:
-                process.communicate(timeout=20)
+                process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.communicate()
+                process.wait()
 
 
 def use_state(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
