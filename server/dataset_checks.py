@@ -89,7 +89,7 @@ def check_declaration(metadata: DatasetMetadata) -> None:
                     raise DatasetRefused(f"{where}.bounds: [{lo:g}, {hi:g}] is beyond +-{MAX_ABS_BOUND:g}; "
                                          "declare the range the values really take")
                 if column.resolution is not None:
-                    finest = max(abs(lo), abs(hi)) * 1e-15
+                    finest = max(abs(lo), abs(hi)) * 2.0**-52  # float64 cannot resolve finer steps
                     if not (math.isfinite(column.resolution) and finest <= column.resolution <= hi - lo):
                         raise DatasetRefused(f"{where}.resolution: {column.resolution:g} must lie between "
                                              f"{finest:.3g} and the bounds' span {hi - lo:g}")

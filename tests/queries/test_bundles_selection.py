@@ -205,7 +205,9 @@ def test_bundle_changes_still_flag_a_large_planted_change(make_dataset: MakeData
         rows += [(person + offset, "S30", day), (person + offset, "S31", day + timedelta(days=3))]
     dataset = make_dataset(_frame(rows), _metadata(SERVICES))
     plan = _changes(dataset, epsilon=4, top_k=150)
-    exact = plan.bounded_counts(dataset.engine.backend)
+    # The bound the default rule picks here 95% of the time (6; otherwise 12): fixed, so that
+    # the far-bound check below is about the noise only, not about the private choice.
+    exact = plan.bounded_counts(dataset.engine.backend, max_pairs=6)
     space = plan.setting.space
     position = {key: i for i, key in enumerate(space.keys)}
     support = [counts / people for counts, people in zip(exact.pairs, exact.people)]
