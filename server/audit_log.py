@@ -27,6 +27,7 @@ import contextvars
 import json
 import logging
 import os
+import secrets
 import threading
 import weakref
 from collections.abc import Iterator
@@ -615,7 +616,7 @@ class AuditLog:
         held = self._read_held()
         if held is not None and held.size > note.size:
             return
-        temporary = self.held_path.with_name(f"{self.held_path.name}.{os.getpid()}.tmp")
+        temporary = self.held_path.with_name(f"{self.held_path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             temporary.write_text(note.text())
             os.replace(temporary, self.held_path)

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session
 
 from audit.tiles import HASH_SIZE, TILE_WIDTH, TileBuilder, TileTree, split_hashes, tile_width
-from server.db import reader
+from server.db import reader, write_turn
 from server.models import AuditEntry, AuditHead, AuditTile, AuditTree
 
 #: The key of the advisory lock (PostgreSQL) that one integrator or checkpoint signer holds at a time.
@@ -61,7 +61,7 @@ def locked_session(db: DbEngine) -> Iterator[Session]:
     IMMEDIATE, which takes the database's write lock; on PostgreSQL it takes a
     transaction-scoped advisory lock, released at commit or rollback.
     """
-    with Session(db) as session:
+    with write_turn(db), Session(db) as session:
         try:
             if db.dialect.name == "postgresql":
                 session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOG_LOCK})
