@@ -68,8 +68,8 @@ def revoke_key(prefix: str, caller: CurrentCaller, state: StateDep, session: Wri
     return KeyOut(prefix=key.prefix, account=account.name if account else "", expires_at=key.expires_at)
 
 
-@router.post("/accounts/{name}/roles", response_model=AccountOut, responses=errors(401, 403, 404, 422),
-             summary="Grant a role in an agency")
+@router.post("/accounts/{name}/roles", response_model=AccountOut, responses=errors(401, 403, 404, 409, 422),
+             summary="Grant a role in an agency (409: it would mix a data-reading and a steward or oversight role)")
 def grant_role(name: str, body: RoleGrant, caller: CurrentCaller, state: StateDep,
                session: WriteSession) -> AccountOut:
     authorize(state, caller, Action.ROLE_MANAGE, "server")
