@@ -238,7 +238,8 @@ def _profiles(folder: Path) -> dict[str, Any]:
 def run(database: str, data: Path, dataset: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="civicdp-w3-"))
     env = {**os.environ, "CIVICDP_DATA_DIR": str(workdir), "CIVICDP_INIT_STATE": "true",
-           "CIVICDP_FEEDS_SCHEDULER": "false", "CIVICDP_PROFILE_FILE": str(workdir / "profile.json")}
+           "CIVICDP_FEEDS_SCHEDULER": "false", "CIVICDP_PROFILE_FILE": str(workdir / "profile.json"),
+           **({"CIVICDP_CHECKPOINT_EVERY_ENTRIES": os.environ["W3_EVERY"]} if "W3_EVERY" in os.environ else {})}
     env.pop("DATABASE_URL", None)
     state_url = f"sqlite:///{workdir / 'civicdp.db'}"
     if database == "postgresql":

@@ -17,11 +17,38 @@ comes from elsewhere.
 
 from __future__ import annotations
 
+import gc
 import socket
 from typing import Any
 
 #: The application factory every worker imports.
-APP = "server.main:create_app"
+APP = "server.serving:served_app"
+
+
+def served_app() -> Any:
+    """The app as a server process runs it: after start-up, what it built is frozen out of the GC's scans.
+
+    A process's start-up objects (policies, database engines, metadata, plans) live as long as it
+    does; left to the cyclic collector, every full collection walks them all and pauses every
+    request in flight: cached answers' p99 was 60-90 ms at a p50 of 5-7 ms, 13-15 ms frozen.
+    (Only here, not in ``create_app``: tests build many apps in one process.)
+    """
+    from contextlib import asynccontextmanager
+
+    from server.main import create_app
+
+    app = create_app()
+    started = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(instance: Any) -> Any:
+        async with started(instance) as state:
+            gc.collect()
+            gc.freeze()
+            yield state
+
+    app.router.lifespan_context = lifespan
+    return app
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
