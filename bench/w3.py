@@ -162,6 +162,17 @@ def _pids(root: int) -> list[int]:
     return out
 
 
+def _rss_mib(root: int) -> float:
+    """Resident memory of the server process and its workers, MiB."""
+    total = 0
+    for pid in _pids(root):
+        try:
+            total += int(re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{pid}/status").read_text())[1])  # type: ignore[index]
+        except (OSError, TypeError):
+            pass
+    return total / 1024
+
+
 def _cpu_seconds(root: int) -> float:
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
@@ -256,6 +267,7 @@ def run(database: str, data: Path, dataset: str, workers: int, args: argparse.Na
         for _ in range(8 * workers):  # new connections, so every worker checks the release once
             assert httpx.post(f"{server.url}/v1/queries", json=cached, headers=headers, timeout=60).status_code == 200
         cpu0, before = _cpu_seconds(server.process.pid), _count(state_url, CACHED_ENTRIES)
+        out["rss_before"] = _rss_mib(server.process.pid)
         out["python"] = _python_load(server.url, key, lambda i: cached, args.clients, args.requests)
         after = _count(state_url, CACHED_ENTRIES)
         out["python"]["entries"] = after - before
@@ -263,6 +275,7 @@ def run(database: str, data: Path, dataset: str, workers: int, args: argparse.Na
             out["wrk"] = _wrk(server.url, key, cached, args.clients, args.seconds, workdir)
             out["wrk"]["entries"] = _count(state_url, CACHED_ENTRIES) - after
         cpu1 = _cpu_seconds(server.process.pid)
+        out["rss_after"] = _rss_mib(server.process.pid)
         served = out["python"]["answered"] + out.get("wrk", {}).get("answered", 0)
         out["cpu_ms_per_cached"] = (cpu1 - cpu0) / max(served, 1) * 1000
         if args.fresh and workers == 1:
@@ -320,6 +333,9 @@ def report(result: dict[str, Any], clients: int) -> None:
               + f"; HTTP + framework + event loop (the rest) {max(cpu - busy, 0):.0f}; server CPU in all {cpu:.0f}")
         print(f"  per cached answer, waiting (us): for the writer {wall['queue']:.0f}, commit (wall, with fsync) "
               f"{wall['commit']:.0f}")
+    answered = sum(result[t]["answered"] for t in ("wrk", "python") if t in result)
+    print(f"  server memory (all processes): {result['rss_before']:.0f} MiB before the cached runs, "
+          f"{result['rss_after']:.0f} MiB after {answered:,} more answers")
     print(f"  overspent budgets: {result['overspent']}; answers without a ledger entry: {result['unledgered']}; "
           f"audit numbering gapless: {result['gapless']}")
 

@@ -490,13 +490,16 @@ class LeanQueries:
         self.questions: _Lru = _Lru(REMEMBERED)
         self._writer: Writer | None = None
         self._state: Any = None
+        self._closed = False
         self._lock = threading.Lock()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
             async def shutdown_first() -> Message:
                 message = await receive()
-                if message["type"] == "lifespan.shutdown":
+                if message["type"] == "lifespan.startup":
+                    self._closed = False
+                elif message["type"] == "lifespan.shutdown":
                     # Before the app's shutdown disposes the database: the writer's connection goes back first.
                     await anyio.to_thread.run_sync(self.close)
                 return message
@@ -527,6 +530,7 @@ class LeanQueries:
     def close(self) -> None:
         with self._lock:
             writer, self._writer, self._state = self._writer, None, None
+            self._closed = True  # requests still arriving take the full path
         if writer is not None:
             writer.stop()
             report = json.dumps(self.stages.report())
@@ -538,8 +542,10 @@ class LeanQueries:
                 except OSError as exc:
                     logger.warning("could not write the lean path's profile to %s: %s", path, exc)
 
-    def writer(self, state: Any) -> Writer:
+    def writer(self, state: Any) -> Writer | None:
         with self._lock:
+            if self._closed:
+                return None
             if self._writer is None or self._state is not state:
                 if self._writer is not None:
                     self._writer.stop()
@@ -574,6 +580,8 @@ class LeanQueries:
                 return None
             self.questions.remember(body, question)
         writer = self.writer(state)
+        if writer is None:
+            return None
         loop = asyncio.get_running_loop()
         job = Job(prefix, computed, question, scope.get("method", ""), scope.get("path", "")[:200], loop,
                   loop.create_future())
