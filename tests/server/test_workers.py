@@ -166,15 +166,17 @@ def _env(data_dir: Path, database_url: str | None) -> dict[str, str]:
 def serving(data_dir: Path, database_url: str | None, workers: int = 1) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """``civicdp serve --workers N`` on the state; its URL and process (stopped, or killed, afterwards)."""
     port = _free_port()
-    process = subprocess.Popen([sys.executable, "-c", "from server.cli import main; main()", "serve", "--host",
-                                "127.0.0.1", "--port", str(port), "--workers", str(workers)],
-                               cwd=ROOT, env=_env(data_dir, database_url), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, start_new_session=True)
+    log = data_dir.parent / f"serve-{port}.log"  # a file, not a pipe nobody reads (it could fill and block)
+    with log.open("wb") as errors:
+        process = subprocess.Popen([sys.executable, "-c", "from server.cli import main; main()", "serve", "--host",
+                                    "127.0.0.1", "--port", str(port), "--workers", str(workers)],
+                                   cwd=ROOT, env=_env(data_dir, database_url), stdout=subprocess.DEVNULL,
+                                   stderr=errors, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 120
         while True:
-            assert process.poll() is None, process.communicate()[1].decode()[-3000:]
+            assert process.poll() is None, log.read_text(errors="replace")[-3000:]
             try:
                 if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
                     break
