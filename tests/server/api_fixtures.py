@@ -20,6 +20,9 @@ catch a skipped charge ``test_mutation_guards.py`` demonstrates.
 
 from __future__ import annotations
 
+import subprocess
+import time
+
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -253,3 +256,16 @@ def api(tmp_path: Path, dataset_folder: Path) -> Iterator[Api]:
     """The app on a fresh SQLite data_dir, with the dataset and every role's account and key."""
     with running_api(tmp_path / "state", dataset_folder) as started:
         yield started
+
+
+def wait_until_serving(url: str, process: "subprocess.Popen[bytes]", seconds: float = 30) -> None:
+    """Poll ``url``'s health endpoint until it answers 200; fail if ``process`` exits or time runs out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.1)

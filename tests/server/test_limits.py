@@ -30,6 +30,7 @@ from server.limits import (
     DRAIN_BYTES, AnonymousTraffic, ClientBuckets, JsonLimits, RequestLimitsMiddleware, json_problem,
 )
 from server.settings import Settings
+from tests.server.api_fixtures import wait_until_serving
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     ANALYST, COUNT, STEWARD, Api, api, dataset_folder, make_dataset_folder, prepare_state, running_api,
     settings_for,
@@ -353,15 +354,7 @@ def test_sixteen_clients_sending_40_mb_bodies_leave_the_servers_memory_flat(
                               env={**os.environ, "PYTHONPATH": os.getcwd()})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
+        wait_until_serving(url, server)
         analyst = {"Authorization": f"Bearer {keys[ANALYST]}"}
         assert httpx.post(f"{url}{QUERIES}", json=COUNT, headers=analyst, timeout=60).status_code == 200  # warm
         figures = {}

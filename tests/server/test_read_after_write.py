@@ -41,6 +41,7 @@ from server.main import create_app
 from server.models import Account, ApiKey, AuditEntry, BudgetCap, Dataset, Release
 from server.monitor_models import Monitor, MonitorBatch, MonitorSubscription
 from tests.conftest import base_metadata
+from tests.server.api_fixtures import wait_until_serving
 from tests.server.api_fixtures import (
     ANALYST, COUNT, DATASET, STEWARD, Api, TestClient, make_dataset_folder, populate, prepare_state, settings_for,
 )
@@ -371,15 +372,7 @@ def served(data_dir: Path, database_url: str | None) -> Iterator[str]:
     process = subprocess.Popen([sys.executable, "-c", SERVE, str(data_dir), database_url or "", str(port)])
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
+        wait_until_serving(url, process)
         yield url
     finally:
         process.terminate()
