@@ -130,9 +130,12 @@ class Mean(Sum):
         values, lows, highs = [], [], []
         for s, c in zip(noisy_sum, noisy_count):
             interval = accuracy.ratio(s, sum_half, c, count_half, lo - middle, hi - middle)
-            values.append(min(hi, max(lo, middle + s / c)) if c > 0 else None)
-            lows.append(middle + interval.low)
-            highs.append(middle + interval.high)
+            low, high = middle + interval.low, middle + interval.high
+            value = min(hi, max(lo, middle + s / c)) if c > 0 else None
+            # Post-processing: the point estimate never lies outside its own interval.
+            values.append(None if value is None else min(high, max(low, value)))
+            lows.append(low)
+            highs.append(high)
         return output(ctx, {"value": values, "ci_low": lows, "ci_high": highs})
 
     def predicted(self, ctx: QueryContext, calibration: Calibration) -> dict[str, Any]:
