@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from audit.checkpoint import Checkpoint, CheckpointError
-from audit.merkle import MerkleTree, verify_consistency
-from audit.signing import VerifierKey
+from civicdp.audit.checkpoint import Checkpoint, CheckpointError
+from civicdp.audit.merkle import MerkleTree, verify_consistency
+from civicdp.audit.signing import VerifierKey
 
 _sha256 = hashlib.sha256
 README = """civicdp audit bundle

@@ -21,7 +21,7 @@ import base64
 import struct
 from dataclasses import dataclass, field
 
-from audit.signing import SigningKey, VerifierKey, key_id
+from civicdp.audit.signing import SigningKey, VerifierKey, key_id
 
 COSIGNATURE = b"\x04"  # signed-note signature type of a timestamped Ed25519 cosignature
 _DASH = "\u2014 "

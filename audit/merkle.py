@@ -7,7 +7,7 @@
 :class:`HashTree` computes roots and proofs from the hashes of *perfect* subtrees (2^h
 leaves starting at a multiple of 2^h), wherever they are kept: :class:`MerkleTree` keeps
 all of them in memory (about 2n hashes), so appending is O(log n) and any proof is
-O(log² n); the server keeps them in stored tiles (:mod:`audit.tiles`). The verification
+O(log² n); the server keeps them in stored tiles (:mod:`civicdp.audit.tiles`). The verification
 functions are the algorithms of RFC 9162 §2.1.3.2 and §2.1.4.2, and need nothing but hashes.
 """
 

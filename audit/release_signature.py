@@ -14,7 +14,7 @@ verbatim; the signature covers exactly them.
 The **signature text** is one line, ``<key name> <base64(key id || signature)>``: the
 signature line of a C2SP signed note (https://c2sp.org/signed-note) without its
 leading em dash, so it fits an HTTP header. The key id is the first four bytes of
-``SHA-256(name || 0x0A || 0x01 || public key)`` (:func:`audit.signing.key_id`); the
+``SHA-256(name || 0x0A || 0x01 || public key)`` (:func:`civicdp.audit.signing.key_id`); the
 signature is Ed25519 over the canonical bytes. It verifies with the verifier key that
 ``civicdp audit public-key`` prints (``name+keyid+base64``).
 """
@@ -26,7 +26,7 @@ import binascii
 import json
 from typing import Any
 
-from audit.signing import SigningKey, VerifierKey
+from civicdp.audit.signing import SigningKey, VerifierKey
 
 FORMAT = "civicdp-feed-release/1"
 

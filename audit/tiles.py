@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from audit.merkle import HashTree, node_hash, root_of
+from civicdp.audit.merkle import HashTree, node_hash, root_of
 
 TILE_HEIGHT = 8
 TILE_WIDTH = 1 << TILE_HEIGHT  # 256 hashes

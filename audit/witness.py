@@ -11,10 +11,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from audit.bundle import TamperDetected, verify_bundle
-from audit.checkpoint import Checkpoint
-from audit.merkle import verify_consistency
-from audit.signing import SigningKey, VerifierKey
+from civicdp.audit.bundle import TamperDetected, verify_bundle
+from civicdp.audit.checkpoint import Checkpoint
+from civicdp.audit.merkle import verify_consistency
+from civicdp.audit.signing import SigningKey, VerifierKey
 
 
 class WitnessRefused(Exception):

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from queries.backend import AggregateRequest
-from queries.engine import LocalDataset
-from queries.kinds.base import aligned
+from civicdp.queries.backend import AggregateRequest
+from civicdp.queries.engine import LocalDataset
+from civicdp.queries.kinds.base import aligned
 
 CHANNELS = ["counter", "web", "mobile", "kiosk"]
 L = 3

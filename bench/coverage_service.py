@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from queries.analyses.service_common import bounded
-from queries.engine import LocalDataset
+from civicdp.queries.analyses.service_common import bounded
+from civicdp.queries.engine import LocalDataset
 from tests.queries import perf_data
 from tests.queries.lagged_data import STEP_CONTRIBUTIONS, at_threshold
 

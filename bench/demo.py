@@ -10,7 +10,7 @@ def demo_dataset(workload: str, people: int, seed: int, folder: Path | None = No
     """``folder`` (default ``bench/out/<workload>-<people>-<seed>``), generated if it holds no dataset."""
     data = folder or Path("bench/out") / f"{workload}-{people}-{seed}"
     if not (data / "metadata.json").exists():
-        from synthetic.demo_data import generate
+        from civicdp.synthetic.demo_data import generate
 
         started = time.perf_counter()
         summary = generate(people, data, seed=seed)

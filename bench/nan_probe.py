@@ -30,12 +30,12 @@ import httpx
 import polars as pl
 import uvicorn
 
-from policies.actions import Role
-from server import admin
-from server.db import session_scope
-from server.main import create_app
-from server.settings import Settings
-from synthetic.demo_data import generate
+from civicdp.policies.actions import Role
+from civicdp.server import admin
+from civicdp.server.db import session_scope
+from civicdp.server.main import create_app
+from civicdp.server.settings import Settings
+from civicdp.synthetic.demo_data import generate
 
 START, END = datetime(2025, 1, 1), datetime(2026, 1, 1)
 HIDDEN_AT = datetime(2025, 8, 17, 14, 7)

@@ -29,8 +29,8 @@ from typing import Any
 import polars as pl
 
 from bench.demo import demo_dataset
-from privacy.mechanisms import GaussianVector, LaplaceVector
-from queries.engine import LocalDataset
+from civicdp.privacy.mechanisms import GaussianVector, LaplaceVector
+from civicdp.queries.engine import LocalDataset
 
 
 @contextmanager

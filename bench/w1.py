@@ -30,11 +30,11 @@ import numpy as np
 import polars as pl
 
 from bench.demo import demo_dataset
-from synthetic.demo_data import COLUMNS
-from queries.backend import AggregateRequest
-from queries.context import CELL
-from queries.engine import Engine, LocalDataset, Plan
-from queries.kinds.base import aligned, cell_positions
+from civicdp.synthetic.demo_data import COLUMNS
+from civicdp.queries.backend import AggregateRequest
+from civicdp.queries.context import CELL
+from civicdp.queries.engine import Engine, LocalDataset, Plan
+from civicdp.queries.kinds.base import aligned, cell_positions
 
 WAIT_GRID = {"start": 0, "stop": 240, "step": 0.05}
 # Waiting is recorded at counters and kiosks only (public knowledge about the data's schema).
@@ -248,7 +248,7 @@ def dataset(people: int, seed: int, profile: str, folder: Path | None) -> Path:
         return demo_dataset("w1", people, seed, folder)
     data = folder or Path("bench/out") / f"w1-{people}-{seed}-{profile}"
     if not (data / "metadata.json").exists():
-        from synthetic.demo_data import generate
+        from civicdp.synthetic.demo_data import generate
 
         started = time.perf_counter()
         summary = generate(people, data, seed=seed, profile=profile)

@@ -47,11 +47,11 @@ import numpy as np
 import polars as pl
 
 from bench.demo import demo_dataset
-from queries.analyses import bundle_tables as tables
-from queries.analyses.bundle_tables import NoisyCounts, top_pairs
-from queries.analyses.bundles import BundlesPlan
-from queries.analyses.pairs import PAIR, person_events, person_pairs
-from queries.engine import Engine, LocalDataset
+from civicdp.queries.analyses import bundle_tables as tables
+from civicdp.queries.analyses.bundle_tables import NoisyCounts, top_pairs
+from civicdp.queries.analyses.bundles import BundlesPlan
+from civicdp.queries.analyses.pairs import PAIR, person_events, person_pairs
+from civicdp.queries.engine import Engine, LocalDataset
 
 SPEC = {"analysis": "bundles", "window_days": 30, "top_k": 50, "epsilon": 1.0}
 

@@ -71,11 +71,11 @@ def _setup(env: dict[str, str], data: Path) -> str:
     """Register the dataset, an analyst with a key and caps large enough for the load."""
     script = f"""
 from pathlib import Path
-from policies.actions import Role
-from server import admin
-from server.bootstrap import build_state
-from server.db import session_scope
-from server.settings import Settings
+from civicdp.policies.actions import Role
+from civicdp.server import admin
+from civicdp.server.bootstrap import build_state
+from civicdp.server.db import session_scope
+from civicdp.server.settings import Settings
 state = build_state(Settings())
 with session_scope(state.db) as s:
     row = admin.register_dataset(s, state.policies, None, Path({str(data)!r}))
@@ -189,7 +189,7 @@ class Server:
     def __init__(self, env: dict[str, str], workers: int) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-c", "from server.cli import main; main()", "serve",
+        self.process = subprocess.Popen([sys.executable, "-c", "from civicdp.server.cli import main; main()", "serve",
                                          "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self._errors: list[str] = []
@@ -353,7 +353,7 @@ def main() -> None:
                         help="also measure fresh (charged) queries with one worker")
     args = parser.parse_args()
     data = demo_dataset("w1", args.people, args.seed)
-    from queries.metadata import load_metadata
+    from civicdp.queries.metadata import load_metadata
 
     dataset = load_metadata(data).name
     if not shutil.which("wrk"):

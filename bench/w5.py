@@ -37,9 +37,9 @@ import numpy as np
 import polars as pl
 
 from bench.demo import demo_dataset
-from privacy.continual import TreeCounter
-from privacy.mechanisms import LaplaceVector
-from queries.engine import LocalDataset
+from civicdp.privacy.continual import TreeCounter
+from civicdp.privacy.mechanisms import LaplaceVector
+from civicdp.queries.engine import LocalDataset
 
 REPORT = {"analysis": "performance_report", "epsilon": 1.0}
 LAGGED = {"analysis": "lagged_points", "epsilon": 1.0}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from policies.errors import InvalidRuleValue
+from civicdp.policies.errors import InvalidRuleValue
 
 #: The cap field of a rule without a per-query cap (and of every deny rule).
 NO_CAP = "*"

@@ -13,8 +13,8 @@ role), since Casbin follows a chain of groups only within one domain.
 
 from __future__ import annotations
 
-from policies.actions import ColumnClass
-from policies.objects import (ALL_DATASETS, ALL_FEEDS, WILDCARD, class_group, column_object, column_set,
+from civicdp.policies.actions import ColumnClass
+from civicdp.policies.objects import (ALL_DATASETS, ALL_FEEDS, WILDCARD, class_group, column_object, column_set,
                               dataset_object, feed_object)
 
 

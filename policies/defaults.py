@@ -3,7 +3,7 @@
 Every rule uses the agency ``*`` as its domain, meaning "in whichever agency the role
 is held": a grant of ``analyst`` in ``health`` lets the analyst rules apply in
 ``health`` only, while a grant in ``*`` (oversight, server-wide stewards) applies in
-every agency. Objects follow :mod:`policies.objects`; the server authorises a query
+every agency. Objects follow :mod:`civicdp.policies.objects`; the server authorises a query
 with ``check_all(subject, agency, ["dataset:<ds>", "column:<ds>/<col>", ...],
 Action.QUERY_RUN, epsilon)`` — the dataset first, then every column the query groups
 by, filters on or aggregates. Analysts may spend up to 0.5 per query on the dataset
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from policies.actions import QUERY_ACTIONS, Action, ColumnClass, Role
-from policies.objects import ALL_DATASETS, ALL_FEEDS, SERVER, WILDCARD, class_group
+from civicdp.policies.actions import QUERY_ACTIONS, Action, ColumnClass, Role
+from civicdp.policies.objects import ALL_DATASETS, ALL_FEEDS, SERVER, WILDCARD, class_group
 
 PUBLIC_CAP = "0.5"
 QUASI_CAP = "0.1"

@@ -7,7 +7,7 @@ rule has the six fields ``subject-or-role, agency, object, action, cap, effect``
 exactly the adapter's ``v0..v5``; :meth:`PolicyStore.check_arity` refuses, at
 start-up and after every load, a model or stored rule of another width, because the
 adapter silently cuts longer rules. Requests are denied by default: an unknown
-action, an object never registered (see :mod:`policies.objects`), a subject without
+action, an object never registered (see :mod:`civicdp.policies.objects`), a subject without
 a matching grant, or an epsilon that is not a finite number above 0 is refused with a
 reason in plain words, and a deny rule always beats an allow rule. :meth:`check`
 returns a :class:`Decision` carrying the rule that decided, for the audit entry.
@@ -19,11 +19,11 @@ such roles in each named agency where the object is linked (``linked_in_agency``
 ``health`` alone, while a deny rule naming ``health`` or ``*`` still refuses them, and an
 analyst holding ``analyst`` in ``transport`` still does not see it.
 
-With a :class:`policies.storage.VersionedAdapter` the stored rules are the one source of
+With a :class:`civicdp.policies.storage.VersionedAdapter` the stored rules are the one source of
 truth for every process: each change is made in the database first (the row count says
 whether anything changed, so a grant already held or a revoke of nothing reports False
 whatever this process remembered), and the policy version moves in the same
-transaction. Before deciding, the store asks its :class:`~policies.storage.PolicyVersionWatcher`
+transaction. Before deciding, the store asks its :class:`~civicdp.policies.storage.PolicyVersionWatcher`
 whether the version moved (``refresh_seconds``: at most that long between looks; 0:
 before every decision) and reloads every rule if it did, which also drops the
 memoised decisions. A change made by another process -- the command line, another
@@ -42,17 +42,17 @@ import casbin
 from casbin.core_enforcer import EnforceContext
 from casbin.persist.adapter import Adapter
 
-from policies.actions import QUERY_ACTIONS, Action, Role
-from policies.caps import NO_CAP, epsilon_within, format_cap, parse_epsilon
-from policies.catalog import CatalogMixin
-from policies.errors import InvalidRuleValue, RuleArityMismatch
-from policies.objects import WILDCARD, validate_name
-from policies.storage import PolicyVersionWatcher, VersionedAdapter
+from civicdp.policies.actions import QUERY_ACTIONS, Action, Role
+from civicdp.policies.caps import NO_CAP, epsilon_within, format_cap, parse_epsilon
+from civicdp.policies.catalog import CatalogMixin
+from civicdp.policies.errors import InvalidRuleValue, RuleArityMismatch
+from civicdp.policies.objects import WILDCARD, validate_name
+from civicdp.policies.storage import PolicyVersionWatcher, VersionedAdapter
 
 #: The SQLAlchemy adapter stores a rule in columns v0..v5 and silently drops the rest.
 MAX_FIELDS = 6
 ALLOW, DENY = "allow", "deny"
-MODEL_TEXT = resources.files("policies").joinpath("model.conf").read_text(encoding="utf-8")
+MODEL_TEXT = resources.files(__package__).joinpath("model.conf").read_text(encoding="utf-8")
 #: Evaluates matcher m2 (allow rules, caps ignored): only to explain a refusal.
 _UNCAPPED = EnforceContext(rtype="r", ptype="p", etype="e", mtype="m2")
 
@@ -333,7 +333,7 @@ class PolicyStore(CatalogMixin):
         try:
             act = Action(action).value
         except ValueError:
-            raise InvalidRuleValue("action", action, "not one of the actions in policies.actions") from None
+            raise InvalidRuleValue("action", action, "not one of the actions in civicdp.policies.actions") from None
         if subject_or_role == WILDCARD:
             raise InvalidRuleValue("subject or role", subject_or_role, "name an account or a role, not '*'")
         rule = [validate_name("subject or role", subject_or_role), validate_name("agency", agency),
@@ -432,4 +432,4 @@ class PolicyStore(CatalogMixin):
         try:
             return Role(role).value
         except ValueError:
-            raise InvalidRuleValue("role", role, "not one of the roles in policies.actions") from None
+            raise InvalidRuleValue("role", role, "not one of the roles in civicdp.policies.actions") from None

@@ -7,7 +7,7 @@ Tree::
     │                      storage keeps (6), or not as many as the model defines
     └── InvalidRuleValue   a name, role, action, cap or effect that a rule cannot hold
 
-A refused *request* is not an error: :meth:`policies.enforcer.PolicyStore.check`
+A refused *request* is not an error: :meth:`civicdp.policies.enforcer.PolicyStore.check`
 returns a ``Decision`` with ``allowed=False`` and a reason instead.
 """
 

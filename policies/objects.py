@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import re
 
-from policies.actions import ColumnClass
-from policies.errors import InvalidRuleValue
+from civicdp.policies.actions import ColumnClass
+from civicdp.policies.errors import InvalidRuleValue
 
 WILDCARD = "*"
 SERVER = "server"

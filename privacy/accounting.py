@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal, Union
 
-from privacy.errors import InvalidLoss
-from privacy.loss import MICRO, NANO, PrivacyLoss
-from privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin, zcdp_epsilon
+from civicdp.privacy.errors import InvalidLoss
+from civicdp.privacy.loss import MICRO, NANO, PrivacyLoss
+from civicdp.privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin, zcdp_epsilon
 
 Mode = Literal["pure", "zcdp"]
 Additive = Union[LaplaceVector, GaussianVector]

@@ -167,7 +167,7 @@ def auto_worst_case(ratio: float, fixed: int, top: int, upward: bool) -> float:
     fixed / (top + 1 - fixed), rho * (fixed + k * (top - fixed)) / (top + 1))``:
     the first term when t lies within the profile, the second when fewer people than t
     have rows at all, the last two when more than t people have more than ``top`` rows.
-    See :mod:`queries.auto_bound` for the derivation.
+    See :mod:`civicdp.queries.auto_bound` for the derivation.
     """
     if not upward or top <= fixed:
         return ratio

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from privacy.errors import BudgetExhausted, InvalidLoss
-from privacy.loss import PrivacyLoss
+from civicdp.privacy.errors import BudgetExhausted, InvalidLoss
+from civicdp.privacy.loss import PrivacyLoss
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from privacy.errors import InvalidLoss
-from privacy.loss import PrivacyLoss
-from privacy.mechanisms import LaplaceVector
+from civicdp.privacy.errors import InvalidLoss
+from civicdp.privacy.loss import PrivacyLoss
+from civicdp.privacy.mechanisms import LaplaceVector
 
 #: Longest horizon a monitor may declare (2**20 steps: two years of minutes).
 MAX_HORIZON = 1 << 20
@@ -124,7 +124,7 @@ class TreeCounter:
         return nodes
 
     def release(self, exact: Sequence[int]) -> list[int]:
-        """One node's noisy vector (draws the noise through :mod:`privacy.mechanisms`)."""
+        """One node's noisy vector (draws the noise through :mod:`civicdp.privacy.mechanisms`)."""
         return self.mechanism.release(exact)
 
     def leaf_half_width(self, alpha: float) -> float:

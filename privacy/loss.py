@@ -1,6 +1,6 @@
 """Privacy losses as exact, immutable values, and their composition.
 
-Two accountings, chosen per dataset (:mod:`privacy.accounting`):
+Two accountings, chosen per dataset (:mod:`civicdp.privacy.accounting`):
 
 - **pure** differential privacy (delta = 0, Laplace and exponential mechanisms): losses
   compose by adding epsilons (basic composition), and the ledger counts micro-epsilon;
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable
 
-from privacy.errors import InvalidLoss
+from civicdp.privacy.errors import InvalidLoss
 
 #: Ledger unit of pure-DP datasets: losses are charged in whole micro-epsilons, rounded up.
 MICRO = 1_000_000
@@ -88,7 +88,7 @@ class PrivacyLoss:
     @classmethod
     def zcdp(cls, rho: object, delta: float) -> PrivacyLoss:
         """A rho-zCDP loss, stated as (epsilon, delta)-DP at ``delta`` (OpenDP's conversion)."""
-        from privacy.accounting import epsilon_of_rho  # the conversion lives with the accounting
+        from civicdp.privacy.accounting import epsilon_of_rho  # the conversion lives with the accounting
 
         exact = _exact(rho, "rho")
         if exact < 0:

@@ -6,7 +6,7 @@ read from OpenDP's privacy map before anything is released, so a plan knows its
 cost before it touches data. All noise is added to integers (discrete Laplace for
 pure-DP datasets, discrete Gaussian for zCDP datasets, and exponential selection on
 integer scores, read in either accounting), which keeps OpenDP's samplers exact and
-avoids floating-point attacks. :mod:`privacy.accounting` picks the family per dataset.
+avoids floating-point attacks. :mod:`civicdp.privacy.accounting` picks the family per dataset.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import opendp.metrics as metrics
 import opendp.mod
 # Not opendp.prelude: it imports scikit-learn, seconds of start-up for every command.
 
-from privacy.errors import InvalidLoss
-from privacy.loss import PrivacyLoss
+from civicdp.privacy.errors import InvalidLoss
+from civicdp.privacy.loss import PrivacyLoss
 
 #: OpenDP features that would weaken the guarantees civicdp states.
 UNSAFE_FEATURES = frozenset({"floating-point", "honest-but-curious"})

@@ -16,7 +16,7 @@ a quantile at level q). Dividing by b, ``E(L) / b = sum_{r > L} n_r + t * L`` wi
 break-even ``t = c / b``: raising L by one keeps ``n_{L+1}`` more rows and adds t to the
 noise. E is convex (n_r only falls as r grows) and minimal at the L with
 ``n_{L+1} <= t <= n_L``. Candidates are every L from 1 to ``AUTO_REACH`` times the
-dataset's bound L_f; :func:`privacy.bounding.bound_scores` scores each by how far t lies
+dataset's bound L_f; :func:`civicdp.privacy.bounding.bound_scores` scores each by how far t lies
 from ``[n_{L+1}, n_L]`` (zero at the minimisers; one person moves it by at most one
 person) plus a public pull toward L_f, and the exponential mechanism (OpenDP's
 permute-and-flip) picks one with the query's auto share of the loss (10% by default).
@@ -34,7 +34,7 @@ The worst case. Let tau be the selection's error at the query's confidence (with
 probability at least that confidence the chosen score is within tau of the best; tau =
 ``scale * ln(candidates / alpha)`` people) and ``rho = tau / t``. Then, with at least that
 probability, ``E(L) <= (1 + w) * E(L_f)`` with ``w`` from
-:func:`privacy.bounding.auto_worst_case`: ``w = rho`` when only lowering; when raising too,
+:func:`civicdp.privacy.bounding.auto_worst_case`: ``w = rho`` when only lowering; when raising too,
 ``w = max(2 rho, 1/2, ...)`` (the 1/2: a table with fewer people than t, where every bound
 above L_f looks alike to the selection and only the pull holds it within 1.5 L_f). Proof
 sketch: if the chosen L has ``score(L) <= sigma`` then every r between L_f and L has
@@ -55,11 +55,11 @@ from typing import Any
 
 import numpy as np
 
-from privacy.bounding import BOUND_SCORE_SENSITIVITY, auto_candidates, auto_worst_case, bound_scores
-from privacy.mechanisms import NoisyMin
-from queries.context import QueryContext
-from queries.kinds.base import Calibration, Kind
-from queries.kinds.statistics import value_bounds
+from civicdp.privacy.bounding import BOUND_SCORE_SENSITIVITY, auto_candidates, auto_worst_case, bound_scores
+from civicdp.privacy.mechanisms import NoisyMin
+from civicdp.queries.context import QueryContext
+from civicdp.queries.kinds.base import Calibration, Kind
+from civicdp.queries.kinds.statistics import value_bounds
 
 #: Largest worst case accepted: auto's predicted error at most (1 + MAX_WORST) times the fixed bound's.
 MAX_WORST = 1.0

@@ -4,7 +4,7 @@ A backend does only this: read a table, keep at most ``contributions`` rows per
 person (a random selection that depends on each person's own rows alone), apply
 filters on public columns, clip values to public bounds, and aggregate per group.
 It returns exact bounded aggregates; noise, accounting and intervals are shared and
-backend-independent (:mod:`queries.engine`, :mod:`privacy`).
+backend-independent (:mod:`civicdp.queries.engine`, :mod:`privacy`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Literal, Protocol
 import numpy as np
 import polars as pl
 
-from queries.metadata import DatasetMetadata
+from civicdp.queries.metadata import DatasetMetadata
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Example::
 
-    from queries.client import Client
+    from civicdp.queries.client import Client
 
     client = Client("http://127.0.0.1:8000", api_key="cdp_...")
     client.datasets()                                     # what you may query
@@ -232,13 +232,13 @@ class Client:
         sha256) and ``verified``. ``public_key`` is the server's verifier key as obtained out of
         band (``civicdp audit public-key`` on the server); without one the key is fetched from
         the server, which detects altered or corrupted releases but not a server that lies
-        about its own key. Raises :class:`queries.release_check.SignatureInvalid` if the
+        about its own key. Raises :class:`civicdp.queries.release_check.SignatureInvalid` if the
         signature does not verify.
         """
         import hashlib
         import json
 
-        from queries.release_check import SignatureInvalid, check_release
+        from civicdp.queries.release_check import SignatureInvalid, check_release
 
         response = self._http.get(f"/feeds/{name}/releases/{release}")
         if response.status_code >= 400:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import polars as pl
 
-from privacy.accounting import Accounting
-from privacy.bounding import coarsest_needed, fits_exact_sum, quantized_bound
-from queries.backend import GroupKey, RowFilter
-from queries.errors import QueryError
-from queries.metadata import TIME_BUCKETS, ColumnMeta, DatasetMetadata, TableMeta, bucket_keys, bucket_keys_between
-from queries.spec import Filter, QuerySpec
+from civicdp.privacy.accounting import Accounting
+from civicdp.privacy.bounding import coarsest_needed, fits_exact_sum, quantized_bound
+from civicdp.queries.backend import GroupKey, RowFilter
+from civicdp.queries.errors import QueryError
+from civicdp.queries.metadata import TIME_BUCKETS, ColumnMeta, DatasetMetadata, TableMeta, bucket_keys, bucket_keys_between
+from civicdp.queries.spec import Filter, QuerySpec
 
 #: Cells (combinations of group keys) one query may release.
 MAX_CELLS = 200_000

@@ -3,7 +3,7 @@
 Request flow inside the engine: validate the spec against the metadata → calibrate
 the kind's OpenDP mechanisms (the loss comes from their privacy maps) → if the
 contribution bound is "auto", choose it privately with part of the loss, for the
-query at hand (:mod:`queries.auto_bound`) → ask the backend for exact bounded
+query at hand (:mod:`civicdp.queries.auto_bound`) → ask the backend for exact bounded
 aggregates → add noise and attach intervals. ``plan`` and ``estimate`` never read the
 data. Charging a budget is the caller's job (the server
 charges in the same transaction as the audit entry, before the answer leaves); the
@@ -20,20 +20,20 @@ from typing import Any, Callable
 
 import polars as pl
 
-from privacy.bounding import BOUND_SCORE_SENSITIVITY
-from privacy.loss import PrivacyLoss
-from privacy.mechanisms import NoisyMin
-from queries import auto_bound
-from queries.analyses import ANALYSES, AnalysisPlan, AnalysisSpec
-from queries.backend import AggregateRequest, Backend
-from queries.context import EngineLimits, QueryContext, resolve
-from queries.errors import DatasetUnavailable, QueryError
-from queries.kinds import KINDS, Calibration, Kind
-from queries.metadata import DatasetMetadata, load_metadata
-from queries.polars_backend import PolarsBackend
-from queries.request import parse_request
-from queries.results import Estimate, Result
-from queries.spec import QuerySpec
+from civicdp.privacy.bounding import BOUND_SCORE_SENSITIVITY
+from civicdp.privacy.loss import PrivacyLoss
+from civicdp.privacy.mechanisms import NoisyMin
+from civicdp.queries import auto_bound
+from civicdp.queries.analyses import ANALYSES, AnalysisPlan, AnalysisSpec
+from civicdp.queries.backend import AggregateRequest, Backend
+from civicdp.queries.context import EngineLimits, QueryContext, resolve
+from civicdp.queries.errors import DatasetUnavailable, QueryError
+from civicdp.queries.kinds import KINDS, Calibration, Kind
+from civicdp.queries.metadata import DatasetMetadata, load_metadata
+from civicdp.queries.polars_backend import PolarsBackend
+from civicdp.queries.request import parse_request
+from civicdp.queries.results import Estimate, Result
+from civicdp.queries.spec import QuerySpec
 
 __all__ = ["AnalysisPlan", "Engine", "Estimate", "LocalDataset", "Plan", "Result"]
 
@@ -183,7 +183,7 @@ class Engine:
             raise _unavailable(request.table) from None
 
     def _choose_bound(self, plan: Plan) -> int:
-        """The private choice of L for this query (:mod:`queries.auto_bound`).
+        """The private choice of L for this query (:mod:`civicdp.queries.auto_bound`).
 
         The profile counts people by their rows among the rows this query keeps: its
         filters applied and, for a nullable measured column, missing values dropped, as

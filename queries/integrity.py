@@ -15,7 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
-from queries.metadata import DatasetMetadata
+from civicdp.queries.metadata import DatasetMetadata
 
 
 #: What the engine answers when a linked table's owner key repeats (fixed: it names no data).

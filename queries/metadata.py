@@ -18,10 +18,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from privacy.accounting import Accounting
-from privacy.bounding import coarsest_needed
-from privacy.errors import InvalidLoss
-from queries.errors import MetadataError
+from civicdp.privacy.accounting import Accounting
+from civicdp.privacy.bounding import coarsest_needed
+from civicdp.privacy.errors import InvalidLoss
+from civicdp.queries.errors import MetadataError
 
 ColumnType = Literal["int", "float", "str", "datetime", "bool"]
 TIME_BUCKETS = ("hour", "weekday", "day", "week", "month")
@@ -90,7 +90,7 @@ class TableMeta(_Strict):
 
 
 class AccountingMeta(_Strict):
-    """How the dataset accounts for privacy loss (``privacy.accounting``): chosen by its steward."""
+    """How the dataset accounts for privacy loss (``civicdp.privacy.accounting``): chosen by its steward."""
 
     mode: Literal["pure", "zcdp"] = "pure"
     delta: float = 0.0  # zcdp: the public delta at which losses are stated as (epsilon, delta)

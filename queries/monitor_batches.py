@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import polars as pl
 
-from privacy.bounding import quantized_bound
-from queries.errors import QueryError
+from civicdp.privacy.bounding import quantized_bound
+from civicdp.queries.errors import QueryError
 
 if TYPE_CHECKING:
-    from queries.monitoring import ResolvedMonitor
+    from civicdp.queries.monitoring import ResolvedMonitor
 
 #: A public bound on the people whose rows one monitor cell may ever hold (more than any country's).
 MAX_PEOPLE = 2**31

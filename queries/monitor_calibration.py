@@ -24,12 +24,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from privacy.accounting import PURE, Accounting
-from privacy.continual import TreeCounter
-from privacy.errors import PrivacyError
-from queries.errors import QueryError
-from queries.metadata import DatasetMetadata, TableMeta
-from queries.monitoring import MonitorSpec, ResolvedMonitor, resolve_monitor
+from civicdp.privacy.accounting import PURE, Accounting
+from civicdp.privacy.continual import TreeCounter
+from civicdp.privacy.errors import PrivacyError
+from civicdp.queries.errors import QueryError
+from civicdp.queries.metadata import DatasetMetadata, TableMeta
+from civicdp.queries.monitoring import MonitorSpec, ResolvedMonitor, resolve_monitor
 
 FORMAT = 1
 _NEW = "Define a new monitor for the dataset's current version (its loss is charged anew)"

@@ -10,11 +10,11 @@ This module validates a spec against the public metadata (errors name the field 
 never depend on data), bounds new events per person **across the whole horizon** (each
 person's first ``L`` rows in arrival order, then in a hash order of the row; the count of
 rows a person has used is carried from batch to batch), computes each step's exact
-vector (:mod:`queries.monitor_batches`), and turns released tree nodes into values with
+vector (:mod:`civicdp.queries.monitor_batches`), and turns released tree nodes into values with
 intervals. What a monitor is calibrated on is frozen when it is defined
-(:mod:`queries.monitor_calibration`). The noise is drawn by
-:class:`privacy.continual.TreeCounter` (binary-tree mechanism) through
-:mod:`privacy.mechanisms`.
+(:mod:`civicdp.queries.monitor_calibration`). The noise is drawn by
+:class:`civicdp.privacy.continual.TreeCounter` (binary-tree mechanism) through
+:mod:`civicdp.privacy.mechanisms`.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from privacy import accuracy
-from privacy.continual import MAX_HORIZON, TreeCounter
-from privacy.loss import PrivacyLoss, compose
-from queries.errors import QueryError
-from queries.metadata import DatasetMetadata, TableMeta
-# check_batch and step_vectors live in queries.monitor_batches and are re-exported here.
-from queries.monitor_batches import check_batch, step_vectors, sum_unit
+from civicdp.privacy import accuracy
+from civicdp.privacy.continual import MAX_HORIZON, TreeCounter
+from civicdp.privacy.loss import PrivacyLoss, compose
+from civicdp.queries.errors import QueryError
+from civicdp.queries.metadata import DatasetMetadata, TableMeta
+# check_batch and step_vectors live in civicdp.queries.monitor_batches and are re-exported here.
+from civicdp.queries.monitor_batches import check_batch, step_vectors, sum_unit
 
 STEP_SECONDS = {"hour": 3600, "day": 86400, "week": 7 * 86400}
 MAX_RULES = 50

@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from queries.backend import AggregateRequest, GroupKey, Measure, RowFilter
-from queries.errors import DatasetUnavailable
-from queries.integrity import OWNER_KEY_TEXT, owner_key_counts
-from queries.metadata import DatasetMetadata
+from civicdp.queries.backend import AggregateRequest, GroupKey, Measure, RowFilter
+from civicdp.queries.errors import DatasetUnavailable
+from civicdp.queries.integrity import OWNER_KEY_TEXT, owner_key_counts
+from civicdp.queries.metadata import DatasetMetadata
 
 RANK = "__civicdp_rank"
 UNIT = "__civicdp_unit"
@@ -65,7 +65,7 @@ class _SourceChanged(Exception):
 
 
 class PolarsBackend:
-    """Exact bounded aggregates with Polars; see :class:`queries.backend.Backend`."""
+    """Exact bounded aggregates with Polars; see :class:`civicdp.queries.backend.Backend`."""
 
     def __init__(self, cache_dir: Path | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -406,7 +406,7 @@ def _as_keys(column: pl.Expr, column_type: str, keys: tuple[int | str | bool, ..
         column = column.cast(pl.Boolean, strict=False)
     else:
         column = column.cast(pl.String, strict=False)
-    # The cells' dtype is inferred from the keys the same way (queries.context._cells).
+    # The cells' dtype is inferred from the keys the same way (civicdp.queries.context._cells).
     keys_dtype = pl.Series(list(keys), strict=False).dtype
     return column if keys_dtype == pl.Null else column.cast(keys_dtype, strict=False)
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from queries.analyses import ANALYSES, AnalysisSpec
-from queries.errors import QueryError
-from queries.spec import QuerySpec, load_document, parse_spec, spec_error
+from civicdp.queries.analyses import ANALYSES, AnalysisSpec
+from civicdp.queries.errors import QueryError
+from civicdp.queries.spec import QuerySpec, load_document, parse_spec, spec_error
 
 Request = QuerySpec | AnalysisSpec
 

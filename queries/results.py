@@ -7,7 +7,7 @@ from typing import Any
 
 import polars as pl
 
-from privacy.loss import PrivacyLoss
+from civicdp.privacy.loss import PrivacyLoss
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from queries.errors import QueryError
+from civicdp.queries.errors import QueryError
 
 Aggregate = Literal["count", "sum", "mean", "quantiles", "histogram"]
 

@@ -6,7 +6,7 @@ the same rules: names the API refuses are refused here too, a grant already held
 nothing (and says so), and a revoke that removes nothing is an error (404 over HTTP, a
 non-zero exit on the command line), never a silent success. Role and dataset changes go
 to the policy store, which writes them to the shared rule table first: every server
-process sees them at its next decision (:mod:`policies.enforcer`).
+process sees them at its next decision (:mod:`civicdp.policies.enforcer`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from pathlib import Path
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
-from policies.actions import Role
-from policies.enforcer import PolicyStore
-from privacy.loss import PrivacyLoss
-from server import auth, ledger, registry
-from server.errors import Conflict, InvalidRequest, NotFound
-from server.models import Account, ApiKey, BudgetCap, Dataset
-from server.schemas import AccountCreate, BudgetCapSet, RoleGrant
-from server.service import Caller, record, subject_of
+from civicdp.policies.actions import Role
+from civicdp.policies.enforcer import PolicyStore
+from civicdp.privacy.loss import PrivacyLoss
+from civicdp.server import auth, ledger, registry
+from civicdp.server.errors import Conflict, InvalidRequest, NotFound
+from civicdp.server.models import Account, ApiKey, BudgetCap, Dataset
+from civicdp.server.schemas import AccountCreate, BudgetCapSet, RoleGrant
+from civicdp.server.service import Caller, record, subject_of
 
 
 def _validated(model: type, **fields: object) -> None:

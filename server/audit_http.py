@@ -7,7 +7,7 @@ first byte is sent — and a request whose entry cannot be written gets no answe
 Health and readiness probes and the public key are not uses and are not recorded.
 
 Requests that end without an identified caller (no key, a key that fails, a body refused
-before identity) are counted against their client's rate limit (:mod:`server.limits`):
+before identity) are counted against their client's rate limit (:mod:`civicdp.server.limits`):
 within it each gets its entry as above; beyond it they are left out one by one and
 summarised instead, one ``http.rate_limited`` entry per client per window.
 """
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.audit_log import SLOT, AuditSlot, record_request
+from civicdp.server.audit_log import SLOT, AuditSlot, record_request
 
 if TYPE_CHECKING:
-    from server.limits import AnonymousTraffic
+    from civicdp.server.limits import AnonymousTraffic
 
 logger = logging.getLogger("civicdp.audit")
 NOT_RECORDED = frozenset({"/v1/health", "/v1/ready", "/v1/audit/public-key"})

@@ -4,12 +4,12 @@ Every use of the server leaves exactly one entry. Code that changes state or spe
 budget calls :func:`record` inside its own transaction, so the entry commits or rolls
 back with the change (a query's entry is in the transaction that charges the ledger
 and stores the release). Every other request under ``/v1`` — reads, refusals, invalid
-input, failed authentication — gets its entry from :mod:`server.audit_http` as the
+input, failed authentication — gets its entry from :mod:`civicdp.server.audit_http` as the
 response starts, before anything is sent. A request knows whether it was recorded
 through its :class:`AuditSlot`, unmarked again if the recording transaction rolls back.
 
 Entries are canonical JSON without floats (amounts are integer micro-epsilon, other
-numbers become strings), hashed into an RFC 9162 tree (:mod:`audit.merkle`); the tree
+numbers become strings), hashed into an RFC 9162 tree (:mod:`civicdp.audit.merkle`); the tree
 heads are signed as C2SP checkpoints with the server's Ed25519 key.
 
 The log only grows. :class:`AuditLog` verifies the stored entries against every signed
@@ -42,14 +42,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from starlette.exceptions import HTTPException
 
-from audit.bundle import write_bundle
-from audit.checkpoint import Checkpoint, CheckpointError
-from audit.merkle import HashTree, leaf_hash
-from audit.signing import KeyError_, SigningKey, VerifierKey
-from server.caller import Caller
-from server.db import reader, session_scope
-from server.models import AuditCheckpoint, AuditEntry, AuditHead, AuditKey
-from server.tree_store import Scan, TileStore, TreeProblem, ensure_tree, locked_session
+from civicdp.audit.bundle import write_bundle
+from civicdp.audit.checkpoint import Checkpoint, CheckpointError
+from civicdp.audit.merkle import HashTree, leaf_hash
+from civicdp.audit.signing import KeyError_, SigningKey, VerifierKey
+from civicdp.server.caller import Caller
+from civicdp.server.db import reader, session_scope
+from civicdp.server.models import AuditCheckpoint, AuditEntry, AuditHead, AuditKey
+from civicdp.server.tree_store import Scan, TileStore, TreeProblem, ensure_tree, locked_session
 
 MAX_TEXT = 200
 logger = logging.getLogger("civicdp.audit")
@@ -127,7 +127,7 @@ class Alarms:
         self.releases: dict[int, Alarm] = {}
         self.verified: dict[int, tuple[str, ...]] = {}
         self.audit_log: weakref.ReferenceType[AuditLog] | None = None
-        self.evidence: Any = None  # server.reconcile's folded audit trail, valid while the log verifies
+        self.evidence: Any = None  # civicdp.server.reconcile's folded audit trail, valid while the log verifies
 
     def fail_log(self, problem: str) -> Alarm:
         with self.lock:
@@ -416,7 +416,7 @@ def checked_leaf(seq: int, text: str, hex_hash: str) -> bytes | str:
 class AuditLog:
     """Checkpoints, proofs and exports over the stored entries (one per server process).
 
-    The Merkle tree is stored in the database as tiles (:mod:`server.tree_store`), shared
+    The Merkle tree is stored in the database as tiles (:mod:`civicdp.server.tree_store`), shared
     by every process: the entries committed since the tree's size are integrated on
     demand (a range read, under the log's lock), a missing number with later entries
     stored is an alarm, never a silent stop, and each entry read is checked against its
@@ -426,7 +426,7 @@ class AuditLog:
     The whole stored log is verified against every signed checkpoint (and the checkpoint
     kept beside the key) when the log is opened and every ``verify_every_minutes``
     (:meth:`tick`, driven by the checkpoint timer through :meth:`due`); budgets and stored
-    answers are reconciled at the same times (:mod:`server.reconcile`); the read of the
+    answers are reconciled at the same times (:mod:`civicdp.server.reconcile`); the read of the
     whole log also compares the stored tree with the entries. A checkpoint is signed only
     if the tree extends the latest one stored, by one signer at a time per database (the
     log's lock), and a process that has not verified the log reads it once before its
@@ -454,7 +454,7 @@ class AuditLog:
         self.alarms = alarms_for(db)
         self.alarms.audit_log = weakref.ref(self)
         _guard_requests(db, self.alarms)
-        from server import reconcile  # noqa: F401, PLC0415 - registers the ledger's spend check
+        from civicdp.server import reconcile  # noqa: F401, PLC0415 - registers the ledger's spend check
         if check_on_start:
             self.tick(force=True)
 
@@ -678,7 +678,7 @@ class AuditLog:
             pass
         except Exception:  # noqa: BLE001 - e.g. the database is down: retried at the next check
             logger.exception("could not verify the audit log; retrying at the next check")
-        from server import reconcile  # noqa: PLC0415 - reconcile builds on this module
+        from civicdp.server import reconcile  # noqa: PLC0415 - reconcile builds on this module
 
         try:
             reconcile.check_state(self.db, self)

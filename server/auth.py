@@ -29,7 +29,7 @@ from pathlib import Path
 
 from sqlmodel import Session, select
 
-from server.models import Account, ApiKey
+from civicdp.server.models import Account, ApiKey
 
 KEY_SCHEME = "cdp"
 PREFIX_LENGTH = 12

@@ -1,7 +1,7 @@
 """Start-up: the state database, the policy store, the query service, the server secret.
 
 Nothing here creates a state on the side: :func:`build_state` opens an existing state and
-checks that its files belong with its database (:mod:`server.identity`), and refuses
+checks that its files belong with its database (:mod:`civicdp.server.identity`), and refuses
 otherwise. Only :func:`init_state` (``civicdp init``, or ``build_state(init=True)`` for tests
 and the demo, also ``CIVICDP_INIT_STATE``) creates one.
 """
@@ -16,19 +16,19 @@ from pathlib import Path
 from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy.exc import OperationalError
 
-from policies.defaults import default_rules
-from policies.enforcer import PolicyStore
-from policies.storage import VersionedAdapter
-from queries.context import EngineLimits
-from queries.engine import Engine
-from server import identity
-from server.audit_log import AuditLog, AuditLogFailed, ensure_head
-from server.db import init_db, make_engine, reader
-from server.deps import AppState
-from server.ledger import CapDefaults
-from server.computations import abandon_stale
-from server.service import QueryService
-from server.settings import Settings
+from civicdp.policies.defaults import default_rules
+from civicdp.policies.enforcer import PolicyStore
+from civicdp.policies.storage import VersionedAdapter
+from civicdp.queries.context import EngineLimits
+from civicdp.queries.engine import Engine
+from civicdp.server import identity
+from civicdp.server.audit_log import AuditLog, AuditLogFailed, ensure_head
+from civicdp.server.db import init_db, make_engine, reader
+from civicdp.server.deps import AppState
+from civicdp.server.ledger import CapDefaults
+from civicdp.server.computations import abandon_stale
+from civicdp.server.service import QueryService
+from civicdp.server.settings import Settings
 
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def build_policies(db: DbEngine, *, defaults: bool = False, refresh_seconds: flo
 class Opened:
     """An open, checked state database: its policy store, its secret, and what opening it did.
 
-    ``status``: ``created`` or ``adopted`` (:func:`server.identity.initialise`), else ``existing``.
+    ``status``: ``created`` or ``adopted`` (:func:`civicdp.server.identity.initialise`), else ``existing``.
     """
 
     db: DbEngine
@@ -86,7 +86,7 @@ def open_state(settings: Settings, *, init: bool = False) -> Opened:
 
     With ``init`` a state that does not exist yet is created first (database tables, the
     default policy rules, the key-hashing secret, the signing key, then the identity row);
-    without it a missing or mismatched state raises :class:`server.identity.StateError`,
+    without it a missing or mismatched state raises :class:`civicdp.server.identity.StateError`,
     and nothing is created.
     """
     if not init and not identity.exists(settings):
@@ -145,7 +145,7 @@ def init_state(settings: Settings) -> tuple[identity.StateIdentity, str]:
 
 
 def check_state(settings: Settings) -> identity.StateIdentity:
-    """Refuse (:class:`server.identity.StateError`) unless the settings point at an existing, matching state."""
+    """Refuse (:class:`civicdp.server.identity.StateError`) unless the settings point at an existing, matching state."""
     opened = open_state(settings)
     opened.close()
     return opened.identity
@@ -155,7 +155,7 @@ def build_state(settings: Settings, *, init: bool | None = None) -> AppState:
     """Open the state for a server process or a command.
 
     ``init`` (default: ``settings.init_state``) creates the state first if there is none;
-    otherwise a missing or mismatched state is refused with :class:`server.identity.StateError`.
+    otherwise a missing or mismatched state is refused with :class:`civicdp.server.identity.StateError`.
     """
     opened = open_state(settings, init=settings.init_state if init is None else init)
     db, policy_db, policies = opened.db, opened.policy_db, opened.policies

@@ -19,17 +19,17 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from privacy.errors import PrivacyError
-from queries.context import EngineLimits
-from queries.engine import Engine, LocalDataset, Result
-from queries.errors import QueryError
-from server.cli_admin import accounts, budgets, datasets, keys, roles
-from server.cli_audit import audit
-from server.cli_common import fail, read_json
-from server.cli_feeds import feeds
-from server.cli_monitors import monitors
-from server.identity import StateError
-from server.settings import Settings
+from civicdp.privacy.errors import PrivacyError
+from civicdp.queries.context import EngineLimits
+from civicdp.queries.engine import Engine, LocalDataset, Result
+from civicdp.queries.errors import QueryError
+from civicdp.server.cli_admin import accounts, budgets, datasets, keys, roles
+from civicdp.server.cli_audit import audit
+from civicdp.server.cli_common import fail, read_json
+from civicdp.server.cli_feeds import feeds
+from civicdp.server.cli_monitors import monitors
+from civicdp.server.identity import StateError
+from civicdp.server.settings import Settings
 
 
 class _StateCheckedGroup(TyperGroup):
@@ -76,7 +76,7 @@ def demo_data(
                                               "of requests, other column names)")] = "demo",
 ) -> None:
     """Write a realistic synthetic dataset (events, catalogue, steps, planted bundles, metadata)."""
-    from synthetic.demo_data import PROFILES, generate
+    from civicdp.synthetic.demo_data import PROFILES, generate
 
     if profile not in PROFILES:
         fail(f"unknown profile '{profile}': use one of {', '.join(sorted(PROFILES))}")
@@ -122,7 +122,7 @@ def tour(
     people: Annotated[int, typer.Option(min=1000, help="People to simulate if the dataset is missing")] = 200_000,
 ) -> None:
     """Ask the four W1 questions of the demo data and show each private answer."""
-    from server.tour import run_tour
+    from civicdp.server.tour import run_tour
 
     run_tour(data, people, _engine(), console)
 
@@ -139,7 +139,7 @@ def init(
     database, so a process given other files refuses to start. On an existing state it
     only checks that the files match (nothing is created or replaced).
     """
-    from server.bootstrap import init_state
+    from civicdp.server.bootstrap import init_state
 
     settings = _settings_for_init(data_dir)
     try:
@@ -171,14 +171,14 @@ def _settings_for_init(data_dir: Path | None) -> Settings:
 
 
 def _state_location(settings: Settings) -> str:
-    from server.identity import location
+    from civicdp.server.identity import location
 
     return location(settings)
 
 
 def _require_state(settings: Settings) -> None:
     """Refuse (exit status 2) unless the settings point at an existing state whose files match it."""
-    from server.bootstrap import check_state
+    from civicdp.server.bootstrap import check_state
 
     try:
         check_state(settings)
@@ -196,7 +196,7 @@ def serve(
                                                              "and listening socket")] = 1,
 ) -> None:
     """Start the HTTP server on existing state (CIVICDP_DATA_DIR, or DATABASE_URL for PostgreSQL)."""
-    from server import serving
+    from civicdp.server import serving
 
     settings = Settings()
     _require_state(settings)
@@ -210,8 +210,8 @@ def demo(
     serve_too: Annotated[bool, typer.Option("--serve/--no-serve", help="Start the server afterwards")] = True,
 ) -> None:
     """Set up the demo (data, accounts for every role, fresh keys), print examples, and serve."""
-    from queries.metadata import load_metadata
-    from server.demo_server import prepare_demo, print_welcome
+    from civicdp.queries.metadata import load_metadata
+    from civicdp.server.demo_server import prepare_demo, print_welcome
 
     settings = Settings()
     keys = prepare_demo(settings, data, people, console)

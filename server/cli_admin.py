@@ -20,19 +20,19 @@ from rich.console import Console
 from rich.table import Table
 from sqlmodel import select
 
-from policies.actions import Role
-from policies.errors import PolicyError
-from queries.errors import QueryError
-from server import admin, ledger
-from server.bootstrap import build_state
-from server.cli_common import fail
-from server.db import session_scope
-from server.deps import AppState
-from server.errors import Conflict, InvalidRequest, NotFound
-from server.identity import StateError
-from server.models import Account, utcnow
-from server.service import subject_of
-from server.settings import Settings
+from civicdp.policies.actions import Role
+from civicdp.policies.errors import PolicyError
+from civicdp.queries.errors import QueryError
+from civicdp.server import admin, ledger
+from civicdp.server.bootstrap import build_state
+from civicdp.server.cli_common import fail
+from civicdp.server.db import session_scope
+from civicdp.server.deps import AppState
+from civicdp.server.errors import Conflict, InvalidRequest, NotFound
+from civicdp.server.identity import StateError
+from civicdp.server.models import Account, utcnow
+from civicdp.server.service import subject_of
+from civicdp.server.settings import Settings
 
 console = Console(soft_wrap=True)
 accounts = typer.Typer(help="Accounts of analysts, stewards, oversight officers and feed consumers.",
@@ -152,7 +152,7 @@ def datasets_register(folder: Path) -> None:
 
 @datasets.command("list")
 def datasets_list() -> None:
-    from server import registry
+    from civicdp.server import registry
 
     with _state() as state, session_scope(state.db) as session:
         for row in registry.all_datasets(session):

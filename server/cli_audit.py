@@ -21,12 +21,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from audit.bundle import TamperDetected, read_entries, verify_bundle
-from audit.checkpoint import Checkpoint, CheckpointError
-from audit.signing import KeyError_, SigningKey, VerifierKey
-from audit.witness import Witness, WitnessRefused
-from server.cli_common import fail
-from server.settings import Settings
+from civicdp.audit.bundle import TamperDetected, read_entries, verify_bundle
+from civicdp.audit.checkpoint import Checkpoint, CheckpointError
+from civicdp.audit.signing import KeyError_, SigningKey, VerifierKey
+from civicdp.audit.witness import Witness, WitnessRefused
+from civicdp.server.cli_common import fail
+from civicdp.server.settings import Settings
 
 audit = typer.Typer(help="The tamper-evident audit log: verify, witness, inspect, export.", no_args_is_help=True)
 console = Console(soft_wrap=True)
@@ -105,8 +105,8 @@ def reconcile(
     """
     from sqlalchemy.exc import SQLAlchemyError
 
-    from server.db import make_engine
-    from server.reconcile import reconcile_export
+    from civicdp.server.db import make_engine
+    from civicdp.server.reconcile import reconcile_export
 
     keys = _keys(public_key)
     trusted = _checkpoint_file(trusted_checkpoint) if trusted_checkpoint else None
@@ -202,9 +202,9 @@ def public_key_command(
 @audit.command("rotate-key")
 def rotate_key() -> None:
     """Replace the signing key; the change is logged and the next checkpoint is signed by both keys."""
-    from server.audit_log import record
-    from server.bootstrap import build_state
-    from server.db import session_scope
+    from civicdp.server.audit_log import record
+    from civicdp.server.bootstrap import build_state
+    from civicdp.server.db import session_scope
 
     settings = Settings()
     state = build_state(settings)
@@ -230,13 +230,13 @@ def rotate_key() -> None:
 
 
 def _client(url: str, api_key: str):  # type: ignore[no-untyped-def]
-    from queries.client import Client
+    from civicdp.queries.client import Client
 
     return Client(url, api_key)
 
 
 def _http(call):  # type: ignore[no-untyped-def]
-    from queries.client import ClientError
+    from civicdp.queries.client import ClientError
 
     import httpx
 

@@ -22,16 +22,16 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-from audit.release_signature import ReleaseSignatureError, verify_release
-from audit.signing import KeyError_, VerifierKey
-from queries.errors import QueryError
-from server.bootstrap import build_state
-from server.cli_common import fail, read_json
-from server.deps import AppState
-from server.errors import Conflict, InvalidRequest, NotFound
-from server.feed_schemas import FeedDefinition
-from server.feeds import FeedRefused, FeedService
-from server.settings import Settings
+from civicdp.audit.release_signature import ReleaseSignatureError, verify_release
+from civicdp.audit.signing import KeyError_, VerifierKey
+from civicdp.queries.errors import QueryError
+from civicdp.server.bootstrap import build_state
+from civicdp.server.cli_common import fail, read_json
+from civicdp.server.deps import AppState
+from civicdp.server.errors import Conflict, InvalidRequest, NotFound
+from civicdp.server.feed_schemas import FeedDefinition
+from civicdp.server.feeds import FeedRefused, FeedService
+from civicdp.server.settings import Settings
 
 console = Console(soft_wrap=True)
 feeds = typer.Typer(help="Agency feeds: scheduled, signed releases (define, list, trigger, fetch, verify).",

@@ -17,15 +17,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from privacy.errors import PrivacyError
-from queries.errors import QueryError
-from server.bootstrap import build_state
-from server.caller import Caller
-from server.cli_common import fail, read_json
-from server.errors import Conflict, NotFound
-from server.ledger import BudgetRefused
-from server.monitors import MonitorService, monitor_dict, release_dict
-from server.settings import Settings
+from civicdp.privacy.errors import PrivacyError
+from civicdp.queries.errors import QueryError
+from civicdp.server.bootstrap import build_state
+from civicdp.server.caller import Caller
+from civicdp.server.cli_common import fail, read_json
+from civicdp.server.errors import Conflict, NotFound
+from civicdp.server.ledger import BudgetRefused
+from civicdp.server.monitors import MonitorService, monitor_dict, release_dict
+from civicdp.server.settings import Settings
 
 console = Console(soft_wrap=True)
 monitors = typer.Typer(help="Monitors: continual private releases with alerts (define, batch, list, show).",
@@ -85,7 +85,7 @@ def list_monitors() -> None:
 def show(name: Annotated[str, typer.Argument(help="The monitor")]) -> None:
     """A monitor's released steps and alerts (JSON)."""
     with _service() as service:
-        from server.monitors import alert_dict
+        from civicdp.server.monitors import alert_dict
 
         console.print_json(json.dumps({"monitor": monitor_dict(service.get(name)),
                                        "releases": [release_dict(r) for r in service.releases(name)],

@@ -1,7 +1,7 @@
 """Charged computations: the state between paying for a question and releasing its answer.
 
 A fresh query is paid for before any data is read (DESIGN.md's request flow): one
-transaction claims the question (a :class:`~server.models.Computation` row, unique per
+transaction claims the question (a :class:`~civicdp.server.models.Computation` row, unique per
 dataset, version and query), charges every budget scope and writes the audit entry.
 Only after that commit is the data read. Then either the release is stored (and the
 claim removed, in one transaction with its own audit entry), or the failure is
@@ -21,11 +21,11 @@ from sqlalchemy import delete, update
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session, select
 
-from server import ledger
-from server.audit_log import record
-from server.caller import Caller
-from server.db import session_scope
-from server.models import Budget, Computation, LedgerEntry, Release
+from civicdp.server import ledger
+from civicdp.server.audit_log import record
+from civicdp.server.caller import Caller
+from civicdp.server.db import session_scope
+from civicdp.server.models import Budget, Computation, LedgerEntry, Release
 
 #: The one text a failed computation is answered with, whatever went wrong with the data.
 FAILED_TEXT = ("the answer could not be computed from the dataset's files; this query's privacy loss "

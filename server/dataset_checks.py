@@ -22,7 +22,7 @@ import os
 import stat
 from pathlib import Path
 
-from queries.metadata import DatasetMetadata
+from civicdp.queries.metadata import DatasetMetadata
 
 MAX_METADATA_BYTES = 10 * 1024 * 1024
 #: Larger bounds lose whole units in float64 and make every sum's noise astronomical.

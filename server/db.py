@@ -10,9 +10,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel, create_engine
 
-from server import models  # noqa: F401 - registers the tables
-from server import feed_models  # noqa: F401 - registers the feed tables
-from server import monitor_models  # noqa: F401 - registers the monitor tables
+from civicdp.server import models  # noqa: F401 - registers the tables
+from civicdp.server import feed_models  # noqa: F401 - registers the feed tables
+from civicdp.server import monitor_models  # noqa: F401 - registers the monitor tables
 
 
 def make_engine(url: str) -> Engine:

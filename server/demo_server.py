@@ -7,12 +7,12 @@ from pathlib import Path
 from rich.console import Console
 from sqlmodel import select
 
-from policies.actions import Role
-from server import admin
-from server.bootstrap import build_state
-from server.db import session_scope
-from server.models import Account, ApiKey, utcnow
-from server.settings import Settings
+from civicdp.policies.actions import Role
+from civicdp.server import admin
+from civicdp.server.bootstrap import build_state
+from civicdp.server.db import session_scope
+from civicdp.server.models import Account, ApiKey, utcnow
+from civicdp.server.settings import Settings
 
 DEMO_ACCOUNTS = [  # name, agency, role, role's agency ("*": every agency)
     ("steward", "civic-office", Role.STEWARD, "*"),
@@ -29,7 +29,7 @@ def prepare_demo(settings: Settings, data: Path, people: int, console: Console) 
     The demo makes its own state (as ``civicdp init`` would) if there is none where the
     settings point, and uses the existing one otherwise (its files must match it).
     """
-    from synthetic.demo_data import generate
+    from civicdp.synthetic.demo_data import generate
 
     if not (data / "metadata.json").exists():
         console.print(f"generating demo data for {people:,} people in {data} ...")
@@ -68,7 +68,7 @@ def print_welcome(console: Console, settings: Settings, keys: dict[str, str], da
        -d '{{"dataset": "{dataset}", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1}}'""",
                   highlight=False)
     console.print("\nOr from Python (in another terminal: . .venv/bin/activate; python):")
-    console.print(f"""  from queries.client import Client
+    console.print(f"""  from civicdp.queries.client import Client
   client = Client("{url}", "{key}")
   print(client.datasets()[0]["name"])
   print(client.estimate({{"dataset": "{dataset}", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1}}))

@@ -16,17 +16,17 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session
 
-from audit.signing import SigningKey
-from policies.actions import Action
-from policies.enforcer import PolicyStore
-from server import auth
-from server.db import reader, session_scope
-from server.errors import AccessDenied
-from server.ledger import CapDefaults
-from server.audit_log import AuditLog, current_slot, record
-from server.caller import Caller
-from server.service import QueryService
-from server.settings import Settings
+from civicdp.audit.signing import SigningKey
+from civicdp.policies.actions import Action
+from civicdp.policies.enforcer import PolicyStore
+from civicdp.server import auth
+from civicdp.server.db import reader, session_scope
+from civicdp.server.errors import AccessDenied
+from civicdp.server.ledger import CapDefaults
+from civicdp.server.audit_log import AuditLog, current_slot, record
+from civicdp.server.caller import Caller
+from civicdp.server.service import QueryService
+from civicdp.server.settings import Settings
 
 
 @dataclass

@@ -26,11 +26,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from policies.errors import PolicyError
-from privacy.errors import InvalidLoss
-from queries.errors import DatasetUnavailable, QueryError
-from server.auth import AuthenticationFailed
-from server.ledger import BudgetRefused
+from civicdp.policies.errors import PolicyError
+from civicdp.privacy.errors import InvalidLoss
+from civicdp.queries.errors import DatasetUnavailable, QueryError
+from civicdp.server.auth import AuthenticationFailed
+from civicdp.server.ledger import BudgetRefused
 
 
 #: The one text for anything a caller may not see, whether it exists or not (no existence oracle).

@@ -21,7 +21,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from server.models import utcnow
+from civicdp.server.models import utcnow
 
 
 class Feed(SQLModel, table=True):
@@ -61,7 +61,7 @@ class FeedRelease(SQLModel, table=True):
 
 class FeedApproval(SQLModel, table=True):
     """What a feed was approved for, fixed at its definition: the loss per release and a
-    fingerprint of everything its sensitivity depends on (see ``server.feeds.approval_basis``)."""
+    fingerprint of everything its sensitivity depends on (see ``civicdp.server.feeds.approval_basis``)."""
 
     id: int | None = Field(default=None, primary_key=True)
     feed_id: int = Field(foreign_key="feed.id", unique=True)

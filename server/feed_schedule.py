@@ -19,7 +19,7 @@ from datetime import datetime, timedelta, timezone
 
 from apscheduler.triggers.cron import CronTrigger
 
-from server.errors import InvalidRequest
+from civicdp.server.errors import InvalidRequest
 
 NAMED = {"daily": "0 0 * * *", "weekly": "0 0 * * mon", "monthly": "0 0 1 * *"}
 MAX_RELEASES = 1000

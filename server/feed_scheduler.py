@@ -1,7 +1,7 @@
 """The in-process feed scheduler: APScheduler checks for due releases, the database decides who makes them.
 
 Every ``feeds_check_seconds`` (and once at start-up, which is the catch-up after
-downtime) a background job runs :meth:`server.feeds.FeedService.run_due`: first the
+downtime) a background job runs :meth:`civicdp.server.feeds.FeedService.run_due`: first the
 claims a stopped process left charged but unreleased for longer than the claim timeout
 are marked failed (audited; their charges stay), then every release whose time has
 passed and whose period was never claimed or refused is produced now. The schedule is
@@ -25,8 +25,8 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from server.audit_log import AuditLogFailed
-from server.feeds import FeedService
+from civicdp.server.audit_log import AuditLogFailed
+from civicdp.server.feeds import FeedService
 
 logger = logging.getLogger("civicdp.feeds")
 

@@ -15,7 +15,7 @@ metadata — bounds, resolution, keys — of every column the specs read). A rel
 against a dataset version whose metadata changes any of it is refused before any
 charge, naming what changed: a new feed definition is needed.
 
-A **release** is made when its period is due (the scheduler, :mod:`server.feed_scheduler`)
+A **release** is made when its period is due (the scheduler, :mod:`civicdp.server.feed_scheduler`)
 or when a steward triggers the next one. The loss is **spent before the data is read**:
 
 1. plan the specs against the registered metadata, check them against the approval,
@@ -66,25 +66,25 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session, select
 
-from audit.release_signature import FORMAT, canonical_bytes, sign_release
-from audit.signing import SigningKey
-from policies.actions import Action
-from policies.enforcer import PolicyStore
-from privacy.errors import PrivacyError
-from privacy.loss import MICRO
-from queries.engine import AnalysisPlan, Engine, Plan
-from queries.errors import QueryError
-from queries.metadata import DatasetMetadata
-from queries.request import Request, parse_request
-from server import ledger, registry
-from server.audit_log import record
-from server.caller import Caller
-from server.db import reader, session_scope
-from server.errors import Conflict, InvalidRequest, NotFound
-from server.feed_models import CHARGED, FAILED, RELEASED, Feed, FeedApproval, FeedClaim, FeedRefusal, FeedRelease
-from server.feed_schedule import Schedule, parse_schedule, period_label
-from server.feed_schemas import FeedDefinition, FeedOverview, FeedReleaseOut, FeedSummary
-from server.models import AuditEntry, BudgetCap, Dataset, LedgerEntry, Release
+from civicdp.audit.release_signature import FORMAT, canonical_bytes, sign_release
+from civicdp.audit.signing import SigningKey
+from civicdp.policies.actions import Action
+from civicdp.policies.enforcer import PolicyStore
+from civicdp.privacy.errors import PrivacyError
+from civicdp.privacy.loss import MICRO
+from civicdp.queries.engine import AnalysisPlan, Engine, Plan
+from civicdp.queries.errors import QueryError
+from civicdp.queries.metadata import DatasetMetadata
+from civicdp.queries.request import Request, parse_request
+from civicdp.server import ledger, registry
+from civicdp.server.audit_log import record
+from civicdp.server.caller import Caller
+from civicdp.server.db import reader, session_scope
+from civicdp.server.errors import Conflict, InvalidRequest, NotFound
+from civicdp.server.feed_models import CHARGED, FAILED, RELEASED, Feed, FeedApproval, FeedClaim, FeedRefusal, FeedRelease
+from civicdp.server.feed_schedule import Schedule, parse_schedule, period_label
+from civicdp.server.feed_schemas import FeedDefinition, FeedOverview, FeedReleaseOut, FeedSummary
+from civicdp.server.models import AuditEntry, BudgetCap, Dataset, LedgerEntry, Release
 
 logger = logging.getLogger("civicdp.feeds")
 SCHEDULER, STEWARD = "scheduler", "steward"

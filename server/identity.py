@@ -40,11 +40,11 @@ from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel
 
-from audit.signing import KeyError_, SigningKey, VerifierKey
-from server import auth
-from server.db import reader, session_scope
-from server.models import ApiKey, AuditEntry, AuditKey, utcnow
-from server.settings import Settings
+from civicdp.audit.signing import KeyError_, SigningKey, VerifierKey
+from civicdp.server import auth
+from civicdp.server.db import reader, session_scope
+from civicdp.server.models import ApiKey, AuditEntry, AuditKey, utcnow
+from civicdp.server.settings import Settings
 
 TABLE = "civicdp_state"
 

@@ -12,7 +12,7 @@ concurrent requests:
   authorisation judges (planning is a pure function of the spec and the metadata of one
   version); for each API key prefix, its key and account ids, name, agency and secret hash
   (none of which ever changes); for each release, its answer as sent, once its bytes were
-  checked against its audit entry by the full path (:func:`server.reconcile.check_stored_answer`).
+  checked against its audit entry by the full path (:func:`civicdp.server.reconcile.check_stored_answer`).
 - **Checked for every request**: the key's HMAC (computed on the event loop); the policy
   decision and roles (the policy store, which follows the stored policy version); and,
   *inside the transaction that writes the entry*, the key's row (not revoked, not
@@ -53,14 +53,14 @@ from sqlalchemy import and_, bindparam, or_, select
 from sqlmodel import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from policies.actions import Action
-from server import auth, ledger
-from server.audit_log import SLOT, alarms_for, append_many
-from server.caller import Caller
-from server.db import reader, write_turn
-from server.models import Account, ApiKey, Budget, Dataset, Release
-from server.schemas import BudgetOut
-from server.service import CachedQuestion, QueryService, sha256_text
+from civicdp.policies.actions import Action
+from civicdp.server import auth, ledger
+from civicdp.server.audit_log import SLOT, alarms_for, append_many
+from civicdp.server.caller import Caller
+from civicdp.server.db import reader, write_turn
+from civicdp.server.models import Account, ApiKey, Budget, Dataset, Release
+from civicdp.server.schemas import BudgetOut
+from civicdp.server.service import CachedQuestion, QueryService, sha256_text
 
 logger = logging.getLogger("civicdp.lean")
 

@@ -9,7 +9,7 @@ the caller's database transaction, before the answer leaves. The database, not
 process memory, holds the state, so the guarantee survives restarts and holds across
 threads and several server processes (OpenDP's in-memory ``Context`` does not; see
 GOVERNANCE.md, "Budget ledger"). Amounts are integers end to end — micro-epsilon on a
-pure-DP dataset, nano-rho on a zCDP one (:mod:`privacy.accounting`): ``0.1 + 0.1 + 0.1``
+pure-DP dataset, nano-rho on a zCDP one (:mod:`civicdp.privacy.accounting`): ``0.1 + 0.1 + 0.1``
 is exactly ``0.3`` and a float never enters a comparison. Caps are set in epsilon (the
 number people agree on) and converted once, rounding down, into the dataset's unit when
 a budget row is opened; a feed's allocation (``feed`` scope) is already in that unit.
@@ -42,10 +42,10 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
-from privacy.accounting import PURE, Accounting
-from privacy.errors import BudgetExhausted, InvalidLoss
-from privacy.loss import MICRO, PrivacyLoss
-from server.models import Budget, BudgetCap, Dataset, LedgerEntry
+from civicdp.privacy.accounting import PURE, Accounting
+from civicdp.privacy.errors import BudgetExhausted, InvalidLoss
+from civicdp.privacy.loss import MICRO, PrivacyLoss
+from civicdp.server.models import Budget, BudgetCap, Dataset, LedgerEntry
 
 #: Scope kinds, in the order a request's scopes are listed.
 ANALYST, AGENCY, DATASET, LIFETIME = "analyst", "agency", "dataset", "lifetime"
@@ -105,7 +105,7 @@ class CapDefaults:
 
     @classmethod
     def from_settings(cls, settings: _EpsilonSettings) -> CapDefaults:
-        """Caps from a ``server.settings.Settings`` (or anything with its four epsilon fields)."""
+        """Caps from a ``civicdp.server.settings.Settings`` (or anything with its four epsilon fields)."""
         return cls(
             analyst_month_micro=_cap_micro(settings.analyst_month_epsilon),
             agency_month_micro=_cap_micro(settings.agency_month_epsilon),
@@ -189,7 +189,7 @@ class BudgetRefused(BudgetExhausted):
     amounts in micro-epsilon (``cap_micro``, ``spent_micro``, ``remaining_micro``,
     ``requested_micro``) and in epsilon (``*_epsilon`` floats, for display), and
     ``renews_at`` (start of the next month in UTC, None for the lifetime scope).
-    A subclass of :class:`privacy.errors.BudgetExhausted`, so one HTTP handler can
+    A subclass of :class:`civicdp.privacy.errors.BudgetExhausted`, so one HTTP handler can
     map both.
     """
 

@@ -49,12 +49,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.audit_http import client_of, is_recorded
-from server.audit_log import record
-from server.auth import AuthenticationFailed
-from server.db import session_scope
-from server.deps import key_authenticates
-from server.settings import Settings
+from civicdp.server.audit_http import client_of, is_recorded
+from civicdp.server.audit_log import record
+from civicdp.server.auth import AuthenticationFailed
+from civicdp.server.db import session_scope
+from civicdp.server.deps import key_authenticates
+from civicdp.server.settings import Settings
 
 logger = logging.getLogger("civicdp.limits")
 

@@ -8,17 +8,17 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI
 
-from server import errors
-from server.audit_http import AuditMiddleware, audit_checkpoints
-from server.bootstrap import build_state
-from server.feed_scheduler import start_feeds, stop_feeds
-from server.http_methods import AllowHeaderMiddleware
-from server.lean import LeanQueries
-from server.limits import (
+from civicdp.server import errors
+from civicdp.server.audit_http import AuditMiddleware, audit_checkpoints
+from civicdp.server.bootstrap import build_state
+from civicdp.server.feed_scheduler import start_feeds, stop_feeds
+from civicdp.server.http_methods import AllowHeaderMiddleware
+from civicdp.server.lean import LeanQueries
+from civicdp.server.limits import (
     AnonymousTraffic, RequestLimitsMiddleware, document_limits, last_summary, summarise_refusals,
 )
-from server.routes import admin, audit, budgets, datasets, feeds, health, monitors, queries, releases
-from server.settings import Settings
+from civicdp.server.routes import admin, audit, budgets, datasets, feeds, health, monitors, queries, releases
+from civicdp.server.settings import Settings
 
 DESCRIPTION = """Differentially private statistics on public-service use.
 

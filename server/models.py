@@ -1,7 +1,7 @@
 """What the server stores (SQLModel): accounts, API keys, datasets, budgets, the
 ledger, releases and the audit log (entries, signed checkpoints, public keys).
 
-Amounts of privacy loss are integers in micro-epsilon (``privacy.loss.MICRO``), so
+Amounts of privacy loss are integers in micro-epsilon (``civicdp.privacy.loss.MICRO``), so
 sums are exact and a cap of 0.3 holds three charges of 0.1. HTTP schemas live in
 ``server/schemas.py`` and never expose key hashes or table internals.
 """
@@ -179,10 +179,10 @@ class AuditKey(SQLModel, table=True):
 
 
 class AuditTile(SQLModel, table=True):
-    """A tile of the log's Merkle tree (:mod:`audit.tiles`): up to 256 hashes of one height, concatenated.
+    """A tile of the log's Merkle tree (:mod:`civicdp.audit.tiles`): up to 256 hashes of one height, concatenated.
 
     Written by whichever server process integrates new entries, under one lock
-    (:mod:`server.tree_store`); a full tile never changes, a partial one only grows.
+    (:mod:`civicdp.server.tree_store`); a full tile never changes, a partial one only grows.
     """
 
     level: int = Field(sa_column=Column(Integer, primary_key=True, autoincrement=False))

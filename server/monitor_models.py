@@ -15,7 +15,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from server.models import utcnow
+from civicdp.server.models import utcnow
 
 
 class Monitor(SQLModel, table=True):
@@ -41,7 +41,7 @@ class MonitorCalibration(SQLModel, table=True):
     """What a monitor's charge was calibrated on, frozen at definition (one row per monitor).
 
     A table of its own (``create_all`` adds new tables to an existing database, not new
-    columns). ``calibration_json`` is :meth:`queries.monitor_calibration.Calibration.to_json`;
+    columns). ``calibration_json`` is :meth:`civicdp.queries.monitor_calibration.Calibration.to_json`;
     batches rebuild the monitor's trees from it alone. A monitor without a row (defined
     before calibrations were stored) accepts no batch.
     """

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from queries.monitor_batches import add_vectors, exact_total
-from queries.monitoring import ResolvedMonitor, step_rows, step_vectors
-from server.monitor_models import MonitorBatch
+from civicdp.queries.monitor_batches import add_vectors, exact_total
+from civicdp.queries.monitoring import ResolvedMonitor, step_rows, step_vectors
+from civicdp.server.monitor_models import MonitorBatch
 
 Released = list[tuple[int, list[dict[str, Any]]]]
 Nodes = dict[tuple[int, int], dict[str, list[int]]]

@@ -3,7 +3,7 @@
 Flow of a definition: validate against the dataset's public metadata → in ONE
 transaction: store the monitor and its calibration (what its noise was calibrated on:
 L, bounds, resolution, group keys, noise scales, the metadata version; see
-:mod:`queries.monitor_calibration`), charge its total loss for the whole horizon to the
+:mod:`civicdp.queries.monitor_calibration`), charge its total loss for the whole horizon to the
 dataset's month and lifetime scopes (conditional update, as for queries), record it.
 
 Flow of a batch (steward): rebuild the monitor from its stored calibration alone, and
@@ -17,7 +17,7 @@ into step and running values with intervals, evaluate the alert rules
 records. Nothing is charged per batch: the tree's noise was calibrated for the whole
 horizon, so no number of batches can spend more than the declared total. If anything
 fails, the attempt's files are removed and nothing it computed is released; the next
-attempt starts from the last committed batch's state (:mod:`server.monitor_state`).
+attempt starts from the last committed batch's state (:mod:`civicdp.server.monitor_state`).
 
 Alerts are delivered after the commit: to HTTP callbacks of subscribers (``httpx``,
 short timeout, on a background thread, each outcome recorded) and to server-sent-event
@@ -39,19 +39,19 @@ from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from policies.actions import Action
-from queries.errors import QueryError
-from queries.monitor_calibration import Calibration, frozen_monitor
-from queries.monitoring import ResolvedMonitor, check_batch, fired, parse_monitor, resolve_monitor
-from server import ledger, registry
-from server.caller import Caller
-from server.db import reader, session_scope
-from server.errors import Conflict, NotFound
-from server.monitor_models import (
+from civicdp.policies.actions import Action
+from civicdp.queries.errors import QueryError
+from civicdp.queries.monitor_calibration import Calibration, frozen_monitor
+from civicdp.queries.monitoring import ResolvedMonitor, check_batch, fired, parse_monitor, resolve_monitor
+from civicdp.server import ledger, registry
+from civicdp.server.caller import Caller
+from civicdp.server.db import reader, session_scope
+from civicdp.server.errors import Conflict, NotFound
+from civicdp.server.monitor_models import (
     Monitor, MonitorAlert, MonitorBatch, MonitorCalibration, MonitorNode, MonitorRelease, MonitorSubscription,
 )
-from server.monitor_state import Attempt, release, write_atomic
-from server.service import canonical_json, record
+from civicdp.server.monitor_state import Attempt, release, write_atomic
+from civicdp.server.service import canonical_json, record
 
 MAX_BATCH_BYTES = 512 * 1024 * 1024
 #: A batch that lost to one accepted at the same time by another server process: nothing of it was kept.

@@ -15,8 +15,8 @@ This module compares the database with that evidence:
   ``result_hash``, and an audit entry must record that hash for that release (and its
   dataset, version and question).
 
-The server runs both when it starts and periodically (:meth:`server.audit_log.AuditLog.tick`)
-and refuses to spend from a budget that disagrees (a hook in :func:`server.ledger.charge`,
+The server runs both when it starts and periodically (:meth:`civicdp.server.audit_log.AuditLog.tick`)
+and refuses to spend from a budget that disagrees (a hook in :func:`civicdp.server.ledger.charge`,
 which also compares, in the charging transaction, the row's ``spent_micro`` with its last
 ledger entry) and to serve a cached answer that fails its check
 (:func:`check_stored_answer`, from ``server/service.py``); both are answered 503, raise an
@@ -41,11 +41,11 @@ from sqlalchemy import case, func, or_, select
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session
 
-from server import ledger
-from server.audit_log import Alarm, Alarms, AuditLog, IntegrityFailure, alarms_for, checked_leaf, current_slot, record
-from server.caller import Caller
-from server.db import reader, session_scope
-from server.models import AuditEntry, Budget, LedgerEntry, Release
+from civicdp.server import ledger
+from civicdp.server.audit_log import Alarm, Alarms, AuditLog, IntegrityFailure, alarms_for, checked_leaf, current_slot, record
+from civicdp.server.caller import Caller
+from civicdp.server.db import reader, session_scope
+from civicdp.server.models import AuditEntry, Budget, LedgerEntry, Release
 
 logger = logging.getLogger("civicdp.integrity")
 

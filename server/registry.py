@@ -10,12 +10,12 @@ import polars as pl
 from sqlalchemy import delete, func
 from sqlmodel import Session, select
 
-from queries.errors import QueryError
-from queries.integrity import duplicated_owner_keys
-from queries.metadata import DatasetMetadata, load_metadata, parse_metadata
-from server.dataset_checks import DatasetRefused, check_declaration, check_files, check_metadata_file
-from server.errors import Conflict, InvalidRequest, NotFound
-from server.models import Budget, Dataset
+from civicdp.queries.errors import QueryError
+from civicdp.queries.integrity import duplicated_owner_keys
+from civicdp.queries.metadata import DatasetMetadata, load_metadata, parse_metadata
+from civicdp.server.dataset_checks import DatasetRefused, check_declaration, check_files, check_metadata_file
+from civicdp.server.errors import Conflict, InvalidRequest, NotFound
+from civicdp.server.models import Budget, Dataset
 
 
 def register(session: Session, folder: Path) -> Dataset:

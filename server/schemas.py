@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from policies.actions import Action, Role
+from civicdp.policies.actions import Action, Role
 
 
 class Loss(BaseModel):

@@ -8,7 +8,7 @@ entry -> only then read the data and compute the private answer -> in a second
 transaction: store the release with its own audit entry -> answer. The loss is spent
 before any data is read, so no outcome that depends on the data is free: if computing
 fails, whatever the cause, the charge stays, the failure is audited against it and the
-analyst gets one fixed answer (:mod:`server.computations`).
+analyst gets one fixed answer (:mod:`civicdp.server.computations`).
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from policies.actions import Action
-from policies.enforcer import PolicyStore
-from queries.engine import AnalysisPlan, Engine, Plan
-from queries.errors import DatasetUnavailable, QueryError
-from queries.request import Request, parse_request
-from server import computations, ledger, registry
-from server.db import reader, session_scope
-from server.audit_log import current_slot, record
-from server.caller import Caller, subject_of
-from server.errors import AccessDenied
-from server.models import Release
-from server.schemas import BudgetOut, EstimateOut, Loss, QueryResultOut
+from civicdp.policies.actions import Action
+from civicdp.policies.enforcer import PolicyStore
+from civicdp.queries.engine import AnalysisPlan, Engine, Plan
+from civicdp.queries.errors import DatasetUnavailable, QueryError
+from civicdp.queries.request import Request, parse_request
+from civicdp.server import computations, ledger, registry
+from civicdp.server.db import reader, session_scope
+from civicdp.server.audit_log import current_slot, record
+from civicdp.server.caller import Caller, subject_of
+from civicdp.server.errors import AccessDenied
+from civicdp.server.models import Release
+from civicdp.server.schemas import BudgetOut, EstimateOut, Loss, QueryResultOut
 
 __all__ = ["Caller", "QueryService", "canonical_json", "record", "sha256_text", "subject_of"]
 
@@ -101,7 +101,7 @@ class QueryService:
         return [f"dataset:{spec.dataset}", *(f"column:{spec.dataset}/{c}" for c in sorted(plan.columns()))]
 
     def question(self, raw: Any) -> CachedQuestion:
-        """What the lean cached path (:mod:`server.lean`) remembers of a spec: facts that cannot change.
+        """What the lean cached path (:mod:`civicdp.server.lean`) remembers of a spec: facts that cannot change.
 
         Planning is a pure function of the spec and the dataset's metadata at its version,
         so these hold as long as that version is the registered one (checked again in the
@@ -269,7 +269,7 @@ class QueryService:
                                                   Release.query_hash == query_hash)).first()
 
     def _cached(self, caller: Caller, stored: Release) -> QueryResultOut:
-        from server.reconcile import check_stored_answer  # noqa: PLC0415 - kept local to this step
+        from civicdp.server.reconcile import check_stored_answer  # noqa: PLC0415 - kept local to this step
 
         # Served only if its bytes hash to its result_hash and its audit entry records that hash
         # (otherwise 503, an alarm, and a refusal on record).

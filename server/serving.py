@@ -1,7 +1,7 @@
 """Running the HTTP server: one process, or several workers on one listening socket.
 
 ``civicdp serve --workers N`` starts N uvicorn worker processes, each building the app
-from the same settings (``server.main:create_app`` as a factory) over the same state
+from the same settings (``civicdp.server.main:create_app`` as a factory) over the same state
 database: budgets, the audit log (numbered by one counter row, its Merkle tree stored
 as tiles), checkpoints (one signer at a time under the log's lock) and feed claims are
 all decided in the database, so it does not matter which worker answers.
@@ -22,7 +22,7 @@ import socket
 from typing import Any
 
 #: The application factory every worker imports.
-APP = "server.serving:served_app"
+APP = "civicdp.server.serving:served_app"
 
 
 def served_app() -> Any:
@@ -35,7 +35,7 @@ def served_app() -> Any:
     """
     from contextlib import asynccontextmanager
 
-    from server.main import create_app
+    from civicdp.server.main import create_app
 
     app = create_app()
     started = app.router.lifespan_context
@@ -96,7 +96,7 @@ def run(host: str, port: int, workers: int = 1, log_level: str = "info") -> None
     from uvicorn.supervisors import Multiprocess
 
     config = uvicorn.Config(APP, factory=True, host=host, port=port, workers=workers, log_level=log_level,
-                            http="server.serving:NoDelayProtocol", lifespan="on", timeout_graceful_shutdown=30)
+                            http="civicdp.server.serving:NoDelayProtocol", lifespan="on", timeout_graceful_shutdown=30)
     sock = listening_socket(host, port)
     try:
         if workers > 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from queries.engine import Engine, LocalDataset
+from civicdp.queries.engine import Engine, LocalDataset
 
 W1 = [
     ("Q1: how many requests did each service receive?",
@@ -38,10 +38,10 @@ def _accuracy(accuracy: dict) -> str:
 
 
 def run_tour(data: Path, people: int, engine: Engine, console: Console) -> None:
-    from server.cli import print_result
-    from server.tour_bundles import show_bundles
-    from server.tour_performance import show_performance
-    from synthetic.demo_data import generate
+    from civicdp.server.cli import print_result
+    from civicdp.server.tour_bundles import show_bundles
+    from civicdp.server.tour_performance import show_performance
+    from civicdp.synthetic.demo_data import generate
 
     if not (data / "metadata.json").exists():
         console.print(f"generating demo data for {people:,} people in {data} ...")

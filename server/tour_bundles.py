@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from privacy.loss import PrivacyLoss
-from queries.engine import LocalDataset
+from civicdp.privacy.loss import PrivacyLoss
+from civicdp.queries.engine import LocalDataset
 
 SPEC = {"analysis": "bundles", "window_days": 30, "top_k": 50, "epsilon": 0.5}
 SHOWN_PAIRS = 25

@@ -11,9 +11,9 @@ from typing import Any
 import polars as pl
 from rich.console import Console
 
-from privacy.loss import PrivacyLoss
-from queries.engine import LocalDataset
-from queries.monitoring import fired, parse_monitor, resolve_monitor, step_rows, step_vectors
+from civicdp.privacy.loss import PrivacyLoss
+from civicdp.queries.engine import LocalDataset
+from civicdp.queries.monitoring import fired, parse_monitor, resolve_monitor, step_rows, step_vectors
 
 REPORT = {"analysis": "performance_report", "epsilon": 1.0}
 LAGGED = {"analysis": "lagged_points", "epsilon": 1.0}
@@ -25,7 +25,7 @@ MONITOR = {"name": "tour-daily-volume", "metric": "count", "group_by": "channel"
 
 def show_performance(data: Path, dataset: LocalDataset, console: Console) -> PrivacyLoss:
     """Ask the three performance analyses of the demo data and run a monitor over March; their loss."""
-    from server.cli import print_table
+    from civicdp.server.cli import print_table
 
     truth = json.loads((data / "ground_truth.json").read_text()) if (data / "ground_truth.json").exists() else {}
 

@@ -6,7 +6,7 @@ next needs it — for a checkpoint, a proof, an export — like a transparency l
 sequencer: under one lock per database (``pg_advisory_xact_lock`` on PostgreSQL, the
 write lock that ``BEGIN IMMEDIATE`` takes on SQLite) it reads the entries after the
 tree's size, checks each against its leaf hash and its own number, appends them to the
-right edge of the stored tiles (:mod:`audit.tiles`) and moves the tree's size on, in one
+right edge of the stored tiles (:mod:`civicdp.audit.tiles`) and moves the tree's size on, in one
 transaction. Appending an entry therefore costs nothing extra, any process answers
 proofs and checkpoints from the same stored tree, and a restart rebuilds nothing: a
 root or a proof reads O(log n) tiles (about 32 bytes per entry in all, 32 MB at one
@@ -30,9 +30,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session
 
-from audit.tiles import HASH_SIZE, TILE_WIDTH, TileBuilder, TileTree, split_hashes, tile_width
-from server.db import reader, write_turn
-from server.models import AuditEntry, AuditHead, AuditTile, AuditTree
+from civicdp.audit.tiles import HASH_SIZE, TILE_WIDTH, TileBuilder, TileTree, split_hashes, tile_width
+from civicdp.server.db import reader, write_turn
+from civicdp.server.models import AuditEntry, AuditHead, AuditTile, AuditTree
 
 #: The key of the advisory lock (PostgreSQL) that one integrator or checkpoint signer holds at a time.
 LOG_LOCK = 0x63_69_76_69_63_64_70_01  # "civicdp" + 1

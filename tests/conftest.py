@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from queries.engine import LocalDataset
+from civicdp.queries.engine import LocalDataset
 
 PEOPLE = 50
 MAX_CONTRIBUTIONS = 3

@@ -29,7 +29,7 @@ ALLOWED = {
     "queries": {"privacy"},
     "server": {"queries", "policies", "audit", "privacy", "synthetic"},
     "synthetic": set(),
-    # The benchmark drives the engine and may generate demo data with synthetic.demo_data
+    # The benchmark drives the engine and may generate demo data with civicdp.synthetic.demo_data
     # (pyproject's "nothing imports server" contract leaves bench out on purpose).
     "bench": {"queries", "privacy", "server", "synthetic", "audit", "policies"},
 }

@@ -1,6 +1,6 @@
 """Analyses: ready-made private questions that go beyond one aggregate.
 
-A kind (:mod:`queries.kinds`) answers one aggregate per cell. An analysis — bundle
+A kind (:mod:`civicdp.queries.kinds`) answers one aggregate per cell. An analysis — bundle
 discovery, a performance report, lagged points — reads the data its own way, may
 combine several mechanisms, and may answer with several tables. It plugs into the
 same request flow: plan (loss known, no data read) → authorise on the columns it
@@ -14,12 +14,12 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from privacy.loss import PrivacyLoss
-from queries.backend import Backend
-from queries.context import EngineLimits
-from queries.metadata import DatasetMetadata
-from queries.results import Estimate, Result
-from queries.spec import CanonicalSpec, no_booleans
+from civicdp.privacy.loss import PrivacyLoss
+from civicdp.queries.backend import Backend
+from civicdp.queries.context import EngineLimits
+from civicdp.queries.metadata import DatasetMetadata
+from civicdp.queries.results import Estimate, Result
+from civicdp.queries.spec import CanonicalSpec, no_booleans
 
 
 class AnalysisSpec(CanonicalSpec):

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from privacy.accounting import Additive
-from queries.analyses.pairs import PairSpace
+from civicdp.privacy.accounting import Additive
+from civicdp.queries.analyses.pairs import PairSpace
 
 
 @dataclass(frozen=True)

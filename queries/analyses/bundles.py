@@ -13,7 +13,7 @@ Two analyses plug into the engine here:
 Privacy: the item catalogue is public (the column's declared keys), so every pair is a
 public key and every pair of the catalogue gets a noisy count (no key selection, no
 delta). Each person adds 1 to at most ``max_pairs`` pair counts and to at most
-``max_items`` item counts plus the people total (:mod:`queries.analyses.pairs`), so
+``max_items`` item counts plus the people total (:mod:`civicdp.queries.analyses.pairs`), so
 discrete Laplace noise (OpenDP) on the pair vector with sensitivity ``max_pairs`` and on
 the item vector with sensitivity ``max_items + 1`` gives pure epsilon-DP per person.
 
@@ -24,7 +24,7 @@ of the pair counts' simultaneous interval at k (public: it depends on k, the pai
 the confidence and the catalogue only) minus the ``top_k``-th largest pair count bounded
 at k — the bound that lifts the most top pairs clear of zero. One person moves each
 bounded count, hence each order statistic, by at most 1, so the scores have sensitivity 1
-(:func:`privacy.bounding.top_count_scores`); with two periods the smaller of their
+(:func:`civicdp.privacy.bounding.top_count_scores`); with two periods the smaller of their
 ``top_k``-th counts is used, still sensitivity 1. Its candidates double from the number
 of pairs in one bundle of ``max_bundle_size`` items (6 for 4 items: 6, 12, 24, ...): below
 that a person who used one whole bundle could not count all its pairs, and the
@@ -39,7 +39,7 @@ of the same people (the losses add).
 
 Accuracy after selection: the rows shown are the largest of every catalogue pair's noisy
 count, so every interval they carry holds simultaneously for all catalogue pairs
-(:mod:`queries.analyses.bundle_tables`), and ``bundle_changes`` flags a change only when
+(:mod:`civicdp.queries.analyses.bundle_tables`), and ``bundle_changes`` flags a change only when
 such a simultaneous interval of the change excludes zero.
 """
 
@@ -56,22 +56,22 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from privacy.bounding import (TOP_COUNT_SENSITIVITY, bound_candidates, quantile_scores, quantile_sensitivity,
+from civicdp.privacy.bounding import (TOP_COUNT_SENSITIVITY, bound_candidates, quantile_scores, quantile_sensitivity,
                                top_count_scores)
-from privacy.loss import PrivacyLoss, compose
-from privacy.accounting import PURE, Accounting, Additive
-from privacy.mechanisms import NoisyMin
-from queries.analyses import bundle_tables as tables
-from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
-from queries.analyses.pairs import (PairSpace, bounded_item_counts, bounded_pair_counts,
+from civicdp.privacy.loss import PrivacyLoss, compose
+from civicdp.privacy.accounting import PURE, Accounting, Additive
+from civicdp.privacy.mechanisms import NoisyMin
+from civicdp.queries.analyses import bundle_tables as tables
+from civicdp.queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
+from civicdp.queries.analyses.pairs import (PairSpace, bounded_item_counts, bounded_pair_counts,
                                     bounded_pair_counts_by_bound, pairs_per_person, person_events, person_pairs)
-from queries.backend import Backend, RowFilter
-from queries.context import EngineLimits, resolve
-from queries.errors import QueryError
-from queries.metadata import DatasetMetadata
-from queries.polars_backend import UNIT
-from queries.results import Estimate, Result
-from queries.spec import Filter, QuerySpec
+from civicdp.queries.backend import Backend, RowFilter
+from civicdp.queries.context import EngineLimits, resolve
+from civicdp.queries.errors import QueryError
+from civicdp.queries.metadata import DatasetMetadata
+from civicdp.queries.polars_backend import UNIT
+from civicdp.queries.results import Estimate, Result
+from civicdp.queries.spec import Filter, QuerySpec
 
 DEFAULT_TOP_K = 50
 MAX_TOP_K = 1000
@@ -284,7 +284,7 @@ class BundlesPlan(AnalysisPlan):
     def _choose_for_top_pairs(self, pairs: list[pl.DataFrame]) -> tuple[int, list[np.ndarray]]:
         """The bound whose top_k-th pair count stands furthest above its noise, by permute-and-flip.
 
-        Scores have sensitivity 1 (:func:`privacy.bounding.top_count_scores`); every
+        Scores have sensitivity 1 (:func:`civicdp.privacy.bounding.top_count_scores`); every
         candidate's counts come from one pass over the person-pairs, and the chosen
         column is the exact bounded count vector that the noise is then added to.
         """

@@ -20,7 +20,7 @@ all steps together when ``level`` is ``"both"`` (Bonferroni over the union: each
 ``N`` cells at ``alpha / N``) — so with probability at least ``confidence`` every share
 lies in its interval and no cell whose true share is at or below the threshold is
 flagged: noise alone does not flag one, at any loss. A share's interval inverts a test
-of each candidate share ``p`` (:mod:`queries.analyses.ratio_intervals`): at the truth,
+of each candidate share ``p`` (:mod:`civicdp.queries.analyses.ratio_intervals`): at the truth,
 ``(1 - p) * above - p * below`` is pure noise with a known bound, which needs far fewer
 cases to flag than bounding the two counts separately. The cases' intervals form a second
 family with the same guarantee. Shares, intervals and flags describe the **bounded**
@@ -43,20 +43,20 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from privacy.loss import PrivacyLoss, compose
-from privacy.accounting import Additive
-from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
-from queries.analyses.ratio_intervals import (inverted_intervals, is_gaussian, noise_margin, segment_margins,
+from civicdp.privacy.loss import PrivacyLoss, compose
+from civicdp.privacy.accounting import Additive
+from civicdp.queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
+from civicdp.queries.analyses.ratio_intervals import (inverted_intervals, is_gaussian, noise_margin, segment_margins,
                                               share_grid)
-from queries.analyses.service_common import (
+from civicdp.queries.analyses.service_common import (
     Period, bounded, catalogue, keyed_targets, period_filters, resolve_rows,
 )
-from queries.backend import Backend
-from queries.context import EngineLimits, QueryContext
-from queries.errors import QueryError
-from queries.metadata import DatasetMetadata
-from queries.polars_backend import _filter_expr, _run_rank, _unit_column
-from queries.results import Estimate, Result
+from civicdp.queries.backend import Backend
+from civicdp.queries.context import EngineLimits, QueryContext
+from civicdp.queries.errors import QueryError
+from civicdp.queries.metadata import DatasetMetadata
+from civicdp.queries.polars_backend import _filter_expr, _run_rank, _unit_column
+from civicdp.queries.results import Estimate, Result
 
 DEFAULT_FACTOR = {"median": 1.5, "share_late": 1.0}
 MAX_CELLS = 100_000

@@ -3,7 +3,7 @@
 This module is the data-touching half of bundle discovery, in plain Polars (OpenDP's
 Polars API cannot express the per-person pair construction). It computes **exact**
 counts over **bounded** data; the noise is added by the caller with OpenDP
-mechanisms whose sensitivity is the bound (:mod:`queries.analyses.bundles`).
+mechanisms whose sensitivity is the bound (:mod:`civicdp.queries.analyses.bundles`).
 
 The bounding rules, all public and each depending on one person's own rows only
 (so adding or removing a person changes nobody else's contribution):
@@ -33,8 +33,8 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
-from queries.backend import RowFilter
-from queries.polars_backend import RANK, _filter_expr
+from civicdp.queries.backend import RowFilter
+from civicdp.queries.polars_backend import RANK, _filter_expr
 
 #: Rows read per person (a public computational bound; the demo data has at most 1000).
 MAX_ROWS = 1000

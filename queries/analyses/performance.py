@@ -28,15 +28,15 @@ from typing import Any, Literal
 import polars as pl
 from pydantic import Field
 
-from privacy.loss import PrivacyLoss, compose
-from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
-from queries.analyses.report_exec import exact_aggregates
-from queries.analyses.service_common import Period, period_filters
-from queries.backend import Backend
-from queries.context import EngineLimits
-from queries.errors import QueryError
-from queries.metadata import DatasetMetadata
-from queries.results import Estimate, Result
+from civicdp.privacy.loss import PrivacyLoss, compose
+from civicdp.queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
+from civicdp.queries.analyses.report_exec import exact_aggregates
+from civicdp.queries.analyses.service_common import Period, period_filters
+from civicdp.queries.backend import Backend
+from civicdp.queries.context import EngineLimits
+from civicdp.queries.errors import QueryError
+from civicdp.queries.metadata import DatasetMetadata
+from civicdp.queries.results import Estimate, Result
 
 #: Public shares of a grouping's loss per part (normalised over the parts present).
 WEIGHTS = {"volume": 1.0, "duration_mean": 1.5, "duration_quantiles": 3.0,
@@ -71,7 +71,7 @@ class Part:
 
     by: str
     metric: str
-    plan: Any  # queries.engine.Plan
+    plan: Any  # civicdp.queries.engine.Plan
 
 
 class ReportPlan(AnalysisPlan):
@@ -108,7 +108,7 @@ class ReportPlan(AnalysisPlan):
                 "higher where people have more rows than the bound)")
 
     def describe(self) -> Estimate:
-        from queries.engine import Engine
+        from civicdp.queries.engine import Engine
 
         engine = Engine()
         accuracy = {f"{p.by}: {p.metric}": {**engine.describe(p.plan).accuracy,
@@ -119,7 +119,7 @@ class ReportPlan(AnalysisPlan):
                          self._bounding_note()])
 
     def execute(self, backend: Backend) -> Result:
-        from queries.engine import Engine
+        from civicdp.queries.engine import Engine
 
         plans = [part.plan for part in self.parts]
         if hasattr(backend, "scan") and all(g.bucket is None for p in plans for g in p.context.group_by):
@@ -186,7 +186,7 @@ class PerformanceReport(Analysis):
 
     def plan(self, spec: AnalysisSpec, metadata: DatasetMetadata, dataset_dir: Path,
              limits: EngineLimits) -> ReportPlan:
-        from queries.engine import Engine
+        from civicdp.queries.engine import Engine
 
         assert isinstance(spec, ReportSpec)
         if spec.dataset is not None and spec.dataset != metadata.name:

@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from privacy.mechanisms import GaussianVector
+from civicdp.privacy.mechanisms import GaussianVector
 
 SEGMENTS = 2000  # grid segments over the candidates; the interval is wider by at most one
 _CHUNK = 512  # cells per vectorised block (cells x nodes floats)

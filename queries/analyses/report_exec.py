@@ -6,7 +6,7 @@ variant (all rows of the period; rows with a waiting time; rows with a satisfact
 score) is computed once as a mask, group keys become integer codes (their position in
 the public key list, which is the cell order), and every part's exact aggregate is an
 integer ``bincount``. The results have exactly the shape and values
-:meth:`queries.polars_backend.PolarsBackend.aggregate` returns (a test checks it), and
+:meth:`civicdp.queries.polars_backend.PolarsBackend.aggregate` returns (a test checks it), and
 go through each kind's own ``release`` for the noise.
 """
 
@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from queries.context import key_texts
-from queries.polars_backend import RANK, _filter_expr, _unit_column
+from civicdp.queries.context import key_texts
+from civicdp.queries.polars_backend import RANK, _filter_expr, _unit_column
 
 
 def exact_aggregates(backend: Any, plans: list[Any]) -> list[pl.DataFrame]:

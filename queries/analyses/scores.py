@@ -17,7 +17,7 @@ of ``O - E`` (the score test at score 1) for the total loss; durations bounded b
 against targets of a few hours give ``O`` most of it (discrete Laplace on integers).
 
 Intervals are simultaneous over departments: each department's score interval inverts a
-test of every candidate score ``r`` (:mod:`queries.analyses.ratio_intervals`; at the true
+test of every candidate score ``r`` (:mod:`civicdp.queries.analyses.ratio_intervals`; at the true
 score ``O - r * E`` is pure noise with a known bound) at ``alpha / departments``
 (Bonferroni), so with probability at least ``confidence`` every department's score lies in
 its interval. The **rank range** is post-processing of those intervals: a department ranks
@@ -38,16 +38,16 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 
-from privacy.loss import PrivacyLoss, compose
-from privacy.accounting import Additive
-from queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
-from queries.analyses.ratio_intervals import inverted_intervals, is_gaussian, ratio_grid, segment_margins
-from queries.analyses.service_common import Period, bounded, catalogue, period_filters, resolve_rows
-from queries.backend import Backend
-from queries.context import EngineLimits, QueryContext, key_texts, sum_units
-from queries.errors import QueryError
-from queries.metadata import DatasetMetadata
-from queries.results import Estimate, Result
+from civicdp.privacy.loss import PrivacyLoss, compose
+from civicdp.privacy.accounting import Additive
+from civicdp.queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
+from civicdp.queries.analyses.ratio_intervals import inverted_intervals, is_gaussian, ratio_grid, segment_margins
+from civicdp.queries.analyses.service_common import Period, bounded, catalogue, period_filters, resolve_rows
+from civicdp.queries.backend import Backend
+from civicdp.queries.context import EngineLimits, QueryContext, key_texts, sum_units
+from civicdp.queries.errors import QueryError
+from civicdp.queries.metadata import DatasetMetadata
+from civicdp.queries.results import Estimate, Result
 
 
 class ScoresSpec(AnalysisSpec):

@@ -19,12 +19,12 @@ from typing import Any
 import polars as pl
 from pydantic import BaseModel, ConfigDict
 
-from queries.backend import Backend
-from queries.context import EngineLimits, QueryContext, resolve
-from queries.errors import QueryError
-from queries.metadata import DatasetMetadata
-from queries.polars_backend import RANK, _filter_expr, _run_rank, _unit_column
-from queries.spec import Filter, QuerySpec
+from civicdp.queries.backend import Backend
+from civicdp.queries.context import EngineLimits, QueryContext, resolve
+from civicdp.queries.errors import QueryError
+from civicdp.queries.metadata import DatasetMetadata
+from civicdp.queries.polars_backend import RANK, _filter_expr, _run_rank, _unit_column
+from civicdp.queries.spec import Filter, QuerySpec
 
 #: Public targets at or below zero would make every ratio infinite; the catalogue must not have them.
 MIN_TARGET = 1e-6
@@ -65,7 +65,7 @@ def resolve_rows(metadata: DatasetMetadata, dataset_dir: Path, limits: EngineLim
 def bounded(backend: Backend, ctx: QueryContext, not_null: tuple[str, ...] = ()) -> pl.LazyFrame:
     """Rows of ``ctx``'s table that pass its filters, at most ``ctx.contributions`` per person.
 
-    Same rule as :class:`queries.polars_backend.PolarsBackend`: filter, then keep each
+    Same rule as :class:`civicdp.queries.polars_backend.PolarsBackend`: filter, then keep each
     person's first rows in the stable random order of the cached rank.
     """
     frame = backend.scan(ctx.dataset_dir, ctx.metadata, ctx.spec.table)  # type: ignore[attr-defined]

@@ -1,16 +1,16 @@
 """Query kinds. Each registers itself with :data:`KINDS` the way a third-party kind would.
 
-A kind turns a validated :class:`~queries.context.QueryContext` into: a calibration
+A kind turns a validated :class:`~civicdp.queries.context.QueryContext` into: a calibration
 (its OpenDP mechanisms and their privacy loss, computed before any data is read),
-the :class:`~queries.backend.Measure` the backend must compute, and the released
+the :class:`~civicdp.queries.backend.Measure` the backend must compute, and the released
 table (value and interval per cell) from the exact bounded aggregates.
 """
 
 from __future__ import annotations
 
-from queries.kinds.base import KINDS, Calibration, Kind, register
+from civicdp.queries.kinds.base import KINDS, Calibration, Kind, register
 
 # Built-in kinds register themselves on import.
-from queries.kinds import counting, statistics, quantiles  # noqa: E402,F401
+from civicdp.queries.kinds import counting, statistics, quantiles  # noqa: E402,F401
 
 __all__ = ["KINDS", "Calibration", "Kind", "register"]

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from privacy.loss import PrivacyLoss, compose
-from privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin
-from queries.backend import Measure
-from queries.context import CELL, QueryContext
-from queries.errors import QueryError
+from civicdp.privacy.loss import PrivacyLoss, compose
+from civicdp.privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin
+from civicdp.queries.backend import Measure
+from civicdp.queries.context import CELL, QueryContext
+from civicdp.queries.errors import QueryError
 
 Mechanism = LaplaceVector | GaussianVector | NoisyMin
 
@@ -51,7 +51,7 @@ class Kind(ABC):
     uses: frozenset[str] = frozenset()
 
     def check(self, ctx: QueryContext) -> None:
-        """Kind-specific validation (beyond :func:`queries.context.resolve`)."""
+        """Kind-specific validation (beyond :func:`civicdp.queries.context.resolve`)."""
         spec = ctx.spec
         for field in ("bounds", "quantiles", "candidates", "bins"):
             if getattr(spec, field) is not None and field not in self.uses:

@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from privacy.accounting import Additive
-from queries.backend import Measure
-from queries.context import QueryContext
-from queries.errors import QueryError
-from queries.kinds.base import Calibration, Kind, aligned, cell_positions, output, register
+from civicdp.privacy.accounting import Additive
+from civicdp.queries.backend import Measure
+from civicdp.queries.context import QueryContext
+from civicdp.queries.errors import QueryError
+from civicdp.queries.kinds.base import Calibration, Kind, aligned, cell_positions, output, register
 
 
 def _counting_mechanism(ctx: QueryContext, contributions: int, budget: float | None) -> Additive:

@@ -9,7 +9,7 @@ quantile* is the sample quantile ``Q``: the smallest kept value x with
 
 Values. Candidate j takes the values that round up to it (above the previous grid point,
 at most grid[j]; the first and last candidates also those beyond the grid), and
-:func:`privacy.bounding.quantile_scores` scores how far the level's rank lies outside
+:func:`civicdp.privacy.bounding.quantile_scores` scores how far the level's rank lies outside
 their ranks: zero at the smallest grid value g with ``#(values <= g) >= q * n``. OpenDP's
 permute-and-flip selection releases a low score; one person with L rows moves a score by
 at most ``L * max(num, den - num)``. A level's loss is charged once for all groups (the
@@ -23,7 +23,7 @@ nodes, so all groups' nodes together have L1 sensitivity ``L * depth`` and L2 se
 ``den * #below - num * n`` at a grid point off the tree (prefix nodes for the values
 below, disjoint suffix nodes for the others) and passes only if it clears the threshold
 its own noise exceeds with probability at most ``alpha / 2``
-(:func:`privacy.accuracy.sum_tail_threshold`). The lower endpoint is the last grid point
+(:func:`civicdp.privacy.accuracy.sum_tail_threshold`). The lower endpoint is the last grid point
 before the first failing test, scanning up from the lower bound; the upper endpoint the
 last before the first failing test scanning down from the upper bound. The lower endpoint
 exceeds ``Q`` only if the test at the smallest grid point above ``Q`` passed, which its
@@ -43,14 +43,14 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from privacy.accuracy import chernoff_threshold, sum_tail_threshold
-from privacy.bounding import alpha_fraction, quantile_scores, quantile_sensitivity
-from privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin
-from queries.backend import Measure
-from queries.context import QueryContext
-from queries.errors import QueryError
-from queries.kinds.base import Calibration, Kind, cell_positions, output, register
-from queries.kinds.statistics import value_bounds
+from civicdp.privacy.accuracy import chernoff_threshold, sum_tail_threshold
+from civicdp.privacy.bounding import alpha_fraction, quantile_scores, quantile_sensitivity
+from civicdp.privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin
+from civicdp.queries.backend import Measure
+from civicdp.queries.context import QueryContext
+from civicdp.queries.errors import QueryError
+from civicdp.queries.kinds.base import Calibration, Kind, cell_positions, output, register
+from civicdp.queries.kinds.statistics import value_bounds
 
 DEFAULT_CANDIDATES = 1000
 MAX_CANDIDATES = 100_000

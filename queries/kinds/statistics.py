@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from privacy import accuracy
-from queries.backend import Measure
-from queries.context import QueryContext, sum_units
-from queries.errors import QueryError
-from queries.kinds.base import Calibration, Kind, aligned, output, register
+from civicdp.privacy import accuracy
+from civicdp.queries.backend import Measure
+from civicdp.queries.context import QueryContext, sum_units
+from civicdp.queries.errors import QueryError
+from civicdp.queries.kinds.base import Calibration, Kind, aligned, output, register
 
 
 def value_bounds(ctx: QueryContext) -> tuple[float, float]:

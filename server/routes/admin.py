@@ -8,13 +8,13 @@ from fastapi import APIRouter, Body, status
 from pydantic import field_validator
 from sqlmodel import select
 
-from policies.actions import Action, Role
-from server import admin, schemas
-from server.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
-from server.models import Account
-from server.routes.common import errors
-from server.schemas import AccountCreate, AccountOut, KeyOut, PolicyRule, RoleGrant
-from server.service import record, subject_of
+from civicdp.policies.actions import Action, Role
+from civicdp.server import admin, schemas
+from civicdp.server.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
+from civicdp.server.models import Account
+from civicdp.server.routes.common import errors
+from civicdp.server.schemas import AccountCreate, AccountOut, KeyOut, PolicyRule, RoleGrant
+from civicdp.server.service import record, subject_of
 
 router = APIRouter(tags=["administration"])
 

@@ -15,13 +15,13 @@ from sqlmodel import select
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
-from policies.actions import Action
-from server import ledger
-from server.deps import CurrentCaller, ReadSession, StateDep, authorize
-from server.errors import InvalidRequest
-from server.models import Account, AuditEntry, Budget, LedgerEntry
-from server.routes.common import errors
-from server.schemas import AuditEntriesOut, AuditEntryOut, BudgetOut, ConsistencyProofOut, InclusionProofOut, LedgerOut
+from civicdp.policies.actions import Action
+from civicdp.server import ledger
+from civicdp.server.deps import CurrentCaller, ReadSession, StateDep, authorize
+from civicdp.server.errors import InvalidRequest
+from civicdp.server.models import Account, AuditEntry, Budget, LedgerEntry
+from civicdp.server.routes.common import errors
+from civicdp.server.schemas import AuditEntriesOut, AuditEntryOut, BudgetOut, ConsistencyProofOut, InclusionProofOut, LedgerOut
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 Size = Annotated[int, Query(ge=0, le=2**62)]

@@ -7,12 +7,12 @@ from datetime import datetime, timezone
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
-from policies.actions import Action
+from civicdp.policies.actions import Action
 
-from server import admin, ledger, registry
-from server.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
-from server.routes.common import errors
-from server.schemas import BudgetCapSet, BudgetOut
+from civicdp.server import admin, ledger, registry
+from civicdp.server.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
+from civicdp.server.routes.common import errors
+from civicdp.server.schemas import BudgetCapSet, BudgetOut
 
 router = APIRouter(prefix="/budgets", tags=["budgets"])
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from fastapi import APIRouter, status
 
-from policies.actions import Action
-from server import admin, registry
-from server.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
-from server.errors import NOT_VISIBLE, AccessDenied, NotFound
-from server.routes.common import errors
-from server.schemas import DatasetOut, DatasetRegister
+from civicdp.policies.actions import Action
+from civicdp.server import admin, registry
+from civicdp.server.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
+from civicdp.server.errors import NOT_VISIBLE, AccessDenied, NotFound
+from civicdp.server.routes.common import errors
+from civicdp.server.schemas import DatasetOut, DatasetRegister
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 

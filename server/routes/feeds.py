@@ -16,15 +16,15 @@ from fastapi import APIRouter, Header, Path, Query, Request, status
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from policies.actions import Action
-from server.db import session_scope
-from server.deps import CurrentCaller, StateDep, authorize
-from server.audit_log import record
-from server.caller import Caller
-from server.errors import AccessDenied, Conflict
-from server.feed_schemas import FEED_NAME, FeedDefinition, FeedOverview, FeedReleaseOut, FeedSummary
-from server.feeds import FeedRefused, FeedService, release_csv
-from server.routes.common import errors
+from civicdp.policies.actions import Action
+from civicdp.server.db import session_scope
+from civicdp.server.deps import CurrentCaller, StateDep, authorize
+from civicdp.server.audit_log import record
+from civicdp.server.caller import Caller
+from civicdp.server.errors import AccessDenied, Conflict
+from civicdp.server.feed_schemas import FEED_NAME, FeedDefinition, FeedOverview, FeedReleaseOut, FeedSummary
+from civicdp.server.feeds import FeedRefused, FeedService, release_csv
+from civicdp.server.routes.common import errors
 
 router = APIRouter(prefix="/feeds", tags=["feeds"])
 FeedName = Annotated[str, Path(pattern=FEED_NAME, description="The feed's name")]

@@ -1,6 +1,6 @@
 """Liveness and readiness: the only routes that need no API key.
 
-Readiness also reports the integrity alarms (:mod:`server.audit_log`, :mod:`server.reconcile`):
+Readiness also reports the integrity alarms (:mod:`civicdp.server.audit_log`, :mod:`civicdp.server.reconcile`):
 a stored audit log that fails its check makes the server not ready (503: it answers no
 request that needs an audit entry); budgets held after failing reconciliation and stored
 answers refused after failing their check are listed with a 200 ("degraded"), since
@@ -15,8 +15,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from server.deps import ReadSession, StateDep
-from server.schemas import Health
+from civicdp.server.deps import ReadSession, StateDep
+from civicdp.server.schemas import Health
 
 router = APIRouter(tags=["health"])
 

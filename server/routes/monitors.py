@@ -12,16 +12,16 @@ from fastapi import APIRouter, Body, Query, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from policies.actions import Action
-from queries.errors import QueryError
-from server.caller import Caller
-from server.deps import AppState, CurrentCaller, StateDep, authorize
-from server.errors import AccessDenied, NotFound
-from server.monitor_models import Monitor
-from server.monitors import MonitorService, alert_dict, monitor_dict, release_dict
-from server.routes.common import errors
-from server.service import record
-from server.db import session_scope
+from civicdp.policies.actions import Action
+from civicdp.queries.errors import QueryError
+from civicdp.server.caller import Caller
+from civicdp.server.deps import AppState, CurrentCaller, StateDep, authorize
+from civicdp.server.errors import AccessDenied, NotFound
+from civicdp.server.monitor_models import Monitor
+from civicdp.server.monitors import MonitorService, alert_dict, monitor_dict, release_dict
+from civicdp.server.routes.common import errors
+from civicdp.server.service import record
+from civicdp.server.db import session_scope
 
 router = APIRouter(prefix="/monitors", tags=["monitors"])
 

@@ -7,9 +7,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body
 from starlette.concurrency import run_in_threadpool
 
-from server.deps import CurrentCaller, StateDep
-from server.routes.common import errors
-from server.schemas import EstimateOut, QueryResultOut
+from civicdp.server.deps import CurrentCaller, StateDep
+from civicdp.server.routes.common import errors
+from civicdp.server.schemas import EstimateOut, QueryResultOut
 
 router = APIRouter(prefix="/queries", tags=["queries"])
 

@@ -7,14 +7,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from policies.actions import Action
-from server import registry
-from server.caller import Caller
-from server.deps import CurrentCaller, ReadSession, StateDep, authorize
-from server.errors import NOT_VISIBLE, AccessDenied
-from server.models import Account, Release
-from server.routes.common import errors
-from server.schemas import Loss, ReleaseOut
+from civicdp.policies.actions import Action
+from civicdp.server import registry
+from civicdp.server.caller import Caller
+from civicdp.server.deps import CurrentCaller, ReadSession, StateDep, authorize
+from civicdp.server.errors import NOT_VISIBLE, AccessDenied
+from civicdp.server.models import Account, Release
+from civicdp.server.routes.common import errors
+from civicdp.server.schemas import Loss, ReleaseOut
 
 router = APIRouter(prefix="/releases", tags=["releases"])
 #: Release ids are positive 64-bit integers; larger ones cannot be looked up in SQL at all.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from audit.bundle import write_bundle
-from audit.checkpoint import Checkpoint
-from audit.merkle import MerkleTree, leaf_hash
-from audit.signing import SigningKey
+from civicdp.audit.bundle import write_bundle
+from civicdp.audit.checkpoint import Checkpoint
+from civicdp.audit.merkle import MerkleTree, leaf_hash
+from civicdp.audit.signing import SigningKey
 
 ORIGIN = "civicdp.test/audit"
 

@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from audit.merkle import (EMPTY_ROOT, MerkleTree, leaf_hash, node_hash, root_of, verify_consistency,
+from civicdp.audit.merkle import (EMPTY_ROOT, MerkleTree, leaf_hash, node_hash, root_of, verify_consistency,
                           verify_inclusion)
 
 N = 64

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from audit.merkle import MerkleTree, leaf_hash, verify_consistency, verify_inclusion
-from audit.tiles import TILE_WIDTH, TileBuilder, TileTree, tile_width
+from civicdp.audit.merkle import MerkleTree, leaf_hash, verify_consistency, verify_inclusion
+from civicdp.audit.tiles import TILE_WIDTH, TileBuilder, TileTree, tile_width
 
 SIZES = [0, 1, 2, 255, 256, 257, 511, 512, 513, 65535, 65536, 65537, 70_001]
 LEAVES = [leaf_hash(i.to_bytes(4, "big")) for i in range(max(SIZES))]

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from audit.checkpoint import Checkpoint
-from audit.merkle import MerkleTree, leaf_hash
-from audit.signing import KeyError_, SigningKey, VerifierKey
-from audit.witness import Witness, WitnessRefused
+from civicdp.audit.checkpoint import Checkpoint
+from civicdp.audit.merkle import MerkleTree, leaf_hash
+from civicdp.audit.signing import KeyError_, SigningKey, VerifierKey
+from civicdp.audit.witness import Witness, WitnessRefused
 from tests.audit.logs import ORIGIN, bundle, checkpoints_for, entry
 
 KEY = SigningKey.generate(ORIGIN)
@@ -63,7 +63,7 @@ def test_refuses_growth_without_or_with_a_bad_proof(tmp_path: Path) -> None:
 
 
 def test_accepts_a_bundle_as_proof_and_the_cli_explains_refusals(tmp_path: Path) -> None:
-    from server.cli import app
+    from civicdp.server.cli import app
 
     state = tmp_path / "w"
     runner = CliRunner()

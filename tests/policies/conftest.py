@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from policies.enforcer import PolicyStore
+from civicdp.policies.enforcer import PolicyStore
 
 from .sample import build_store
 

@@ -13,9 +13,9 @@ exists in agency ``health`` alone. Feed ``weekly`` exists in every agency.
 
 from __future__ import annotations
 
-from policies.actions import ColumnClass, Role
-from policies.defaults import default_rules
-from policies.enforcer import PolicyStore
+from civicdp.policies.actions import ColumnClass, Role
+from civicdp.policies.defaults import default_rules
+from civicdp.policies.enforcer import PolicyStore
 
 ACCOUNTS = {
     "ana-health": (Role.ANALYST, "health"),

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from policies.actions import Action, ColumnClass, Role
-from policies.enforcer import Decision, PolicyStore
-from policies.errors import InvalidRuleValue
+from civicdp.policies.actions import Action, ColumnClass, Role
+from civicdp.policies.enforcer import Decision, PolicyStore
+from civicdp.policies.errors import InvalidRuleValue
 
 from .sample import ACCOUNTS
 

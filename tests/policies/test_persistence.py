@@ -21,9 +21,9 @@ from sqlalchemy import Column, Integer, String
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy_adapter import Adapter
 
-from policies.actions import Action, Role
-from policies.enforcer import MAX_FIELDS, MODEL_TEXT, PolicyStore
-from policies.errors import RuleArityMismatch
+from civicdp.policies.actions import Action, Role
+from civicdp.policies.enforcer import MAX_FIELDS, MODEL_TEXT, PolicyStore
+from civicdp.policies.errors import RuleArityMismatch
 
 from .sample import populate
 

@@ -22,10 +22,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
 
-from policies.actions import Action, Role
-from policies.defaults import default_rules
-from policies.enforcer import PolicyStore
-from policies.storage import VersionedAdapter
+from civicdp.policies.actions import Action, Role
+from civicdp.policies.defaults import default_rules
+from civicdp.policies.enforcer import PolicyStore
+from civicdp.policies.storage import VersionedAdapter
 
 PG_URL = os.environ.get("CIVICDP_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 ANA = "account:ana"

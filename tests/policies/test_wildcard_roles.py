@@ -16,8 +16,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from policies.actions import Action, Role
-from policies.enforcer import PolicyStore
+from civicdp.policies.actions import Action, Role
+from civicdp.policies.enforcer import PolicyStore
 
 HEALTH_ONLY = "dataset:health-only"
 HEALTH_ONLY_SERVICE = "column:health-only/service"

@@ -12,7 +12,7 @@ the datasets and the instrument that check it:
   1,000 rows, event ids that other people's rows already use, and 1,000 rows without a
   person id;
 - :class:`NoiseRemoved` replaces the only noise in civicdp — the ``release`` methods of
-  ``privacy.mechanisms.LaplaceVector`` and ``NoisyMin`` — by the exact input (Laplace)
+  ``civicdp.privacy.mechanisms.LaplaceVector`` and ``NoisyMin`` — by the exact input (Laplace)
   and a deterministic argmin (selections), and records every call: the mechanism's
   declared sensitivity and scale and the exact vector it would have noised.
 
@@ -47,15 +47,15 @@ import numpy as np
 import polars as pl
 import pytest
 
-from privacy.continual import TreeCounter
-from privacy.mechanisms import LaplaceVector, NoisyMin
-from queries.analyses.bundles import BundlesPlan
-from queries.analyses.lagged import LaggedPlan
-from queries.analyses.performance import ReportPlan
-from queries.analyses.scores import ScoresPlan
-from queries.engine import Engine, Plan
-from queries.kinds import KINDS
-from queries.metadata import load_metadata
+from civicdp.privacy.continual import TreeCounter
+from civicdp.privacy.mechanisms import LaplaceVector, NoisyMin
+from civicdp.queries.analyses.bundles import BundlesPlan
+from civicdp.queries.analyses.lagged import LaggedPlan
+from civicdp.queries.analyses.performance import ReportPlan
+from civicdp.queries.analyses.scores import ScoresPlan
+from civicdp.queries.engine import Engine, Plan
+from civicdp.queries.kinds import KINDS
+from civicdp.queries.metadata import load_metadata
 from tests.queries import perf_data
 
 PEOPLE = 300

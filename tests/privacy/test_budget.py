@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from privacy.budget import Budget
-from privacy.errors import BudgetExhausted, InvalidLoss
-from privacy.loss import MICRO, PrivacyLoss, compose
+from civicdp.privacy.budget import Budget
+from civicdp.privacy.errors import BudgetExhausted, InvalidLoss
+from civicdp.privacy.loss import MICRO, PrivacyLoss, compose
 
 
 # -- exact arithmetic ------------------------------------------------------------------

@@ -15,12 +15,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from privacy.errors import InvalidLoss
-from privacy.loss import PrivacyLoss
-from privacy.mechanisms import LaplaceVector, NoisyMin
-from queries.backend import AggregateRequest
-from queries.engine import Engine
-from queries.polars_backend import PolarsBackend
+from civicdp.privacy.errors import InvalidLoss
+from civicdp.privacy.loss import PrivacyLoss
+from civicdp.privacy.mechanisms import LaplaceVector, NoisyMin
+from civicdp.queries.backend import AggregateRequest
+from civicdp.queries.engine import Engine
+from civicdp.queries.polars_backend import PolarsBackend
 from tests.conftest import MAX_CONTRIBUTIONS, MakeDataset, events_frame
 
 CALIBRATIONS = [(1, 0.1), (10, 0.5), (3, 0.3), (7, 1 / 3), (1000, 0.01), (1, 10.0)]

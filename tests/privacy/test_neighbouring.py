@@ -28,13 +28,13 @@ from pathlib import Path
 
 import pytest
 
-from privacy.mechanisms import LaplaceVector
-from queries.kinds import KINDS
-from queries.kinds.base import Calibration
-from queries.engine import LocalDataset
-from queries.errors import DatasetUnavailable
-from queries.integrity import duplicated_owner_keys
-from queries.metadata import load_metadata
+from civicdp.privacy.mechanisms import LaplaceVector
+from civicdp.queries.kinds import KINDS
+from civicdp.queries.kinds.base import Calibration
+from civicdp.queries.engine import LocalDataset
+from civicdp.queries.errors import DatasetUnavailable
+from civicdp.queries.integrity import duplicated_owner_keys
+from civicdp.queries.metadata import load_metadata
 from tests.privacy.neighbours import (ADVERSARIES, QUERIES, outside_domain, PartChange, Recording, check_neighbours, format_table,
                                       record_run, released_differences, stated_sensitivities, write_base,
                                       write_neighbour)

@@ -14,10 +14,10 @@ from fractions import Fraction
 import opendp.combinators as combinators
 import pytest
 
-from privacy.accounting import MAX_DELTA, PURE, Accounting, epsilon_of_rho, rho_for_epsilon
-from privacy.errors import InvalidLoss
-from privacy.loss import NANO, PrivacyLoss, compose
-from privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin, _gaussian, _noisy_min
+from civicdp.privacy.accounting import MAX_DELTA, PURE, Accounting, epsilon_of_rho, rho_for_epsilon
+from civicdp.privacy.errors import InvalidLoss
+from civicdp.privacy.loss import NANO, PrivacyLoss, compose
+from civicdp.privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin, _gaussian, _noisy_min
 
 ZCDP = Accounting("zcdp", 1e-7)
 

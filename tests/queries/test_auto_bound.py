@@ -28,10 +28,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from privacy.bounding import BOUND_SCORE_SENSITIVITY, auto_candidates, auto_worst_case, bound_scores
-from queries.auto_bound import MAX_WORST, AutoBound
-from queries.engine import Engine, LocalDataset
-from queries.polars_backend import PolarsBackend
+from civicdp.privacy.bounding import BOUND_SCORE_SENSITIVITY, auto_candidates, auto_worst_case, bound_scores
+from civicdp.queries.auto_bound import MAX_WORST, AutoBound
+from civicdp.queries.engine import Engine, LocalDataset
+from civicdp.queries.polars_backend import PolarsBackend
 from tests.conftest import write_dataset
 
 PEOPLE = 3000
@@ -359,7 +359,7 @@ def test_the_profile_cache_is_keyed_on_filters_and_on_how_the_column_is_read(tmp
     dataset = LocalDataset(write_dataset(tmp_path / "a", frame, METADATA))
     backend = PolarsBackend()
     md, path = dataset.metadata, dataset.path
-    from queries.backend import Measure, RowFilter
+    from civicdp.queries.backend import Measure, RowFilter
 
     kiosk, web = (RowFilter("channel", values=(c,)) for c in ("kiosk", "web"))
     wait = Measure("rows", "wait")

@@ -14,10 +14,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from queries.backend import AggregateRequest, GroupKey, Measure, RowFilter
-from queries.engine import Engine, LocalDataset
-from queries.kinds.base import aligned
-from queries.polars_backend import PolarsBackend
+from civicdp.queries.backend import AggregateRequest, GroupKey, Measure, RowFilter
+from civicdp.queries.engine import Engine, LocalDataset
+from civicdp.queries.kinds.base import aligned
+from civicdp.queries.polars_backend import PolarsBackend
 from tests.conftest import CHANNELS, MakeDataset, base_metadata, events_frame
 
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]

@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from queries.backend import AggregateRequest, Measure, RowFilter
-from queries.polars_backend import RANK
+from civicdp.queries.backend import AggregateRequest, Measure, RowFilter
+from civicdp.queries.polars_backend import RANK
 from tests.conftest import MakeDataset, base_metadata, events_frame
 
 
@@ -95,7 +95,7 @@ def test_value_scores_are_zero_at_the_grid_quantile_on_atoms_and_gaps(level: flo
     The old score (values equal to a candidate counted neither below nor above) gave every
     candidate of an empty gap the same score as the atom's edge and a positive score to the atom.
     """
-    from queries.kinds.quantiles import value_scores
+    from civicdp.queries.kinds.quantiles import value_scores
 
     for base in SCORE_BASES[1:]:
         scores = value_scores(base, level)
@@ -110,8 +110,8 @@ def test_value_scores_move_by_at_most_their_sensitivity(level: float, rows: int)
     most ``quantile_sensitivity``, and some placement moves one by exactly that much."""
     from itertools import combinations_with_replacement
 
-    from privacy.bounding import quantile_sensitivity
-    from queries.kinds.quantiles import value_scores
+    from civicdp.privacy.bounding import quantile_sensitivity
+    from civicdp.queries.kinds.quantiles import value_scores
 
     declared = quantile_sensitivity(level, rows)
     largest = 0
@@ -127,7 +127,7 @@ def test_interval_tree_moves_by_its_sensitivity() -> None:
     """Every kept row is in one released node per level: a person's L rows move the nodes by L * depth (L1)."""
     from itertools import combinations_with_replacement
 
-    from queries.kinds.quantiles import CountTree
+    from civicdp.queries.kinds.quantiles import CountTree
 
     for positions in (9, 403, 2003):
         tree = CountTree.for_positions(positions)

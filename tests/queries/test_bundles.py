@@ -16,10 +16,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from queries.analyses.bundles import BundlesPlan
-from queries.analyses.pairs import PairSpace
-from queries.engine import Engine, LocalDataset
-from queries.errors import QueryError
+from civicdp.queries.analyses.bundles import BundlesPlan
+from civicdp.queries.analyses.pairs import PairSpace
+from civicdp.queries.engine import Engine, LocalDataset
+from civicdp.queries.errors import QueryError
 from tests.conftest import PERIOD, MakeDataset, base_metadata
 
 SERVICES = tuple("ABCDEF")  # 15 pairs
@@ -309,7 +309,7 @@ def test_intervals_cover_the_exact_bounded_counts(make_dataset: MakeDataset) -> 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> LocalDataset:
-    from synthetic.demo_data import generate
+    from civicdp.synthetic.demo_data import generate
 
     folder = tmp_path_factory.mktemp("demo")
     generate(20_000, folder, seed=3)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from queries.analyses.bundles import BundlesPlan
-from queries.engine import LocalDataset
+from civicdp.queries.analyses.bundles import BundlesPlan
+from civicdp.queries.engine import LocalDataset
 from tests.conftest import MakeDataset
 from tests.queries.test_bundles import _frame, _metadata
 

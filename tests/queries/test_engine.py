@@ -18,12 +18,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from privacy.errors import BudgetExhausted
-from privacy.loss import PrivacyLoss
-from queries.backend import AggregateRequest
-from queries.engine import Engine, LocalDataset, Plan
-from queries.errors import QueryError
-from queries.polars_backend import PolarsBackend
+from civicdp.privacy.errors import BudgetExhausted
+from civicdp.privacy.loss import PrivacyLoss
+from civicdp.queries.backend import AggregateRequest
+from civicdp.queries.engine import Engine, LocalDataset, Plan
+from civicdp.queries.errors import QueryError
+from civicdp.queries.polars_backend import PolarsBackend
 from tests.conftest import (CHANNELS, MAX_CONTRIBUTIONS, PERIOD, SERVICES, WAIT_BOUNDS, MakeDataset,
                             events_frame)
 

@@ -15,8 +15,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from queries.analyses.lagged import LaggedPlan
-from queries.engine import LocalDataset
+from civicdp.queries.analyses.lagged import LaggedPlan
+from civicdp.queries.engine import LocalDataset
 from tests.queries import perf_data
 from tests.queries.lagged_data import STEP_CONTRIBUTIONS, at_threshold
 

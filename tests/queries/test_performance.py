@@ -10,10 +10,10 @@ import numpy as np
 import polars as pl
 import pytest
 
-from queries.analyses.performance import geometric_grid
-from queries.analyses.scores import rank_ranges
-from queries.engine import LocalDataset
-from queries.errors import QueryError
+from civicdp.queries.analyses.performance import geometric_grid
+from civicdp.queries.analyses.scores import rank_ranges
+from civicdp.queries.engine import LocalDataset
+from civicdp.queries.errors import QueryError
 from tests.queries import perf_data
 
 
@@ -223,8 +223,8 @@ def test_bad_input_is_refused_with_its_field(plain: LocalDataset, spec: dict, fi
 
 
 def test_report_one_pass_aggregates_equal_the_backends(tmp_path: Path) -> None:
-    from queries.analyses.report_exec import exact_aggregates
-    from queries.kinds.base import aligned, cell_positions
+    from civicdp.queries.analyses.report_exec import exact_aggregates
+    from civicdp.queries.kinds.base import aligned, cell_positions
 
     local = LocalDataset(perf_data.write(tmp_path / "many", people=400))
     for period in (None, {"start": "2025-03-01", "end": "2025-09-01"}):
@@ -233,7 +233,7 @@ def test_report_one_pass_aggregates_equal_the_backends(tmp_path: Path) -> None:
         plans = [part.plan for part in plan.parts]
         backend = local.engine.backend
         for sub, fast in zip(plans, exact_aggregates(backend, plans)):
-            slow = backend.aggregate(sub.context and __import__("queries.backend", fromlist=["x"]).AggregateRequest(
+            slow = backend.aggregate(sub.context and __import__("civicdp.queries.backend", fromlist=["x"]).AggregateRequest(
                 sub.context.dataset_dir, sub.context.metadata, sub.context.spec.table,
                 sub.calibration.contributions, sub.context.filters, sub.context.group_by,
                 sub.kind.measure(sub.context)))

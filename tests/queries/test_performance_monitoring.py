@@ -8,13 +8,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from privacy.continual import TreeCounter, levels_for
-from privacy.errors import InvalidLoss
-from queries.errors import QueryError
-from queries.metadata import parse_metadata
-from queries.monitor_batches import SUM_LIMIT, add_vectors, cell_sums, exact_total, group_codes
-from queries.monitor_calibration import Calibration
-from queries.monitoring import fired, parse_monitor, resolve_monitor, step_vectors
+from civicdp.privacy.continual import TreeCounter, levels_for
+from civicdp.privacy.errors import InvalidLoss
+from civicdp.queries.errors import QueryError
+from civicdp.queries.metadata import parse_metadata
+from civicdp.queries.monitor_batches import SUM_LIMIT, add_vectors, cell_sums, exact_total, group_codes
+from civicdp.queries.monitor_calibration import Calibration
+from civicdp.queries.monitoring import fired, parse_monitor, resolve_monitor, step_vectors
 from tests.conftest import base_metadata
 
 
@@ -103,7 +103,7 @@ def test_monitor_spec_errors_name_their_field(changes: dict, field: str) -> None
 
 
 def test_mean_monitor_releases_values_and_running_values_with_intervals() -> None:
-    from queries.monitoring import step_rows
+    from civicdp.queries.monitoring import step_rows
 
     monitor = _monitor(metric="mean", column="waiting_minutes", contributions=10, epsilon=1000.0, horizon=2,
                        confidence=0.999)

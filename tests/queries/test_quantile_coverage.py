@@ -27,7 +27,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from queries.engine import LocalDataset
+from civicdp.queries.engine import LocalDataset
 from tests.conftest import base_metadata, write_dataset
 
 REPLICATES = 100
@@ -100,7 +100,7 @@ def quantile_spec(candidates: Any = FINE, levels: tuple[float, ...] = LEVELS) ->
 
 
 def report_grid() -> list[float]:
-    from queries.analyses.performance import geometric_grid
+    from civicdp.queries.analyses.performance import geometric_grid
 
     return geometric_grid(BOUNDS[1])
 
@@ -196,7 +196,7 @@ def la311(folder: Path, out: Path, releases_wanted: int, epsilon: float) -> None
     office (OCB) closes 31% of requests at once and its median is 5 minutes, between the
     grid's first two points (0 and 0.1 hours).
     """
-    from queries.analyses.performance import geometric_grid
+    from civicdp.queries.analyses.performance import geometric_grid
 
     frames = []
     for path in sorted(folder.glob("*.csv")):

@@ -21,9 +21,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from privacy.accuracy import chernoff_threshold, sum_tail_threshold
-from privacy.mechanisms import LaplaceVector, NoisyMin
-from queries.kinds.quantiles import CountTree
+from civicdp.privacy.accuracy import chernoff_threshold, sum_tail_threshold
+from civicdp.privacy.mechanisms import LaplaceVector, NoisyMin
+from civicdp.queries.kinds.quantiles import CountTree
 from tests.conftest import MakeDataset, base_metadata, events_frame
 
 RUNS = 60

@@ -18,9 +18,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from queries.backend import AggregateRequest, GroupKey, Measure
-from queries.metadata import DatasetMetadata, parse_metadata
-from queries.polars_backend import RANK, UNIT, PolarsBackend
+from civicdp.queries.backend import AggregateRequest, GroupKey, Measure
+from civicdp.queries.metadata import DatasetMetadata, parse_metadata
+from civicdp.queries.polars_backend import RANK, UNIT, PolarsBackend
 from tests.conftest import CHANNELS, MakeDataset, base_metadata, events_frame
 
 PEOPLE = 30

@@ -14,9 +14,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from queries.analyses.scores import ScoresPlan, split_loss
-from queries.analyses.service_common import bounded
-from queries.engine import LocalDataset
+from civicdp.queries.analyses.scores import ScoresPlan, split_loss
+from civicdp.queries.analyses.service_common import bounded
+from civicdp.queries.engine import LocalDataset
 from tests.queries import perf_data
 
 SPEEDS = {"D1": 0.97, "D2": 1.0, "D3": 1.02, "D4": 1.05, "D5": 1.1, "D6": 1.3}

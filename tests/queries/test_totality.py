@@ -14,13 +14,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from privacy.bounding import MAX_ROW_UNITS, MAX_SUM_ROWS, fits_exact_sum
-from queries.analyses.report_exec import exact_aggregates
-from queries.backend import AggregateRequest
-from queries.engine import LocalDataset
-from queries.errors import QueryError
-from queries.kinds.base import aligned
-from queries.metadata import ColumnMeta
+from civicdp.privacy.bounding import MAX_ROW_UNITS, MAX_SUM_ROWS, fits_exact_sum
+from civicdp.queries.analyses.report_exec import exact_aggregates
+from civicdp.queries.backend import AggregateRequest
+from civicdp.queries.engine import LocalDataset
+from civicdp.queries.errors import QueryError
+from civicdp.queries.kinds.base import aligned
+from civicdp.queries.metadata import ColumnMeta
 from tests.queries import perf_data
 
 
@@ -83,7 +83,7 @@ def test_boolean_keys_are_counted_in_the_reports_one_pass_path(tmp_path: Path) -
 
 def test_boolean_groups_get_department_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     local = _with_flag(perf_data.write(tmp_path / "flag", people=300))
-    monkeypatch.setattr("privacy.mechanisms.LaplaceVector.release", lambda self, values: list(values))
+    monkeypatch.setattr("civicdp.privacy.mechanisms.LaplaceVector.release", lambda self, values: list(values))
     result = local.run({"analysis": "department_scores", "epsilon": 1.0, "group": "online"})
     frame = result.table
     observed = frame["observed_hours"] if "observed_hours" in frame.columns else frame[frame.columns[1]]

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from queries.context import EngineLimits
-from queries.engine import Engine, LocalDataset
-from queries.errors import MetadataError, QueryError
-from queries.metadata import parse_metadata
-from queries.spec import parse_spec
+from civicdp.queries.context import EngineLimits
+from civicdp.queries.engine import Engine, LocalDataset
+from civicdp.queries.errors import MetadataError, QueryError
+from civicdp.queries.metadata import parse_metadata
+from civicdp.queries.spec import parse_spec
 from tests.conftest import MakeDataset, base_metadata, events_frame
 
 WAIT = {"column": "waiting_minutes"}

@@ -16,9 +16,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from privacy.accounting import rho_for_epsilon
-from queries.analyses.lagged import LaggedPlan
-from queries.engine import LocalDataset
+from civicdp.privacy.accounting import rho_for_epsilon
+from civicdp.queries.analyses.lagged import LaggedPlan
+from civicdp.queries.engine import LocalDataset
 from tests.queries import perf_data
 from tests.queries.lagged_data import STEP_CONTRIBUTIONS, at_threshold
 

@@ -3,7 +3,7 @@
 :func:`running_api` starts ``create_app(Settings(...))`` in a ``TestClient`` (so the
 lifespan builds the state and disposes it afterwards), registers the test dataset of
 ``tests/conftest.py`` (50 people) with ``admin.register_dataset`` and creates the demo
-accounts of ``server.demo_server``, each with its role and a fresh key:
+accounts of ``civicdp.server.demo_server``, each with its role and a fresh key:
 
     steward        civic-office   steward        in *
     ana-health     health         analyst        in health
@@ -37,15 +37,15 @@ from sqlalchemy import func, select
 from sqlmodel import Session
 from sqlmodel import select as select_models
 
-from policies.actions import Role
-from server import admin, ledger
-from server.bootstrap import build_state
-from server.db import session_scope
-from server.demo_server import DEMO_ACCOUNTS
-from server.deps import AppState
-from server.main import create_app
-from server.models import ApiKey, AuditEntry, Budget, LedgerEntry, Release
-from server.settings import Settings
+from civicdp.policies.actions import Role
+from civicdp.server import admin, ledger
+from civicdp.server.bootstrap import build_state
+from civicdp.server.db import session_scope
+from civicdp.server.demo_server import DEMO_ACCOUNTS
+from civicdp.server.deps import AppState
+from civicdp.server.main import create_app
+from civicdp.server.models import ApiKey, AuditEntry, Budget, LedgerEntry, Release
+from civicdp.server.settings import Settings
 from tests.conftest import base_metadata, events_frame, write_dataset
 
 with warnings.catch_warnings():
@@ -189,7 +189,7 @@ def assert_charged(api: Api, account: str, before: dict[str, int], answer: dict[
 class ViaTestClient(httpx.BaseTransport):
     """An httpx transport that hands every request to a started ``TestClient``.
 
-    Lets ``queries.client.Client`` (a plain ``httpx.Client``) talk to the in-process app
+    Lets ``civicdp.queries.client.Client`` (a plain ``httpx.Client``) talk to the in-process app
     without a socket; ``httpx.ASGITransport`` would need an ``AsyncClient``.
     """
 

@@ -19,11 +19,11 @@ import pandas as pd
 import pytest
 from sqlalchemy import update
 
-from policies.actions import ColumnClass
-from queries import client as analyst_client
-from server import ledger
-from server.db import session_scope
-from server.models import ApiKey, Release
+from civicdp.policies.actions import ColumnClass
+from civicdp.queries import client as analyst_client
+from civicdp.server import ledger
+from civicdp.server.db import session_scope
+from civicdp.server.models import ApiKey, Release
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import (
     ANALYST, COUNT, DATASET, FEED, OTHER_ANALYST, OVERSIGHT, STEWARD, Api, ViaTestClient, assert_charged,

@@ -28,9 +28,9 @@ import httpx
 import pytest
 from sqlmodel import Session, select
 
-from queries.metadata import load_metadata
-from server import ledger
-from server.models import Budget, LedgerEntry, Release
+from civicdp.queries.metadata import load_metadata
+from civicdp.server import ledger
+from civicdp.server.models import Budget, LedgerEntry, Release
 from tests.server.api_fixtures import ANALYST, DATASET, MICRO, Api, count_query, running_api
 from tests.server.api_fixtures import dataset_folder  # noqa: F401 - fixture
 

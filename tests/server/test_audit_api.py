@@ -10,13 +10,13 @@ import pytest
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
-import server.service
-from audit.bundle import TamperDetected, verify_bundle
-from audit.checkpoint import Checkpoint
-from audit.merkle import verify_consistency, verify_inclusion
-from audit.signing import VerifierKey
-from server import ledger
-from server.models import AuditCheckpoint, AuditEntry, Budget, LedgerEntry, Release
+import civicdp.server.service
+from civicdp.audit.bundle import TamperDetected, verify_bundle
+from civicdp.audit.checkpoint import Checkpoint
+from civicdp.audit.merkle import verify_consistency, verify_inclusion
+from civicdp.audit.signing import VerifierKey
+from civicdp.server import ledger
+from civicdp.server.models import AuditCheckpoint, AuditEntry, Budget, LedgerEntry, Release
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     ANALYST, DATASET, OTHER_ANALYST, OVERSIGHT, STEWARD, Api, api, count_query, dataset_folder, running_api,
 )
@@ -97,14 +97,14 @@ def test_each_release_entry_carries_the_ledger_change(api: Api) -> None:
 
 def test_a_failure_between_the_charge_and_the_audit_insert_rolls_both_back(
         api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_record = server.service.record
+    real_record = civicdp.server.service.record
 
     def failing_record(session, caller, action, *args, **kwargs):  # type: ignore[no-untyped-def]
         if action == "query.run" and kwargs.get("ledger"):
             raise RuntimeError("injected: the audit insert fails after the ledger update")
         return real_record(session, caller, action, *args, **kwargs)
 
-    monkeypatch.setattr(server.service, "record", failing_record)
+    monkeypatch.setattr(civicdp.server.service, "record", failing_record)
     spent_before = api.spent_micro(ANALYST)
     with pytest.raises(RuntimeError, match="injected"):  # the test client re-raises what became a 500
         api.query(ANALYST, count_query(epsilon=0.2))
@@ -112,7 +112,7 @@ def test_a_failure_between_the_charge_and_the_audit_insert_rolls_both_back(
     assert api.count(Release) == 0 and api.count(LedgerEntry) == 0
     [entry] = [e for e in _entries(api) if e["request"] and e["request"]["path"] == "/v1/queries"]
     assert entry["decision"] == "error"  # the request itself is still on record, as a failure
-    monkeypatch.setattr(server.service, "record", real_record)
+    monkeypatch.setattr(civicdp.server.service, "record", real_record)
     assert api.query(ANALYST, count_query(epsilon=0.2)).status_code == 200  # and nothing is stuck
 
 
@@ -162,7 +162,7 @@ def test_checkpoints_and_proofs_verify_with_the_public_key_alone(api: Api) -> No
 
 
 def test_an_export_verifies_offline_and_a_tampered_copy_does_not(api: Api, tmp_path: Path) -> None:
-    from server.cli import app
+    from civicdp.server.cli import app
 
     for epsilon in (0.1, 0.2):
         api.query(ANALYST, count_query(epsilon=epsilon))
@@ -206,7 +206,7 @@ def test_a_checkpoint_is_signed_every_n_entries(tmp_path: Path, dataset_folder: 
 
 def test_key_rotation_is_recorded_and_vouched_for_by_the_old_key(api: Api, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from server.cli import app
+    from civicdp.server.cli import app
 
     old = _key(api)
     api.query(ANALYST, count_query(epsilon=0.1))

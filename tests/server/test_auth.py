@@ -19,13 +19,13 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, SQLModel
 
-import server.auth
-from server.auth import (
+import civicdp.server.auth
+from civicdp.server.auth import (
     REASONS, AuthenticationFailed, ServerSecretError, create_key, load_or_create_server_secret, revoke_key,
     verify_key,
 )
-from server.db import session_scope
-from server.models import Account, ApiKey
+from civicdp.server.db import session_scope
+from civicdp.server.models import Account, ApiKey
 
 SERVER_SECRET = bytes(range(32))
 NOW = datetime(2026, 11, 15, 12, 0, tzinfo=timezone.utc)
@@ -173,9 +173,9 @@ def test_unknown_prefixes_cost_the_same_hmac_as_known_ones(
         sqlite_engine: Engine, account_id: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The HMAC and the constant-time comparison run whether or not the prefix exists."""
     calls: list[str] = []
-    real_hash, real_compare = server.auth._hash, hmac.compare_digest
-    monkeypatch.setattr(server.auth, "_hash", lambda s, secret: calls.append("hash") or real_hash(s, secret))
-    monkeypatch.setattr(server.auth.hmac, "compare_digest",
+    real_hash, real_compare = civicdp.server.auth._hash, hmac.compare_digest
+    monkeypatch.setattr(civicdp.server.auth, "_hash", lambda s, secret: calls.append("hash") or real_hash(s, secret))
+    monkeypatch.setattr(civicdp.server.auth.hmac, "compare_digest",
                         lambda a, b: calls.append("compare") or real_compare(a, b))
     key = _new_key(sqlite_engine, account_id)
     calls.clear()

@@ -25,16 +25,16 @@ from typing import Any
 
 import pytest
 
-from policies.actions import Role
-from server import admin, registry
-from server.db import session_scope
-from server.feed_schemas import FeedDefinition
-from server.feeds import FeedService
+from civicdp.policies.actions import Role
+from civicdp.server import admin, registry
+from civicdp.server.db import session_scope
+from civicdp.server.feed_schemas import FeedDefinition
+from civicdp.server.feeds import FeedService
 from sqlmodel import select
 
-from server.caller import Caller
-from server.models import Account
-from server.monitors import MonitorService
+from civicdp.server.caller import Caller
+from civicdp.server.models import Account
+from civicdp.server.monitors import MonitorService
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import (
     ANALYST, DATASET, FEED, OTHER_ANALYST, OVERSIGHT, STEWARD, Api, count_query, make_dataset_folder, running_api,

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from queries import client as analyst_client
-from server.cli import app
+from civicdp.queries import client as analyst_client
+from civicdp.server.cli import app
 from tests.conftest import MakeDataset
 from tests.server.api_fixtures import ANALYST, DATASET, Api, ViaTestClient, assert_charged
 from tests.server.api_fixtures import api, dataset_folder  # noqa: F401 - fixtures
@@ -74,9 +74,9 @@ def test_the_command_line_prints_pairs_and_bundles(make_dataset: MakeDataset, tm
 
 def test_the_example_specs_plan_against_the_demo_metadata() -> None:
     """examples/bundles.json and bundle_changes.json are valid for ``civicdp demo-data`` (no data read)."""
-    from queries.engine import Engine
-    from queries.metadata import parse_metadata
-    from synthetic.demo_data import _metadata
+    from civicdp.queries.engine import Engine
+    from civicdp.queries.metadata import parse_metadata
+    from civicdp.synthetic.demo_data import _metadata
 
     metadata = parse_metadata(_metadata(seed=0, people=10))
     root = Path(__file__).resolve().parents[2] / "examples"

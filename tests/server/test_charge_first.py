@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from sqlmodel import Session, select
 
-from queries.engine import Engine
-from server import computations
-from server.audit_log import record
-from server.computations import FAILED_TEXT
-from server.db import session_scope
-from server.caller import Caller
-from server.models import Account, Computation, Release
+from civicdp.queries.engine import Engine
+from civicdp.server import computations
+from civicdp.server.audit_log import record
+from civicdp.server.computations import FAILED_TEXT
+from civicdp.server.db import session_scope
+from civicdp.server.caller import Caller
+from civicdp.server.models import Account, Computation, Release
 from tests.server.api_fixtures import ANALYST, Api, api, count_query, dataset_folder, running_api  # noqa: F401
 
 SECRET = "person 4711 has nan at row 17 (3.14159)"

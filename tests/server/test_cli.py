@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from server.cli import app
+from civicdp.server.cli import app
 from tests.conftest import MakeDataset
 
 runner = CliRunner()

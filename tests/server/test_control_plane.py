@@ -33,8 +33,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from typer.testing import CliRunner
 
-from server.cli import app as cli
-from server.settings import Settings
+from civicdp.server.cli import app as cli
+from civicdp.server.settings import Settings
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import (
     ANALYST, DATASET, FEED, OTHER_ANALYST, OVERSIGHT, STEWARD, Api, ViaTestClient, api, count_query,  # noqa: F401
@@ -47,8 +47,8 @@ runner = CliRunner()
 SERVE = """
 import sys, uvicorn
 from pathlib import Path
-from server.main import create_app
-from server.settings import Settings
+from civicdp.server.main import create_app
+from civicdp.server.settings import Settings
 settings = Settings(data_dir=Path(sys.argv[1]), database_url=sys.argv[2] or None, feeds_scheduler=False)
 uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[3]), log_level="warning")
 """
@@ -340,7 +340,7 @@ def test_the_lifetime_scope_never_renews_and_says_so(api: Api, monkeypatch: pyte
 @contextmanager
 def _client_through(api: Api) -> Iterator[None]:
     """Make the command line's HTTP client talk to the in-process app."""
-    import queries.client as client_module
+    import civicdp.queries.client as client_module
 
     original = client_module.httpx.Client
 

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from synthetic.demo_data import CHANNELS, COLUMNS, DemoSummary, generate
+from civicdp.synthetic.demo_data import CHANNELS, COLUMNS, DemoSummary, generate
 
 PEOPLE = 5_000
 SEED = 7
@@ -307,7 +307,7 @@ def test_other_profile_has_a_heavier_tail_of_requests(other: tuple[DemoSummary, 
 def test_profiles_are_checked_and_the_command_takes_one(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from server.cli import app
+    from civicdp.server.cli import app
 
     with pytest.raises(ValueError, match="unknown profile"):
         generate(10, tmp_path / "x", profile="nope")

@@ -19,16 +19,16 @@ from sqlalchemy import select
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from audit.signing import SigningKey
-from policies.actions import Role
-from queries import client as consumer_client
-from queries.release_check import SignatureInvalid
-from server import admin, ledger
-from server.cli import app as cli
-from server.db import session_scope
-from server.feed_models import Feed, FeedRefusal, FeedRelease
-from server.feeds import FeedRefused, FeedService, schedule_of
-from server.models import AuditEntry, Budget, BudgetCap, LedgerEntry, Release
+from civicdp.audit.signing import SigningKey
+from civicdp.policies.actions import Role
+from civicdp.queries import client as consumer_client
+from civicdp.queries.release_check import SignatureInvalid
+from civicdp.server import admin, ledger
+from civicdp.server.cli import app as cli
+from civicdp.server.db import session_scope
+from civicdp.server.feed_models import Feed, FeedRefusal, FeedRelease
+from civicdp.server.feeds import FeedRefused, FeedService, schedule_of
+from civicdp.server.models import AuditEntry, Budget, BudgetCap, LedgerEntry, Release
 from tests.server.api_fixtures import (
     ANALYST, DATASET, FEED, OVERSIGHT, STEWARD, Api, ViaTestClient, running_api,
 )

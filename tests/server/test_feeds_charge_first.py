@@ -18,14 +18,14 @@ import polars as pl
 import pytest
 from sqlalchemy import delete
 
-from queries.errors import DatasetUnavailable
-from server import admin
-from server.db import session_scope
-from server.feed_models import Feed, FeedApproval, FeedClaim, FeedRefusal, FeedRelease
-from server.feeds import (
+from civicdp.queries.errors import DatasetUnavailable
+from civicdp.server import admin
+from civicdp.server.db import session_scope
+from civicdp.server.feed_models import Feed, FeedApproval, FeedClaim, FeedRefusal, FeedRelease
+from civicdp.server.feeds import (
     CLAIM_TIMEOUT, FAILED_REASON, STALE_REASON, FeedBusy, FeedFailed, FeedRefused,
 )
-from server.models import LedgerEntry, Release
+from civicdp.server.models import LedgerEntry, Release
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import FEED, OVERSIGHT, STEWARD, Api, make_dataset_folder
 from tests.server.api_fixtures import api, dataset_folder  # noqa: F401 - fixtures

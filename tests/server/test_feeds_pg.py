@@ -18,12 +18,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import Session
 
-from server import ledger
-from server.bootstrap import build_state
-from server.feed_models import FeedClaim, FeedRelease
-from server.feed_schemas import FeedDefinition
-from server.feeds import FeedService
-from server.models import AuditEntry, Budget, LedgerEntry, Release
+from civicdp.server import ledger
+from civicdp.server.bootstrap import build_state
+from civicdp.server.feed_models import FeedClaim, FeedRelease
+from civicdp.server.feed_schemas import FeedDefinition
+from civicdp.server.feeds import FeedService
+from civicdp.server.models import AuditEntry, Budget, LedgerEntry, Release
 from tests.server.api_fixtures import DATASET, make_dataset_folder, prepare_state, settings_for
 from tests.server.racing import race
 
@@ -37,9 +37,9 @@ import json, sys, time
 from datetime import datetime
 from pathlib import Path
 
-from server.bootstrap import build_state
-from server.feeds import FeedBusy, FeedService
-from server.settings import Settings
+from civicdp.server.bootstrap import build_state
+from civicdp.server.feeds import FeedBusy, FeedService
+from civicdp.server.settings import Settings
 
 data_dir, url, sync, name, now = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5]
 state = build_state(Settings(data_dir=data_dir, database_url=url, feeds_scheduler=False))

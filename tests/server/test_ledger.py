@@ -25,15 +25,15 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from privacy.errors import BudgetExhausted, InvalidLoss
-from privacy.loss import MICRO, PrivacyLoss
-from server.db import init_db, make_engine, session_scope
-from server.ledger import (
+from civicdp.privacy.errors import BudgetExhausted, InvalidLoss
+from civicdp.privacy.loss import MICRO, PrivacyLoss
+from civicdp.server.db import init_db, make_engine, session_scope
+from civicdp.server.ledger import (
     AGENCY, ANALYST, ANY, DATASET, LIFETIME, MAX_CHARGE_MICRO, BudgetRefused, BudgetStatus, CapDefaults,
     Scope, apply_cap, budgets_for, charge, period_of, precheck, renews_at, scopes_for, statuses, to_micro,
 )
-from server.models import Account, Budget, BudgetCap, LedgerEntry, Release
-from server.settings import Settings
+from civicdp.server.models import Account, Budget, BudgetCap, LedgerEntry, Release
+from civicdp.server.settings import Settings
 from tests.server.racing import race
 
 DS = "civic-demo"
@@ -560,8 +560,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from server.db import make_engine, session_scope
-from server.ledger import BudgetRefused, CapDefaults, charge, scopes_for
+from civicdp.server.db import make_engine, session_scope
+from civicdp.server.ledger import BudgetRefused, CapDefaults, charge, scopes_for
 
 url, sync, name, attempts, threads = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 defaults = CapDefaults(10**12, 10**12, 10**12, 2_000_000)  # lifetime 2: twenty charges of 0.1

@@ -26,10 +26,10 @@ import httpx
 import psutil
 import pytest
 
-from server.limits import (
+from civicdp.server.limits import (
     DRAIN_BYTES, AnonymousTraffic, ClientBuckets, JsonLimits, RequestLimitsMiddleware, json_problem,
 )
-from server.settings import Settings
+from civicdp.server.settings import Settings
 from tests.server.api_fixtures import wait_until_serving
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     ANALYST, COUNT, STEWARD, Api, api, dataset_folder, make_dataset_folder, prepare_state, running_api,
@@ -289,8 +289,8 @@ def test_the_summary_is_written_each_window_and_at_shutdown(tmp_path: Path, data
 SERVE = """
 import sys, uvicorn
 from pathlib import Path
-from server.main import create_app
-from server.settings import Settings
+from civicdp.server.main import create_app
+from civicdp.server.settings import Settings
 settings = Settings(data_dir=Path(sys.argv[1]), feeds_scheduler=False)
 uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[2]), log_level="error")
 """

@@ -16,10 +16,10 @@ import pytest
 from sqlalchemy import text
 from sqlmodel import Session, select
 
-from audit.merkle import leaf_hash
-from server.audit_log import AuditLog, AuditLogFailed
-from server.db import make_engine
-from server.models import AuditCheckpoint, AuditEntry, Release
+from civicdp.audit.merkle import leaf_hash
+from civicdp.server.audit_log import AuditLog, AuditLogFailed
+from civicdp.server.db import make_engine
+from civicdp.server.models import AuditCheckpoint, AuditEntry, Release
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     ANALYST, OVERSIGHT, Api, count_query, dataset_folder, running_api,
 )

@@ -17,9 +17,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from typer.testing import CliRunner
 
-from queries.client import Client
-from server import cli_audit
-from server.cli import app as cli
+from civicdp.queries.client import Client
+from civicdp.server import cli_audit
+from civicdp.server.cli import app as cli
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     ANALYST, OVERSIGHT, STEWARD, Api, ViaTestClient, api, dataset_folder,
 )

@@ -15,7 +15,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from server.monitor_models import MonitorBatch, MonitorRelease
+from civicdp.server.monitor_models import MonitorBatch, MonitorRelease
 from tests.conftest import events_frame
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     ANALYST, DATASET, MICRO, OTHER_ANALYST, OVERSIGHT, STEWARD, Api, api, dataset_folder,

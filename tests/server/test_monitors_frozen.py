@@ -18,13 +18,13 @@ import polars as pl
 import pytest
 from sqlmodel import Session, select
 
-from queries.errors import QueryError
-from server import admin
-from server.caller import Caller
-from server.db import session_scope
-from server.models import Account
-from server.monitor_models import MonitorBatch, MonitorCalibration, MonitorNode, MonitorRelease
-from server.monitors import MonitorService
+from civicdp.queries.errors import QueryError
+from civicdp.server import admin
+from civicdp.server.caller import Caller
+from civicdp.server.db import session_scope
+from civicdp.server.models import Account
+from civicdp.server.monitor_models import MonitorBatch, MonitorCalibration, MonitorNode, MonitorRelease
+from civicdp.server.monitors import MonitorService
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     MICRO, STEWARD, Api, api, dataset_folder, make_dataset_folder,
@@ -144,7 +144,7 @@ def test_a_batch_that_fails_while_computing_lets_nothing_out_and_a_retry_starts_
         raise RuntimeError("disk full")
 
     # Fails after the person use and leaves were written and the first nodes were noised.
-    monkeypatch.setattr("server.monitor_state.step_rows", broken)
+    monkeypatch.setattr("civicdp.server.monitor_state.step_rows", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         append_directly(api, batch(0, 1), 0, 1)
     assert api.count(MonitorBatch) == 0 and api.count(MonitorNode) == 0 and api.count(MonitorRelease) == 0

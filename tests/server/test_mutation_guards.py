@@ -2,7 +2,7 @@
 (GOVERNANCE.md, "Testing what matters").
 
 Each guard runs a check the API tests rely on twice: against the real server, where it
-passes, and against a mutated server (``server.ledger.charge`` replaced by a no-op, or
+passes, and against a mutated server (``civicdp.server.ledger.charge`` replaced by a no-op, or
 ``LaplaceVector.release`` by the identity), where it must raise ``AssertionError``. A
 check that also passed on the mutant would protect nothing.
 """
@@ -14,8 +14,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-import server.ledger
-from privacy.mechanisms import LaplaceVector
+import civicdp.server.ledger
+from civicdp.privacy.mechanisms import LaplaceVector
 from tests.conftest import CHANNELS, events_frame
 from tests.server.api_fixtures import ANALYST, Api, assert_charged, count_query
 from tests.server.api_fixtures import api, dataset_folder  # noqa: F401 - fixtures
@@ -24,7 +24,7 @@ RUNS = 5
 
 
 def _skip_the_charge(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server.ledger, "charge", lambda *args, **kwargs: [])
+    monkeypatch.setattr(civicdp.server.ledger, "charge", lambda *args, **kwargs: [])
 
 
 def _remove_the_noise(monkeypatch: pytest.MonkeyPatch) -> None:

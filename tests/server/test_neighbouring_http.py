@@ -29,9 +29,9 @@ from typing import Any
 import polars as pl
 import pytest
 
-from queries.polars_backend import PolarsBackend
-from server import admin
-from server.db import session_scope
+from civicdp.queries.polars_backend import PolarsBackend
+from civicdp.server import admin
+from civicdp.server.db import session_scope
 from tests.privacy.neighbours import (ADVERSARIES, OUTSIDE_DOMAIN, QUERIES, NoiseRemoved, adversary_rows, compare,
                                       structure_differences, write_base, write_neighbour)
 from tests.server.api_fixtures import ANALYST, MICRO, STEWARD, Api, count_query, running_api

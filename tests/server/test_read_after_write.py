@@ -32,14 +32,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import NullPool
 from sqlmodel import Session, select
 
-from server import auth
-from server.caller import subject_of
-from server.db import make_engine, session_scope
-from server.deps import WriteSession
-from server.feed_models import Feed, FeedRelease
-from server.main import create_app
-from server.models import Account, ApiKey, AuditEntry, BudgetCap, Dataset, Release
-from server.monitor_models import Monitor, MonitorBatch, MonitorSubscription
+from civicdp.server import auth
+from civicdp.server.caller import subject_of
+from civicdp.server.db import make_engine, session_scope
+from civicdp.server.deps import WriteSession
+from civicdp.server.feed_models import Feed, FeedRelease
+from civicdp.server.main import create_app
+from civicdp.server.models import Account, ApiKey, AuditEntry, BudgetCap, Dataset, Release
+from civicdp.server.monitor_models import Monitor, MonitorBatch, MonitorSubscription
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import wait_until_serving
 from tests.server.api_fixtures import (
@@ -359,8 +359,8 @@ def _free_port() -> int:
 SERVE = """
 import sys, uvicorn
 from pathlib import Path
-from server.main import create_app
-from server.settings import Settings
+from civicdp.server.main import create_app
+from civicdp.server.settings import Settings
 settings = Settings(data_dir=Path(sys.argv[1]), database_url=sys.argv[2] or None, feeds_scheduler=False)
 uvicorn.run(create_app(settings), host="127.0.0.1", port=int(sys.argv[3]), log_level="warning")
 """

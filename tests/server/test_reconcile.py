@@ -14,10 +14,10 @@ from sqlalchemy import text
 from sqlmodel import Session, select
 from typer.testing import CliRunner
 
-from audit.signing import VerifierKey
-from server import ledger
-from server.models import Budget, LedgerEntry, Release
-from server.reconcile import (
+from civicdp.audit.signing import VerifierKey
+from civicdp.server import ledger
+from civicdp.server.models import Budget, LedgerEntry, Release
+from civicdp.server.reconcile import (
     BudgetRow, Charge, LedgerRow, fold_ledger, ledger_summaries, reconcile_budgets, reconcile_database,
 )
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
@@ -229,7 +229,7 @@ def test_a_release_moved_to_another_question_is_not_served(api: Api) -> None:
 
 
 def _reconcile(api: Api, bundle: Path) -> Any:
-    from server.cli import app
+    from civicdp.server.cli import app
 
     key = VerifierKey.parse(api.client.get("/v1/audit/public-key").text.split()[0]).encode()
     return CliRunner().invoke(app, ["audit", "reconcile", str(bundle), "--public-key", key,

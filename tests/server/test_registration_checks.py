@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
-from server.models import Dataset
+from civicdp.server.models import Dataset
 from tests.conftest import base_metadata, events_frame, write_dataset
 from tests.server.api_fixtures import STEWARD, Api, api, dataset_folder  # noqa: F401 - fixtures
 

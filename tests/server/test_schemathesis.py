@@ -29,8 +29,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from server.main import create_app
-from server.routes.queries import EXAMPLE
+from civicdp.server.main import create_app
+from civicdp.server.routes.queries import EXAMPLE
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import ANALYST, ROLES, make_dataset_folder, prepare_state, settings_for
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from policies.actions import Action, Role
-from server import admin
-from server.db import session_scope
-from server.errors import Conflict
-from server.service import subject_of
+from civicdp.policies.actions import Action, Role
+from civicdp.server import admin
+from civicdp.server.db import session_scope
+from civicdp.server.errors import Conflict
+from civicdp.server.service import subject_of
 from tests.server.api_fixtures import ANALYST, FEED, OVERSIGHT, STEWARD, Api, api, dataset_folder  # noqa: F401
 
 

@@ -25,15 +25,15 @@ from sqlalchemy import create_engine, func, inspect, select, text
 from sqlmodel import Session
 from typer.testing import CliRunner
 
-from audit.signing import SigningKey
-from server import auth
-from server.bootstrap import build_state, check_state
-from server.cli import app as cli
-from server.demo_server import prepare_demo
-from server.identity import StateIdentity, StateMismatch, StateMissing, key_fingerprint
-from server.main import create_app
-from server.models import AuditKey
-from server.settings import Settings
+from civicdp.audit.signing import SigningKey
+from civicdp.server import auth
+from civicdp.server.bootstrap import build_state, check_state
+from civicdp.server.cli import app as cli
+from civicdp.server.demo_server import prepare_demo
+from civicdp.server.identity import StateIdentity, StateMismatch, StateMissing, key_fingerprint
+from civicdp.server.main import create_app
+from civicdp.server.models import AuditKey
+from civicdp.server.settings import Settings
 from tests.server.api_fixtures import (
     ANALYST, TestClient, count_query, make_dataset_folder, prepare_state, running_api, settings_for,
 )

@@ -18,12 +18,12 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, select
 
-from audit.checkpoint import Checkpoint
-from audit.merkle import MerkleTree, verify_consistency, verify_inclusion
-from server.audit_log import AuditLog, AuditLogFailed, append_many, ensure_head
-from server.db import make_engine
-from server.models import AuditCheckpoint, AuditEntry, AuditTile
-from server.tree_store import TileStore
+from civicdp.audit.checkpoint import Checkpoint
+from civicdp.audit.merkle import MerkleTree, verify_consistency, verify_inclusion
+from civicdp.server.audit_log import AuditLog, AuditLogFailed, append_many, ensure_head
+from civicdp.server.db import make_engine
+from civicdp.server.models import AuditCheckpoint, AuditEntry, AuditTile
+from civicdp.server.tree_store import TileStore
 
 ORIGIN = "civicdp.local/audit"
 

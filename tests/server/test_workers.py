@@ -30,15 +30,15 @@ import pytest
 from sqlalchemy import create_engine, func, select, text, update
 from sqlmodel import Session
 
-from audit.bundle import verify_bundle
-from audit.checkpoint import Checkpoint
-from audit.merkle import verify_consistency, verify_inclusion
-from audit.signing import VerifierKey
-from policies.actions import Role
-from server import admin
-from server.db import session_scope
-from server.lean import LeanQueries
-from server.models import ApiKey, AuditEntry
+from civicdp.audit.bundle import verify_bundle
+from civicdp.audit.checkpoint import Checkpoint
+from civicdp.audit.merkle import verify_consistency, verify_inclusion
+from civicdp.audit.signing import VerifierKey
+from civicdp.policies.actions import Role
+from civicdp.server import admin
+from civicdp.server.db import session_scope
+from civicdp.server.lean import LeanQueries
+from civicdp.server.models import ApiKey, AuditEntry
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     ANALYST, DATASET, OTHER_ANALYST, OVERSIGHT, Api, api, count_query, dataset_folder, make_dataset_folder,
@@ -168,7 +168,7 @@ def serving(data_dir: Path, database_url: str | None, workers: int = 1) -> Itera
     port = _free_port()
     log = data_dir.parent / f"serve-{port}.log"  # a file, not a pipe nobody reads (it could fill and block)
     with log.open("wb") as errors:
-        process = subprocess.Popen([sys.executable, "-c", "from server.cli import main; main()", "serve", "--host",
+        process = subprocess.Popen([sys.executable, "-c", "from civicdp.server.cli import main; main()", "serve", "--host",
                                     "127.0.0.1", "--port", str(port), "--workers", str(workers)],
                                    cwd=ROOT, env=_env(data_dir, database_url), stdout=subprocess.DEVNULL,
                                    stderr=errors, start_new_session=True)
@@ -310,8 +310,8 @@ def test_workers_keep_nagle_off_on_keep_alive_connections(tmp_path: Path) -> Non
 def test_a_monitor_batch_sent_to_two_processes_at_once_is_accepted_once(
         api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each process has its own lock per monitor: the database decides, and the loser keeps nothing."""
-    from server import monitors
-    from server.monitor_models import MonitorBatch, MonitorRelease
+    from civicdp.server import monitors
+    from civicdp.server.monitor_models import MonitorBatch, MonitorRelease
     from tests.server.test_monitors import STEWARD, append, batch, monitor
 
     assert api.post(STEWARD, "/v1/monitors", json=monitor()).status_code == 201

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session, select
 
-from privacy.accounting import Accounting, epsilon_of_rho, rho_for_epsilon
-from privacy.loss import NANO
-from privacy.mechanisms import _gaussian
-from server import admin
-from server.db import session_scope
-from server.models import Budget, LedgerEntry
+from civicdp.privacy.accounting import Accounting, epsilon_of_rho, rho_for_epsilon
+from civicdp.privacy.loss import NANO
+from civicdp.privacy.mechanisms import _gaussian
+from civicdp.server import admin
+from civicdp.server.db import session_scope
+from civicdp.server.models import Budget, LedgerEntry
 from tests.conftest import base_metadata, events_frame, write_dataset
 from tests.server.api_fixtures import ANALYST, DATASET, Api, count_query, running_api
 from tests.server.test_api_concurrency import ask_all_at_once, build_rank_cache
@@ -121,8 +121,8 @@ def test_the_accounting_cannot_change_once_anything_was_spent(tmp_path: Path) ->
 
 
 def test_a_zcdp_dataset_with_a_large_delta_is_refused(tmp_path: Path) -> None:
-    from queries.errors import MetadataError
-    from queries.metadata import load_metadata
+    from civicdp.queries.errors import MetadataError
+    from civicdp.queries.metadata import load_metadata
 
     folder = write_dataset(tmp_path / "d", events_frame(), zcdp_metadata(delta=1e-3))
     with pytest.raises(MetadataError, match=r"accounting.*public delta in \(0, 1e-07\]"):
