@@ -32,3 +32,14 @@ class MetadataError(QueryError):
 
 class DatasetUnavailable(QueryError):
     """The dataset's data files cannot be read as their metadata declares."""
+
+
+def dataset_unavailable(table: str | None) -> DatasetUnavailable:
+    """The fixed answer when reading ``table`` (None: an analysis's tables) failed.
+
+    The library's own message is never shown: it could quote values from the data.
+    """
+    which = f"table '{table}'" if table else "the tables this analysis reads"
+    return DatasetUnavailable("table", f"the data files of {which} are missing, unreadable, or "
+                              "do not have the columns and types its metadata declares",
+                              "Ask the data steward to check the dataset's files against metadata.json")

@@ -36,7 +36,9 @@ from civicdp.queries.backend import Backend
 from civicdp.queries.context import EngineLimits
 from civicdp.queries.errors import QueryError
 from civicdp.queries.metadata import DatasetMetadata
+from civicdp.queries.query_plan import Plan, plan_query
 from civicdp.queries.results import Estimate, Result
+from civicdp.queries.spec import parse_spec
 
 #: Public shares of a grouping's loss per part (normalised over the parts present).
 WEIGHTS = {"volume": 1.0, "duration_mean": 1.5, "duration_quantiles": 3.0,
@@ -67,11 +69,11 @@ class ReportSpec(AnalysisSpec):
 
 @dataclass(frozen=True)
 class Part:
-    """One aggregate of the report: its grouping, metric name and the engine's plan."""
+    """One aggregate of the report: its grouping, metric name and its query plan."""
 
     by: str
     metric: str
-    plan: Any  # civicdp.queries.engine.Plan
+    plan: Plan
 
 
 class ReportPlan(AnalysisPlan):
@@ -108,10 +110,7 @@ class ReportPlan(AnalysisPlan):
                 "higher where people have more rows than the bound)")
 
     def describe(self) -> Estimate:
-        from civicdp.queries.engine import Engine
-
-        engine = Engine()
-        accuracy = {f"{p.by}: {p.metric}": {**engine.describe(p.plan).accuracy,
+        accuracy = {f"{p.by}: {p.metric}": {**p.plan.describe().accuracy,
                                             "epsilon": float(p.plan.loss.epsilon)} for p in self.parts}
         return Estimate(self.loss, self.contributions, self.spec.confidence, self._mechanisms(), accuracy,
                         [f"one loss for the whole report, split over {len({p.by for p in self.parts})} "
@@ -119,16 +118,13 @@ class ReportPlan(AnalysisPlan):
                          self._bounding_note()])
 
     def execute(self, backend: Backend) -> Result:
-        from civicdp.queries.engine import Engine
-
         plans = [part.plan for part in self.parts]
         if hasattr(backend, "scan") and all(g.bucket is None for p in plans for g in p.context.group_by):
             # One read of the data for every part (same bounding, same exact values as the backend's).
             exact = exact_aggregates(backend, plans)
             released = [p.kind.release(p.context, p.calibration, e) for p, e in zip(plans, exact)]
         else:
-            engine = Engine(backend)
-            released = [engine.execute(p).table for p in plans]
+            released = [p.execute(backend).table for p in plans]
         long_rows: list[pl.DataFrame] = []
         wide: dict[str, pl.DataFrame] = {}
         for part, table in zip(self.parts, released):
@@ -186,8 +182,6 @@ class PerformanceReport(Analysis):
 
     def plan(self, spec: AnalysisSpec, metadata: DatasetMetadata, dataset_dir: Path,
              limits: EngineLimits) -> ReportPlan:
-        from civicdp.queries.engine import Engine
-
         assert isinstance(spec, ReportSpec)
         if spec.dataset is not None and spec.dataset != metadata.name:
             raise QueryError("dataset", f"this dataset is '{metadata.name}', not '{spec.dataset}'",
@@ -214,7 +208,6 @@ class PerformanceReport(Analysis):
         total_weight = sum(WEIGHTS[name] for name, _ in metrics)
         filters = period_filters(spec.period, spec.time)
         shares = _grouping_shares(by, events)
-        engine = Engine(limits=limits)
         # One budget for the whole report, split over its parts: epsilon, or rho on zCDP
         # datasets (where the parts then compose to the report's epsilon at the dataset's delta).
         budget = metadata.accounting.rule.budget(spec.epsilon)
@@ -228,7 +221,7 @@ class PerformanceReport(Analysis):
                             "epsilon": spec.epsilon * share,
                             "confidence": spec.confidence, "contributions": bound, **extra}
                 try:
-                    plan = engine.plan(document, metadata, dataset_dir, budget=budget * share)
+                    plan = plan_query(parse_spec(document), metadata, dataset_dir, limits, budget=budget * share)
                 except QueryError as exc:
                     field = f"by.{index}" if exc.field.startswith("group_by") else (
                         "period" if exc.field.startswith("filters") else exc.field)
