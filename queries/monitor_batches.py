@@ -34,7 +34,7 @@ from civicdp.privacy.bounding import quantized_bound
 from civicdp.queries.errors import QueryError
 
 if TYPE_CHECKING:
-    from civicdp.queries.monitoring import ResolvedMonitor
+    from civicdp.queries.monitor_spec import ResolvedMonitor
 
 #: A public bound on the people whose rows one monitor cell may ever hold (more than any country's).
 MAX_PEOPLE = 2**31

@@ -29,7 +29,8 @@ from civicdp.privacy.continual import TreeCounter
 from civicdp.privacy.errors import PrivacyError
 from civicdp.queries.errors import QueryError
 from civicdp.queries.metadata import DatasetMetadata, TableMeta
-from civicdp.queries.monitoring import MonitorSpec, ResolvedMonitor, resolve_monitor
+from civicdp.queries.monitor_spec import MonitorSpec, ResolvedMonitor
+from civicdp.queries.monitoring import resolve_monitor
 
 FORMAT = 1
 _NEW = "Define a new monitor for the dataset's current version (its loss is charged anew)"

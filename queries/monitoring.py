@@ -1,10 +1,10 @@
 """Monitors: a metric per group and time step, released continually within one fixed loss.
 
-A monitor is defined by a data steward (``MonitorSpec``): a metric — ``count`` of events,
-``mean`` of a bounded column, or ``share_above`` a threshold — per public group and per
-time step (hour, day or week) from ``start`` for ``horizon`` steps, a total privacy loss
-for the whole horizon, and alert rules ("above / below a preset value") evaluated on the
-released values (post-processing, no extra loss).
+A monitor is defined by a data steward (``MonitorSpec``, :mod:`civicdp.queries.monitor_spec`):
+a metric — ``count`` of events, ``mean`` of a bounded column, or ``share_above`` a
+threshold — per public group and per time step (hour, day or week) from ``start`` for
+``horizon`` steps, a total privacy loss for the whole horizon, and alert rules ("above /
+below a preset value") evaluated on the released values (post-processing, no extra loss).
 
 This module validates a spec against the public metadata (errors name the field and
 never depend on data), bounds new events per person **across the whole horizon** (each
@@ -19,68 +19,20 @@ intervals. What a monitor is calibrated on is frozen when it is defined
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any, Literal
+from datetime import datetime, timedelta
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from civicdp.privacy import accuracy
 from civicdp.privacy.continual import MAX_HORIZON, TreeCounter
-from civicdp.privacy.loss import PrivacyLoss, compose
 from civicdp.queries.errors import QueryError
-from civicdp.queries.metadata import DatasetMetadata, TableMeta
+from civicdp.queries.metadata import DatasetMetadata
 # check_batch and step_vectors live in civicdp.queries.monitor_batches and are re-exported here.
 from civicdp.queries.monitor_batches import check_batch, step_vectors, sum_unit
+from civicdp.queries.monitor_spec import AlertRule, MonitorSpec, ResolvedMonitor, naive_utc
 
-STEP_SECONDS = {"hour": 3600, "day": 86400, "week": 7 * 86400}
-MAX_RULES = 50
 MAX_GROUPS = 10_000
-
-
-class AlertRule(BaseModel):
-    """Fire when a released value is above (or below) ``value``; ``group`` None means every group."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    op: Literal["above", "below"]
-    value: float = Field(allow_inf_nan=False)
-    group: bool | int | str | None = None  # bool first: a JSON true stays a boolean key
-    on: Literal["step", "running"] = "step"
-    certain: bool = False  # fire only when the whole interval lies beyond the value
-
-    def text(self, metric: str) -> str:
-        where = f" in {self.group}" if self.group is not None else ""
-        what = "running " if self.on == "running" else ""
-        how = " (certainly)" if self.certain else ""
-        return f"{what}{metric}{where} {self.op} {self.value:g}{how}"
-
-
-class MonitorSpec(BaseModel):
-    """A monitor's definition; see the module docstring."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    dataset: str
-    table: str = "events"
-    metric: Literal["count", "mean", "share_above"]
-    column: str | None = None
-    threshold: float | None = Field(default=None, allow_inf_nan=False)
-    group_by: str | None = None
-    time: str = "request_time"
-    step: Literal["hour", "day", "week"] = "day"
-    start: datetime
-    horizon: int = Field(ge=1, le=MAX_HORIZON)
-    epsilon: float = Field(gt=0, allow_inf_nan=False)
-    contributions: int | None = Field(default=None, ge=1)
-    confidence: float = Field(default=0.95, ge=0.5, le=0.999)
-    rules: tuple[AlertRule, ...] = Field(default=(), max_length=MAX_RULES)
-    agency: str | None = None
-
-    def canonical(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
 
 
 def parse_monitor(raw: Any) -> MonitorSpec:
@@ -105,56 +57,6 @@ _FIXES = {
     "epsilon": "Give the total privacy loss for the whole horizon, e.g. 1",
     "rules": 'Write rules like {"op": "above", "value": 100}',
 }
-
-
-@dataclass(frozen=True)
-class ResolvedMonitor:
-    """A validated monitor with its trees (the whole horizon's mechanisms) fixed."""
-
-    spec: MonitorSpec
-    table: TableMeta
-    unit_column: str
-    keys: tuple[Any, ...]  # public groups ("all" when not grouped)
-    contributions: int
-    trees: dict[str, TreeCounter]  # counts | above (share: [above..., not above...]) | sums + counts
-    lower: float = 0.0
-    upper: float = 0.0
-    resolution: float = 1.0
-    unit: int = 1  # mean monitors: the quantised bound of one centred value
-
-    @property
-    def loss(self) -> PrivacyLoss:
-        return compose(t.loss for t in self.trees.values())
-
-    @property
-    def step_seconds(self) -> int:
-        return STEP_SECONDS[self.spec.step]
-
-    @property
-    def start(self) -> datetime:
-        return _naive(self.spec.start)
-
-    @property
-    def end(self) -> datetime:
-        return self.start + timedelta(seconds=self.step_seconds * self.spec.horizon)
-
-    def step_start(self, step: int) -> datetime:
-        return self.start + timedelta(seconds=self.step_seconds * step)
-
-    def complete_steps(self, covered_until: datetime) -> int:
-        """How many steps end at or before ``covered_until`` (capped at the horizon)."""
-        seconds = (covered_until - self.start).total_seconds()
-        return max(0, min(self.spec.horizon, math.floor(seconds / self.step_seconds)))
-
-    def widths(self) -> dict[str, int]:
-        n = len(self.keys)
-        return {"above": 2 * n} if self.spec.metric == "share_above" else {name: n for name in self.trees}
-
-
-def _naive(moment: datetime) -> datetime:
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return moment
 
 
 def resolve_monitor(spec: MonitorSpec, metadata: DatasetMetadata) -> ResolvedMonitor:
@@ -184,9 +86,9 @@ def resolve_monitor(spec: MonitorSpec, metadata: DatasetMetadata) -> ResolvedMon
     contributions = spec.contributions or metadata.max_contributions
     if contributions > metadata.max_contributions_limit:
         raise QueryError("contributions", f"must be at most {metadata.max_contributions_limit}", "Choose fewer")
-    lo_t, hi_t = (_naive(b if isinstance(b, datetime) else datetime.fromisoformat(str(b)))  # type: ignore[arg-type]
+    lo_t, hi_t = (naive_utc(b if isinstance(b, datetime) else datetime.fromisoformat(str(b)))  # type: ignore[arg-type]
                   for b in time.bounds)  # type: ignore[union-attr]
-    start = _naive(spec.start)
+    start = naive_utc(spec.start)
     if start < lo_t - timedelta(days=366 * 50) or start.year > 9000:
         raise QueryError("start", "the start is not a plausible time", "Give an ISO time such as 2026-01-01T00:00")
     trees: dict[str, TreeCounter] = {}
