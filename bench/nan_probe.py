@@ -31,10 +31,10 @@ import polars as pl
 import uvicorn
 
 from civicdp.policies.actions import Role
-from civicdp.server import admin
-from civicdp.server.db import session_scope
-from civicdp.server.main import create_app
-from civicdp.server.settings import Settings
+from civicdp.server.services import admin
+from civicdp.server.state.db import session_scope
+from civicdp.server.http.app import create_app
+from civicdp.server.state.settings import Settings
 from civicdp.synthetic.demo_data import generate
 
 START, END = datetime(2025, 1, 1), datetime(2026, 1, 1)

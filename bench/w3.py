@@ -14,7 +14,7 @@ default) registered, an analyst with a key, and the real server started on loopb
   bottleneck) for ``--seconds``, and W3's Python client (httpx threads, which costs ~1 ms of
   CPU per request on the same cores) for ``--requests``; req/s, p50 and p99 of each;
 - with one worker, **fresh small queries** that spend budget, with 1, 16 and 64 clients;
-- the **per-request profile by stage** of the lean cached path (``server/lean.py``; the
+- the **per-request profile by stage** of the lean cached path (``server/http/lean.py``; the
   server writes it when it stops), the server's CPU per cached answer, and what of it is
   HTTP and framework (uvicorn, the middleware, the event loop);
 - the checks: budgets overspent (0), answers without a ledger entry (0), and every answer
@@ -72,10 +72,10 @@ def _setup(env: dict[str, str], data: Path) -> str:
     script = f"""
 from pathlib import Path
 from civicdp.policies.actions import Role
-from civicdp.server import admin
-from civicdp.server.bootstrap import build_state
-from civicdp.server.db import session_scope
-from civicdp.server.settings import Settings
+from civicdp.server.services import admin
+from civicdp.server.services.bootstrap import build_state
+from civicdp.server.state.db import session_scope
+from civicdp.server.state.settings import Settings
 state = build_state(Settings())
 with session_scope(state.db) as s:
     row = admin.register_dataset(s, state.policies, None, Path({str(data)!r}))
@@ -189,7 +189,7 @@ class Server:
     def __init__(self, env: dict[str, str], workers: int) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-c", "from civicdp.server.cli import main; main()", "serve",
+        self.process = subprocess.Popen([sys.executable, "-c", "from civicdp.server.entry import main; main()", "serve",
                                          "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers)],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self._errors: list[str] = []

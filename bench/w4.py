@@ -42,8 +42,8 @@ PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 
 def _setup(state, dataset_dir: Path) -> str:  # type: ignore[no-untyped-def]
     from civicdp.policies.actions import Role
-    from civicdp.server import admin
-    from civicdp.server.db import session_scope
+    from civicdp.server.services import admin
+    from civicdp.server.state.db import session_scope
 
     with session_scope(state.db) as session:
         admin.register_dataset(session, state.policies, None, dataset_dir)
@@ -67,8 +67,8 @@ def request_overhead(database_url: str | None, dataset_dir: Path, n: int) -> dic
 
 async def _request_overhead(database_url: str | None, dataset_dir: Path, n: int) -> dict[str, float]:
     """The app in-process over httpx's ASGI transport, its lifespan run as a server would."""
-    from civicdp.server.main import create_app
-    from civicdp.server.settings import Settings
+    from civicdp.server.http.app import create_app
+    from civicdp.server.state.settings import Settings
 
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,10 +80,10 @@ async def _request_overhead(database_url: str | None, dataset_dir: Path, n: int)
 
 
 async def _measure(state, client: httpx.AsyncClient, dataset_dir: Path, n: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    import civicdp.server.audit_http
-    import civicdp.server.audit_log
-    import civicdp.server.deps
-    import civicdp.server.service
+    import civicdp.server.http.request_log
+    import civicdp.server.auditlog.log
+    import civicdp.server.http.deps
+    import civicdp.server.services.query_service
 
     query = {"dataset": "civic-demo", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.01}
     results: dict[str, float] = {}
@@ -91,9 +91,9 @@ async def _measure(state, client: httpx.AsyncClient, dataset_dir: Path, n: int) 
     assert (await client.post("/v1/queries", json=query, headers=headers)).status_code == 200
     cases = {"cached query": lambda: client.post("/v1/queries", json=query, headers=headers),
              "metadata read": lambda: client.get("/v1/datasets", headers=headers)}
-    writers = (civicdp.server.service, civicdp.server.deps, civicdp.server.audit_log)
+    writers = (civicdp.server.services.query_service, civicdp.server.http.deps, civicdp.server.auditlog.log)
     originals = {m: m.record for m in writers}
-    original_request = civicdp.server.audit_http.record_request
+    original_request = civicdp.server.http.request_log.record_request
     for label, call in cases.items():
         for _ in range(20):
             await call()  # warm up
@@ -102,19 +102,19 @@ async def _measure(state, client: httpx.AsyncClient, dataset_dir: Path, n: int) 
             on += await _timed(call, n // 5)
             for module in writers:
                 module.record = lambda *a, **k: None  # type: ignore[assignment]
-            civicdp.server.audit_http.record_request = lambda db, slot, status: setattr(slot, "recorded", True)
+            civicdp.server.http.request_log.record_request = lambda db, slot, status: setattr(slot, "recorded", True)
             try:
                 off += await _timed(call, n // 5)
             finally:
                 for module, original in originals.items():
                     module.record = original  # type: ignore[assignment]
-                civicdp.server.audit_http.record_request = original_request
+                civicdp.server.http.request_log.record_request = original_request
         results[f"{label}: p50 with audit (ms)"] = statistics.median(on)
         results[f"{label}: p50 without (ms)"] = statistics.median(off)
         results[f"{label}: audit adds (ms)"] = statistics.median(on) - statistics.median(off)
         results[f"{label}: appends/s through requests"] = 1000 / statistics.mean(on)
-    from civicdp.server.audit_log import append
-    from civicdp.server.db import session_scope
+    from civicdp.server.auditlog.log import append
+    from civicdp.server.state.db import session_scope
 
     start = time.perf_counter()
     count = 500
@@ -127,7 +127,7 @@ async def _measure(state, client: httpx.AsyncClient, dataset_dir: Path, n: int) 
 
 
 def _entry(seq: int) -> bytes:
-    from civicdp.server.audit_log import canonical_bytes
+    from civicdp.server.auditlog.log import canonical_bytes
 
     return canonical_bytes({
         "seq": seq, "time": "2026-11-23T12:00:00.000000Z", "action": "query.run", "target": "civic-demo",
@@ -147,9 +147,9 @@ def _entry(seq: int) -> bytes:
 def verification(entries: int, database_url: str | None) -> dict[str, float]:
     from civicdp.audit.checkpoint import Checkpoint
     from civicdp.audit.merkle import MerkleTree, leaf_hash
-    from civicdp.server.audit_log import AuditLog, ensure_head
-    from civicdp.server.db import init_db, make_engine
-    from civicdp.server.models import AuditCheckpoint, AuditEntry, AuditHead
+    from civicdp.server.auditlog.log import AuditLog, ensure_head
+    from civicdp.server.state.db import init_db, make_engine
+    from civicdp.server.state.models import AuditCheckpoint, AuditEntry, AuditHead
 
     out: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:

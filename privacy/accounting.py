@@ -24,7 +24,8 @@ from typing import Literal, Union
 
 from civicdp.privacy.errors import InvalidLoss
 from civicdp.privacy.loss import MICRO, NANO, PrivacyLoss
-from civicdp.privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin, zcdp_epsilon
+from civicdp.privacy.conversion import epsilon_of_rho
+from civicdp.privacy.mechanisms import GaussianVector, LaplaceVector, NoisyMin
 
 Mode = Literal["pure", "zcdp"]
 Additive = Union[LaplaceVector, GaussianVector]
@@ -33,13 +34,6 @@ MAX_DELTA = 1e-7
 
 
 @lru_cache(maxsize=4096)
-def epsilon_of_rho(rho: float, delta: float) -> float:
-    """The epsilon at which rho-zCDP holds as (epsilon, delta)-DP (OpenDP's conversion, rounded up)."""
-    if not (math.isfinite(rho) and rho > 0 and 0 < delta < 1):
-        raise InvalidLoss(f"cannot convert rho={rho} at delta={delta}")
-    return zcdp_epsilon(rho, delta)
-
-
 @lru_cache(maxsize=4096)
 def rho_for_epsilon(epsilon: float, delta: float) -> float:
     """The largest rho whose (epsilon, delta)-DP statement at ``delta`` is within ``epsilon``."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable
 
+from civicdp.privacy.conversion import epsilon_of_rho
 from civicdp.privacy.errors import InvalidLoss
 
 #: Ledger unit of pure-DP datasets: losses are charged in whole micro-epsilons, rounded up.
@@ -88,8 +89,6 @@ class PrivacyLoss:
     @classmethod
     def zcdp(cls, rho: object, delta: float) -> PrivacyLoss:
         """A rho-zCDP loss, stated as (epsilon, delta)-DP at ``delta`` (OpenDP's conversion)."""
-        from civicdp.privacy.accounting import epsilon_of_rho  # the conversion lives with the accounting
-
         exact = _exact(rho, "rho")
         if exact < 0:
             raise InvalidLoss(f"rho must not be negative, got {float(exact)}", value=rho)

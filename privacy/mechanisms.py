@@ -26,23 +26,9 @@ import opendp.metrics as metrics
 import opendp.mod
 # Not opendp.prelude: it imports scikit-learn, seconds of start-up for every command.
 
+from civicdp.privacy.conversion import ensure_safe_features
 from civicdp.privacy.errors import InvalidLoss
 from civicdp.privacy.loss import PrivacyLoss
-
-#: OpenDP features that would weaken the guarantees civicdp states.
-UNSAFE_FEATURES = frozenset({"floating-point", "honest-but-curious"})
-
-
-def ensure_safe_features() -> None:
-    """Enable OpenDP's "contrib" feature and refuse to run with weakening ones."""
-    unsafe = UNSAFE_FEATURES & set(opendp.mod.GLOBAL_FEATURES)
-    if unsafe:
-        raise RuntimeError(
-            f"OpenDP features {sorted(unsafe)} are enabled; civicdp refuses to run with them "
-            "because they weaken the differential privacy guarantee. Disable them."
-        )
-    opendp.mod.enable_features("contrib")
-
 
 ensure_safe_features()
 
@@ -74,14 +60,6 @@ def _noisy_min(scale: float, zcdp: bool = False) -> opendp.mod.Measurement:
     space = _INT_VECTOR, metrics.linf_distance(T="i64", monotonic=False)
     measure = measures.zero_concentrated_divergence() if zcdp else measures.max_divergence()
     return measurements.make_noisy_max(*space, measure, scale=scale, negate=True)
-
-
-def zcdp_epsilon(rho: float, delta: float) -> float:
-    """OpenDP's (epsilon, delta)-DP statement of rho-zCDP at ``delta`` (``make_zCDP_to_approxDP``)."""
-    gaussian = measurements.make_gaussian(domains.atom_domain(T="f64", nan=False),
-                                          metrics.absolute_distance(T="f64"), scale=1.0)
-    # A Gaussian of scale 1 has rho = d^2 / 2 at sensitivity d: rho's profile is the one at d = sqrt(2 rho).
-    return float(combinators.make_zCDP_to_approxDP(gaussian).map(math.sqrt(2 * rho)).epsilon(delta))
 
 
 def _rho_loss(rho: float, delta: float) -> PrivacyLoss:

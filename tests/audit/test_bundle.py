@@ -151,7 +151,7 @@ def test_damaged_or_foreign_files_get_a_plain_explanation(tmp_path: Path) -> Non
 
 def test_the_verify_command_runs_offline_with_only_the_public_key(tmp_path: Path, log: tuple[Path, list[bytes]],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    from civicdp.server.cli import app
+    from civicdp.server.entry import app
 
     def no_network(*args: object, **kwargs: object) -> None:
         raise OSError("networking is unavailable in this test")

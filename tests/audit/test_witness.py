@@ -63,7 +63,7 @@ def test_refuses_growth_without_or_with_a_bad_proof(tmp_path: Path) -> None:
 
 
 def test_accepts_a_bundle_as_proof_and_the_cli_explains_refusals(tmp_path: Path) -> None:
-    from civicdp.server.cli import app
+    from civicdp.server.entry import app
 
     state = tmp_path / "w"
     runner = CliRunner()

@@ -18,7 +18,7 @@ handed D; see :class:`tests.privacy.neighbours.NoiseRemoved`):
 The table of observed changes is printed at the end of the module (``pytest -s``) and is
 available as :func:`tests.privacy.neighbours.harness_table`. The HTTP side (status, error
 shape and charge identical with the noise on; monitors; feeds) is in
-``tests/server/test_neighbouring_http.py``.
+``tests/server/http/test_neighbouring_http.py``.
 """
 
 from __future__ import annotations

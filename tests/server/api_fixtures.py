@@ -3,7 +3,7 @@
 :func:`running_api` starts ``create_app(Settings(...))`` in a ``TestClient`` (so the
 lifespan builds the state and disposes it afterwards), registers the test dataset of
 ``tests/conftest.py`` (50 people) with ``admin.register_dataset`` and creates the demo
-accounts of ``civicdp.server.demo_server``, each with its role and a fresh key:
+accounts of ``civicdp.server.cli.demo``, each with its role and a fresh key:
 
     steward        civic-office   steward        in *
     ana-health     health         analyst        in health
@@ -38,14 +38,15 @@ from sqlmodel import Session
 from sqlmodel import select as select_models
 
 from civicdp.policies.actions import Role
-from civicdp.server import admin, ledger
-from civicdp.server.bootstrap import build_state
-from civicdp.server.db import session_scope
-from civicdp.server.demo_server import DEMO_ACCOUNTS
-from civicdp.server.deps import AppState
-from civicdp.server.main import create_app
-from civicdp.server.models import ApiKey, AuditEntry, Budget, LedgerEntry, Release
-from civicdp.server.settings import Settings
+from civicdp.server.services import admin
+from civicdp.server.state import ledger
+from civicdp.server.services.bootstrap import build_state
+from civicdp.server.state.db import session_scope
+from civicdp.server.cli.demo import DEMO_ACCOUNTS
+from civicdp.server.services.app_state import AppState
+from civicdp.server.http.app import create_app
+from civicdp.server.state.models import ApiKey, AuditEntry, Budget, LedgerEntry, Release
+from civicdp.server.state.settings import Settings
 from tests.conftest import base_metadata, events_frame, write_dataset
 
 with warnings.catch_warnings():

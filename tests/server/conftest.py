@@ -1,7 +1,7 @@
 """Database fixtures for server tests: a fresh SQLite file or a fresh PostgreSQL schema.
 
 ``sqlite_engine`` is a WAL-mode SQLite file in ``tmp_path``, configured exactly as the
-server configures it (``civicdp.server.db.make_engine``). ``pg_engine`` points at the
+server configures it (``civicdp.server.state.db.make_engine``). ``pg_engine`` points at the
 PostgreSQL server of ``CIVICDP_TEST_POSTGRES_URL`` (default: the local ``test``
 database) with a schema created for the test alone and dropped afterwards, so tests
 can run in parallel and never see each other's rows; ``pg_url`` is that schema's URL,
@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
 
-from civicdp.server.db import init_db, make_engine
+from civicdp.server.state.db import init_db, make_engine
 
 PG_URL = os.environ.get("CIVICDP_TEST_POSTGRES_URL", "postgresql+psycopg://root@127.0.0.1:5432/test")
 

@@ -1,0 +1,2 @@
+"""The `civicdp` command line: every command, the demo and the tour.
+"""

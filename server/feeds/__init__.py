@@ -1,0 +1,3 @@
+"""Scheduled, signed aggregate feeds for agencies: definitions, approvals, periods, releases,
+and the scheduler that runs them.
+"""

@@ -1,0 +1,3 @@
+"""Monitors: questions answered batch by batch over a fixed horizon, with alerts, and the
+per-person working files of each batch.
+"""

@@ -1,0 +1,194 @@
+"""Steward operations: accounts, keys, roles, policies, datasets and budget caps.
+
+Used by the HTTP routes and the command line alike; every change is recorded with
+who made it (``actor`` is None for the local command line), and both routes are held to
+the same rules: names the API refuses are refused here too, a grant already held changes
+nothing (and says so), and a revoke that removes nothing is an error (404 over HTTP, a
+non-zero exit on the command line), never a silent success. Role and dataset changes go
+to the policy store, which writes them to the shared rule table first: every server
+process sees them at its next decision (:mod:`civicdp.policies.enforcer`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlmodel import Session, select
+
+from civicdp.policies.actions import Role
+from civicdp.policies.enforcer import PolicyStore
+from civicdp.privacy.loss import PrivacyLoss
+from civicdp.server.state import auth, ledger, registry
+from civicdp.server.state.errors import Conflict, InvalidRequest, NotFound
+from civicdp.server.state.models import Account, ApiKey, BudgetCap, Dataset
+from civicdp.server.services.schemas import AccountCreate, BudgetCapSet, RoleGrant
+from civicdp.server.services.query_service import Caller, record, subject_of
+
+
+def _validated(model: type, **fields: object) -> None:
+    """Hold the command line to the API's rules for names and numbers (InvalidRequest otherwise)."""
+    try:
+        model.model_validate(fields)  # type: ignore[attr-defined]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "value"
+        value = fields.get(where, "")
+        raise InvalidRequest(where, f"{value!r} is not accepted ({first.get('msg')})",
+                             "Names start with a letter or digit and hold only letters, digits, '.', '_' and "
+                             "'-' (account names also '@'), at most 100 characters") from None
+
+
+def create_account(session: Session, actor: Caller | None, name: str, agency: str) -> Account:
+    _validated(AccountCreate, name=name, agency=agency)
+    if session.exec(select(Account).where(Account.name == name)).first() is not None:
+        raise Conflict(f"an account named '{name}' exists already")
+    account = Account(name=name, agency=agency)
+    session.add(account)
+    session.flush()
+    record(session, actor, "account.create", name, agency=agency)
+    return account
+
+
+def account_named(session: Session, name: str) -> Account:
+    account = session.exec(select(Account).where(Account.name == name)).first()
+    if account is None:
+        raise NotFound(f"no account named '{name}'")
+    return account
+
+
+def issue_key(session: Session, actor: Caller | None, account_name: str, secret: bytes,
+              expires_in_days: int | None = 90) -> tuple[ApiKey, str]:
+    account = account_named(session, account_name)
+    expires = datetime.now(timezone.utc) + timedelta(days=expires_in_days) if expires_in_days else None
+    key, plaintext = auth.create_key(session, account.id, secret, expires_at=expires)
+    record(session, actor, "key.create", account_name, prefix=key.prefix,
+           expires_at=expires.isoformat() if expires else None)
+    return key, plaintext
+
+
+def revoke_key(session: Session, actor: Caller | None, prefix: str) -> ApiKey:
+    """Revoke the key; NotFound if there is none, Conflict if it was revoked already (nothing changes)."""
+    key = session.exec(select(ApiKey).where(ApiKey.prefix == prefix)).first()
+    if key is None:
+        raise NotFound(f"no API key with prefix '{prefix}'; list them with `civicdp keys list`")
+    if key.revoked_at is not None:
+        raise Conflict(f"the API key with prefix '{prefix}' was revoked already ({key.revoked_at:%Y-%m-%d %H:%M} "
+                       "UTC); nothing was changed")
+    auth.revoke_key(session, prefix, datetime.now(timezone.utc))
+    record(session, actor, "key.revoke", prefix)
+    return key
+
+
+def keys_of(session: Session, account_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Every API key (of one account, or of all), with its account's name: prefixes and states, never secrets."""
+    query = select(ApiKey, Account.name).join(Account, Account.id == ApiKey.account_id)  # type: ignore[arg-type]
+    if account_name is not None:
+        query = query.where(Account.id == account_named(session, account_name).id)
+    return [(key, name) for key, name in session.exec(query.order_by(Account.name, ApiKey.id))]  # type: ignore[arg-type]
+
+
+def grant_role(session: Session, policies: PolicyStore, actor: Caller | None, account_name: str,
+               role: Role, agency: str) -> bool:
+    """Grant ``role`` in ``agency``; False (nothing recorded) if the account holds it already."""
+    _validated(RoleGrant, role=role, agency=agency)
+    account_named(session, account_name)
+    _check_separation(policies, account_name, Role(role))
+    if not policies.grant(subject_of(account_name), role, agency):
+        return False
+    record(session, actor, "role.grant", account_name, role=role.value, agency=agency)
+    return True
+
+
+#: Roles that read data, and roles that must never: no account holds one of each (in any agency).
+DATA_ROLES = frozenset({Role.ANALYST, Role.FEED_CONSUMER})
+DUTY_ROLES = frozenset({Role.STEWARD, Role.OVERSIGHT})
+
+
+def _check_separation(policies: PolicyStore, account_name: str, role: Role) -> None:
+    """Refuse a grant that would let a steward or an oversight officer read data, or the reverse."""
+    held = {Role(r) for r, _ in policies.roles_of(subject_of(account_name))}
+    clash = (DUTY_ROLES & held) if role in DATA_ROLES else (DATA_ROLES & held) if role in DUTY_ROLES else set()
+    if clash:
+        other = sorted(r.value for r in clash)[0]
+        raise Conflict(f"separation of duties: account '{account_name}' holds the role {other}, so it cannot also "
+                       f"hold {role.value} (stewards and oversight never read data; data readers never manage or "
+                       "audit). Use another account")
+
+
+def revoke_role(session: Session, policies: PolicyStore, actor: Caller | None, account_name: str,
+                role: Role, agency: str) -> None:
+    """Revoke ``role`` in ``agency`` (every stored copy); NotFound if the account did not hold it."""
+    account_named(session, account_name)
+    if not policies.revoke(subject_of(account_name), role, agency):
+        held = ", ".join(f"{r} in {a}" for r, a in policies.roles_of(subject_of(account_name))) or "none"
+        raise NotFound(f"account '{account_name}' does not hold the role {role.value} in agency '{agency}', "
+                       f"so nothing was revoked (its roles: {held})")
+    record(session, actor, "role.revoke", account_name, role=role.value, agency=agency)
+
+
+def register_dataset(session: Session, policies: PolicyStore, actor: Caller | None, folder: Path) -> Dataset:
+    row = registry.register(session, folder)
+    metadata = registry.metadata_of(row)
+    for table in metadata.tables.values():
+        for column in table.columns:
+            policies.assign_public_column(row.name, column)
+    record(session, actor, "dataset.register", row.name, version=row.version, path=row.path)
+    return row
+
+
+def set_cap(session: Session, actor: Caller | None, dataset: str, scope: str, subject: str,
+            epsilon: float) -> BudgetCap:
+    _validated(BudgetCapSet, dataset=dataset, scope=scope, subject=subject, epsilon=epsilon)
+    registry.get(session, dataset)
+    micro = PrivacyLoss.of(epsilon).micro_epsilon
+    cap = session.exec(select(BudgetCap).where(BudgetCap.dataset == dataset, BudgetCap.scope == scope,
+                                               BudgetCap.subject == subject)).first()
+    if cap is None:
+        cap = BudgetCap(dataset=dataset, scope=scope, subject=subject, cap_micro=micro)
+    cap.cap_micro = micro
+    session.add(cap)
+    session.flush()
+    # Budget rows copy their cap when created: bring this period's and the lifetime row up to date.
+    ledger.apply_cap(session, dataset, scope, subject, micro, now=datetime.now(timezone.utc))
+    record(session, actor, "budget.set_cap", dataset, scope=scope, subject=subject, cap_micro=micro)
+    return cap
+
+
+
+def caps_of(session: Session, defaults: ledger.CapDefaults, dataset: str | None = None) -> list[dict[str, object]]:
+    """Every cap in force, per dataset: those stewards set, feed allocations, and the server's defaults.
+
+    A scope kind without a ``*`` cap of its own on a dataset shows the server default
+    (``source``: ``default``); ``set`` is a steward's cap (``*``: every subject of the kind
+    without a cap of its own); ``feed`` a feed's announced allocation. Caps of analyst,
+    agency, dataset and lifetime scopes are in micro-epsilon (unit ``epsilon``), as set; feed
+    allocations in the dataset's ledger unit (as budgets show it: ``epsilon`` or ``rho``).
+    """
+    names = [registry.get(session, dataset).name] if dataset else [r.name for r in registry.all_datasets(session)]
+    rows = list(session.exec(select(BudgetCap).where(BudgetCap.dataset.in_(names))  # type: ignore[attr-defined]
+                             .order_by(BudgetCap.dataset, BudgetCap.scope, BudgetCap.subject)))
+    order = {kind: i for i, kind in enumerate(ledger.SCOPE_KINDS)}
+    out: list[dict[str, object]] = []
+    for name in names:
+        accounting = ledger.accounting_of(session, name)
+        mine = [r for r in rows if r.dataset == name]
+        for kind in ledger.KINDS:
+            if not any(r.scope == kind and r.subject == ledger.ANY for r in mine):
+                out.append(_cap_view(name, kind, ledger.ANY, defaults.for_kind(kind), "default", accounting))
+        out += [_cap_view(name, r.scope, r.subject, r.cap_micro,
+                          "feed" if r.scope == ledger.FEED else "set", accounting) for r in mine]
+    return sorted(out, key=lambda c: (str(c["dataset"]), order.get(str(c["scope"]), 99), c["subject"] != ledger.ANY,
+                                      str(c["subject"])))
+
+
+def _cap_view(dataset: str, scope: str, subject: str, cap_micro: int, source: str,
+              accounting: object) -> dict[str, object]:
+    if scope == ledger.FEED:
+        unit = accounting.unit  # type: ignore[attr-defined]
+        epsilon = accounting.shown(cap_micro)["epsilon"]  # type: ignore[attr-defined]
+    else:
+        unit, epsilon = "epsilon", cap_micro / PrivacyLoss.of(1.0).micro_epsilon  # caps are set in epsilon
+    return {"dataset": dataset, "scope": scope, "subject": subject, "epsilon": epsilon, "cap_micro": cap_micro,
+            "unit": unit, "source": source}

@@ -1,0 +1,104 @@
+"""The dataset registry: which datasets the server serves, and their public metadata."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import polars as pl
+from sqlalchemy import delete, func
+from sqlmodel import Session, select
+
+from civicdp.queries.errors import QueryError
+from civicdp.queries.integrity import duplicated_owner_keys
+from civicdp.queries.metadata import DatasetMetadata, load_metadata, parse_metadata
+from civicdp.server.state.dataset_checks import DatasetRefused, check_declaration, check_files, check_metadata_file
+from civicdp.server.state.errors import Conflict, InvalidRequest, NotFound
+from civicdp.server.state.models import Budget, Dataset
+
+
+def register(session: Session, folder: Path) -> Dataset:
+    """Register (or update to a new version) the dataset in ``folder``; metadata is validated."""
+    try:
+        folder = Path(folder).resolve()
+        check_metadata_file(folder)  # before reading it: a FIFO would block, a device never end
+        metadata = load_metadata(folder)
+        missing = [t.path for t in metadata.tables.values() if not (folder / t.path).exists()]
+    except QueryError:
+        raise  # metadata.json is missing or invalid: the error names the field and the fix
+    except DatasetRefused as refused:
+        raise InvalidRequest("path", str(refused), "Fix the dataset folder and register again") from None
+    except (OSError, ValueError) as exc:  # a name too long or with a NUL byte, a folder the server may not read
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise NotFound(f"cannot read a dataset folder at {str(folder)[:200]!r}: {reason}") from None
+    if missing:
+        raise NotFound(f"the dataset's table file {missing[0]} is not in {folder}")
+    try:
+        check_files(folder, metadata)
+        check_declaration(metadata)
+    except DatasetRefused as refused:
+        raise InvalidRequest("path", str(refused), "Fix the dataset folder or its metadata.json and register again"
+                             ) from None
+    try:
+        duplicated = duplicated_owner_keys(folder, metadata)
+    except (OSError, pl.exceptions.PolarsError):
+        raise Conflict(f"the files of dataset '{metadata.name}' cannot be read as Parquet with the "
+                       "declared columns; check them against metadata.json") from None
+    if duplicated:
+        raise Conflict(f"dataset '{metadata.name}': {duplicated[0]}. Each step must belong to one "
+                       "person: give the owner table unique keys (or link the table by another column)")
+    row = session.exec(select(Dataset).where(Dataset.name == metadata.name)).first()
+    document = metadata.model_dump_json()
+    if row is None:
+        row = Dataset(name=metadata.name, version=metadata.version, path=str(folder), metadata_json=document)
+    elif row.version == metadata.version and _parsed(row.metadata_json) != metadata:
+        # Compared as parsed metadata: a row stored before a field existed equals its default.
+        raise Conflict(f"dataset '{metadata.name}' version {metadata.version} is registered with other "
+                       "metadata; give the new metadata a new version")
+    else:
+        _check_accounting(session, _parsed(row.metadata_json), metadata)
+        row.version, row.path, row.metadata_json = metadata.version, str(folder), document
+    session.add(row)
+    session.flush()
+    return row
+
+
+def _check_accounting(session: Session, old: DatasetMetadata, new: DatasetMetadata) -> None:
+    """A dataset's accounting may change only before anything was spent on it.
+
+    Its budget rows count in the accounting's unit (micro-epsilon or nano-rho): spent
+    amounts cannot be converted without losing the guarantee. Unspent rows are removed,
+    so they reopen with caps in the new unit.
+    """
+    if old.accounting == new.accounting:
+        return
+    spent = session.execute(select(func.coalesce(func.sum(Budget.spent_micro), 0))
+                            .where(Budget.dataset == new.name)).scalar_one()
+    if spent:
+        raise Conflict(f"dataset '{new.name}' has spent privacy loss under '{old.accounting.mode}' accounting "
+                       f"(delta {old.accounting.delta:g}); its accounting cannot change to "
+                       f"'{new.accounting.mode}' (delta {new.accounting.delta:g}). Keep the accounting, or "
+                       "register the data as a new dataset")
+    session.execute(delete(Budget).where(Budget.dataset == new.name))
+
+
+def get(session: Session, name: str) -> Dataset:
+    row = session.exec(select(Dataset).where(Dataset.name == name)).first()
+    if row is None:
+        raise NotFound(f"no dataset named '{name}'; list them with GET /v1/datasets")
+    return row
+
+
+def all_datasets(session: Session) -> list[Dataset]:
+    return list(session.exec(select(Dataset).order_by(Dataset.name)))
+
+
+@lru_cache(maxsize=64)
+def _parsed(document: str) -> DatasetMetadata:
+    return parse_metadata(json.loads(document))
+
+
+def metadata_of(row: Dataset) -> DatasetMetadata:
+    """The parsed metadata of a registered dataset (cached per version)."""
+    return _parsed(row.metadata_json)

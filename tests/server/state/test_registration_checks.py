@@ -1,0 +1,96 @@
+"""Steward input that must not crash, block or widen the server is refused at registration.
+
+Each case would, registered, read beyond the dataset folder, block a worker (a FIFO),
+read without end (a device), or make an identifier a group-by key; each is refused with
+the file or field named, and nothing is registered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from civicdp.server.state.models import Dataset
+from tests.conftest import base_metadata, events_frame, write_dataset
+from tests.server.api_fixtures import STEWARD, Api, api, dataset_folder  # noqa: F401 - fixtures
+
+
+def _folder(tmp_path: Path, change: Callable[[dict[str, Any], Path], None] | None = None) -> Path:
+    metadata = base_metadata()
+    metadata["name"] = "steward-input"
+    folder = write_dataset(tmp_path / "input", events_frame(), metadata)
+    if change is not None:
+        change(metadata, folder)
+        (folder / "metadata.json").write_text(json.dumps(metadata))
+    return folder
+
+
+def _table_path(value: str) -> Callable[[dict[str, Any], Path], None]:
+    def change(metadata: dict[str, Any], folder: Path) -> None:
+        metadata["tables"]["events"]["path"] = value
+    return change
+
+
+def _dotdot(metadata: dict[str, Any], folder: Path) -> None:
+    os.replace(folder / "events.parquet", folder.parent / "outside.parquet")
+    metadata["tables"]["events"]["path"] = "../outside.parquet"
+
+
+def _symlink_out(metadata: dict[str, Any], folder: Path) -> None:
+    outside = folder.parent / "outside.parquet"
+    os.replace(folder / "events.parquet", outside)
+    (folder / "events.parquet").symlink_to(outside)
+
+
+def _fifo(metadata: dict[str, Any], folder: Path) -> None:
+    (folder / "events.parquet").unlink()
+    os.mkfifo(folder / "events.parquet")
+
+
+def _column(name: str, **declared: Any) -> Callable[[dict[str, Any], Path], None]:
+    def change(metadata: dict[str, Any], folder: Path) -> None:
+        metadata["tables"]["events"]["columns"][name].update(declared)
+    return change
+
+
+CASES = {
+    "absolute-path": (_table_path("/etc/passwd"), "must be a path relative"),
+    "device": (_table_path("../../../../../../dev/zero"), "outside the dataset folder"),
+    "dotdot": (_dotdot, "outside the dataset folder"),
+    "symlink-out": (_symlink_out, "outside the dataset folder"),
+    "fifo": (_fifo, "not a regular file"),
+    "unit-not-identifier": (_column("person_id", identifier=False), "privacy unit must be declared an identifier"),
+    "identifier-with-keys": (_column("event_id", keys=[1, 2, 3]), "an identifier cannot have public keys"),
+    "huge-bounds": (_column("waiting_minutes", bounds=[-1.7e308, 1.7e308]), "beyond"),
+    "tiny-resolution": (_column("waiting_minutes", resolution=1e-300), "resolution"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_steward_input_is_refused_with_its_reason_and_nothing_is_registered(api: Api, tmp_path: Path,  # noqa: F811
+                                                                            case: str) -> None:
+    change, reason = CASES[case]
+    folder = _folder(tmp_path, change)
+    response = api.post(STEWARD, "/v1/datasets", json={"path": str(folder)})
+    assert response.status_code in (404, 422), response.text
+    assert re.search(reason, response.json()["detail"]), response.json()["detail"]
+    assert api.count(Dataset, Dataset.name == "steward-input") == 0
+    assert api.get(STEWARD, "/v1/health").status_code == 200  # still responsive
+
+
+def test_a_metadata_file_that_is_a_fifo_is_refused_before_it_is_read(api: Api, tmp_path: Path) -> None:  # noqa: F811
+    folder = _folder(tmp_path)
+    (folder / "metadata.json").unlink()
+    os.mkfifo(folder / "metadata.json")
+    response = api.post(STEWARD, "/v1/datasets", json={"path": str(folder)})
+    assert response.status_code == 422 and "not a regular file" in response.json()["detail"]
+
+
+def test_a_sound_folder_still_registers(api: Api, tmp_path: Path) -> None:  # noqa: F811
+    response = api.post(STEWARD, "/v1/datasets", json={"path": str(_folder(tmp_path))})
+    assert response.status_code in (200, 201), response.text
