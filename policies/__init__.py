@@ -4,7 +4,11 @@
 groups rules talk about; ``model.conf`` is the Casbin model (RBAC with agencies as
 domains, object groups, deny overrides allow, per-query epsilon caps checked by
 ``caps``); ``enforcer.PolicyStore`` stores rules (in memory or through an adapter the
-server hands in) and answers ``check``/``check_all`` with a ``Decision``; ``catalog``
-registers datasets, columns and feeds; ``defaults`` holds the default rule set. This
-package imports nothing of the project and no web framework.
+server hands in) and answers ``check``/``check_all`` for an account and
+``check_role``/``check_role_all`` for a holder of a role with a ``Decision``. It is
+assembled from ``rulebase`` (the enforcer, its storage and arity), ``administration``
+(grants, rules, object groups), ``decisions`` (the decisions) and ``catalog``
+(registering datasets, columns and feeds); ``storage`` is the versioned SQL adapter and
+``defaults`` holds the default rule set. This package imports nothing of the project and
+no web framework.
 """
