@@ -63,13 +63,13 @@ from civicdp.privacy.accounting import PURE, Accounting, Additive
 from civicdp.privacy.mechanisms import NoisyMin
 from civicdp.queries.analyses import bundle_tables as tables
 from civicdp.queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
-from civicdp.queries.analyses.pairs import (PairSpace, bounded_item_counts, bounded_pair_counts,
-                                    bounded_pair_counts_by_bound, pairs_per_person, person_events, person_pairs)
-from civicdp.queries.backend import Backend, RowFilter
+from civicdp.queries.analyses.pairs import (MAX_ROWS, PairSpace, bounded_item_counts, bounded_pair_counts,
+                                            bounded_pair_counts_by_bound, pairs_per_person, person_events,
+                                            person_pairs)
+from civicdp.queries.backend import Backend, RowFilter, person_column
 from civicdp.queries.context import EngineLimits, resolve
 from civicdp.queries.errors import QueryError
 from civicdp.queries.metadata import DatasetMetadata
-from civicdp.queries.polars_backend import UNIT
 from civicdp.queries.results import Estimate, Result
 from civicdp.queries.spec import Filter, QuerySpec
 
@@ -261,12 +261,10 @@ class BundlesPlan(AnalysisPlan):
     def person_pairs(self, backend: Backend) -> tuple[list[pl.DataFrame], list[pl.DataFrame]]:
         """Each period's bounded uses ``[__person, __item, __time_key]`` and distinct pairs ``[__person, __pair]``."""
         s = self.setting
-        scan = getattr(backend, "scan", None)
-        if scan is None:
-            raise QueryError("analysis", "this backend cannot read tables row by row, which bundle discovery "
-                             "needs", "Use the embedded Polars backend")
-        frame = scan(s.dataset_dir, s.metadata, s.table)
-        events = [person_events(frame, s.unit, s.item, s.time, s.space, s.filters, start, end).collect()
+        # At most MAX_ROWS rows per person, bounded before the filters and the period apply.
+        rows = backend.bound(backend.scan(s.dataset_dir, s.metadata, s.table), s.metadata, s.table, MAX_ROWS)
+        conditions = [backend.row_condition(f) for f in s.filters]
+        events = [person_events(rows, s.unit, s.item, s.time, s.space, conditions, start, end).collect()
                   for start, end in s.periods]
         return events, [person_pairs(e.lazy(), s.window_seconds, s.space).collect() for e in events]
 
@@ -517,9 +515,8 @@ def _setting(spec: BundlesSpec | BundleChangesSpec, metadata: DatasetMetadata, d
     if not 1 <= max_items <= space.n_items:
         raise QueryError("max_items", f"must be between 1 and {space.n_items} (the catalogue's size), "
                          f"got {max_items}", "Give the number of distinct items counted per person")
-    unit = UNIT if table.privacy_unit_via else metadata.privacy_unit
-    return Setting(metadata, dataset_dir, spec.table, unit, spec.item, spec.time, space, filters, periods,
-                   spec.window_days * 86400, top_k, max_items, 1 - spec.confidence)
+    return Setting(metadata, dataset_dir, spec.table, person_column(metadata, spec.table), spec.item, spec.time,
+                   space, filters, periods, spec.window_days * 86400, top_k, max_items, 1 - spec.confidence)
 
 
 def _naive(moment: object) -> datetime:

@@ -51,11 +51,10 @@ from civicdp.queries.analyses.ratio_intervals import (inverted_intervals, is_gau
 from civicdp.queries.analyses.service_common import (
     Period, bounded, catalogue, keyed_targets, period_filters, resolve_rows,
 )
-from civicdp.queries.backend import Backend
+from civicdp.queries.backend import Backend, person_column
 from civicdp.queries.context import EngineLimits, QueryContext
 from civicdp.queries.errors import QueryError
 from civicdp.queries.metadata import DatasetMetadata
-from civicdp.queries.polars_backend import _filter_expr, _run_rank, _unit_column
 from civicdp.queries.results import Estimate, Result
 
 DEFAULT_FACTOR = {"median": 1.5, "share_late": 1.0}
@@ -240,8 +239,8 @@ def _step_rows(backend: Backend, spec: LaggedSpec, lv: LevelPlan) -> pl.LazyFram
     metadata, dataset_dir = ctx.metadata, ctx.dataset_dir
     via = metadata.tables[spec.steps_table].privacy_unit_via or {}
     on = via.get("on", "event_id")
-    unit = _unit_column(metadata, spec.steps_table)
-    steps = backend.scan(dataset_dir, metadata, spec.steps_table)  # type: ignore[attr-defined]
+    unit = person_column(metadata, spec.steps_table)
+    steps = backend.scan(dataset_dir, metadata, spec.steps_table)
     end = pl.col(spec.step_end)
     # A case is an event of one person: event ids are not checked for uniqueness, so another
     # person's steps under the same id must neither become a step's predecessor nor its service.
@@ -251,15 +250,14 @@ def _step_rows(backend: Backend, spec: LaggedSpec, lv: LevelPlan) -> pl.LazyFram
     hours = (end - previous).dt.total_microseconds().cast(pl.Float64) / 3.6e9
     # steps: [unit, rank, event, step, __hours] in the cache's order (person, rank)
     steps = steps.with_columns(hours.alias("__hours"))
-    events = backend.scan(dataset_dir, metadata, via.get("table", "events"))  # type: ignore[attr-defined]
+    events = backend.scan(dataset_dir, metadata, via.get("table", "events"))
     event_columns = [pl.col(on), pl.col(metadata.privacy_unit).alias(unit), pl.col(spec.service),
                      *([pl.col(spec.time)] if ctx.filters else [])]
     steps = steps.join(events.select(event_columns), on=[on, unit], how="left", maintain_order="left")
     conditions = [pl.col("__hours").is_not_null(), pl.col(spec.service).is_not_null(),
-                  *(_filter_expr(f) for f in ctx.filters)]
-    # Filter, then bound: re-rank each person's remaining steps in the cached order.
-    steps = steps.filter(pl.all_horizontal(conditions))
-    steps = steps.filter(_run_rank(unit) <= ctx.contributions)
+                  *(backend.row_condition(f) for f in ctx.filters)]
+    # Filter, then bound: each person's first remaining steps in the table's stable order.
+    steps = backend.bound(steps, metadata, spec.steps_table, ctx.contributions, conditions)  # type: ignore[arg-type]
     return steps.select(spec.service, spec.step, "__hours")
 
 

@@ -9,7 +9,8 @@ The bounding rules, all public and each depending on one person's own rows only
 (so adding or removing a person changes nobody else's contribution):
 
 1. at most :data:`MAX_ROWS` rows per person are read (the first in the table's stable
-   random order, ``__civicdp_rank``); filters and the period apply to those rows;
+   random order: the backend's ``bound`` without conditions); filters and the period
+   apply to those rows;
 2. a person's *pairs* are the distinct unordered pairs {a, b} of different catalogue
    items with a use of ``a`` and a use of ``b`` at most ``window`` apart (inclusive);
 3. each person keeps at most ``max_pairs`` of their pairs, chosen by a hash of
@@ -29,12 +30,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Sequence
 
 import numpy as np
 import polars as pl
 
-from civicdp.queries.backend import RowFilter
-from civicdp.queries.polars_backend import RANK, _filter_expr
 
 #: Rows read per person (a public computational bound; the demo data has at most 1000).
 MAX_ROWS = 1000
@@ -71,19 +71,20 @@ class PairSpace:
         return i.astype(np.int64), j.astype(np.int64)
 
 
-def person_events(frame: pl.LazyFrame, unit: str, item: str, time: str, space: PairSpace,
-                  filters: tuple[RowFilter, ...], start: datetime, end: datetime) -> pl.LazyFrame:
+def person_events(rows: pl.LazyFrame, unit: str, item: str, time: str, space: PairSpace,
+                  conditions: Sequence[pl.Expr], start: datetime, end: datetime) -> pl.LazyFrame:
     """A person's bounded, filtered uses: ``[__person, __item, __time_key]``, sorted by person and time.
 
-    ``frame`` is the ranked table (``backend.scan``). Items outside the catalogue are
-    dropped (the output never depends on which other values occur).
+    ``rows`` are the table's rows bounded to :data:`MAX_ROWS` per person before any filter
+    (``backend.bound(backend.scan(...), ..., MAX_ROWS)``), ``conditions`` the analysis's
+    filters as the backend's row conditions (``backend.row_condition``). Items outside the
+    catalogue are dropped (the output never depends on which other values occur).
     """
     codes = pl.col(item).replace_strict(list(space.keys), list(range(space.n_items)), default=None,
                                         return_dtype=pl.Int32)
-    conditions = [pl.col(RANK) <= MAX_ROWS, pl.col(time) >= start, pl.col(time) < end,
-                  *(_filter_expr(f) for f in filters)]
+    conditions = [pl.col(time) >= start, pl.col(time) < end, *conditions]
     seconds = (pl.col(time) - pl.lit(start)).dt.total_seconds().cast(pl.Int64)
-    events = (frame.filter(pl.all_horizontal(conditions))
+    events = (rows.filter(pl.all_horizontal(conditions))
               .select(pl.col(unit).alias(PERSON), codes.alias(ITEM), seconds.alias(KEY))
               .drop_nulls()
               .sort(PERSON, KEY))

@@ -30,7 +30,6 @@ from pydantic import Field
 
 from civicdp.privacy.loss import PrivacyLoss, compose
 from civicdp.queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
-from civicdp.queries.analyses.report_exec import exact_aggregates
 from civicdp.queries.analyses.service_common import Period, period_filters
 from civicdp.queries.backend import Backend
 from civicdp.queries.context import EngineLimits
@@ -119,9 +118,9 @@ class ReportPlan(AnalysisPlan):
 
     def execute(self, backend: Backend) -> Result:
         plans = [part.plan for part in self.parts]
-        if hasattr(backend, "scan") and all(g.bucket is None for p in plans for g in p.context.group_by):
-            # One read of the data for every part (same bounding, same exact values as the backend's).
-            exact = exact_aggregates(backend, plans)
+        if all(g.bucket is None for p in plans for g in p.context.group_by):
+            # One read of the data for every part where the backend can (same bounding, same exact values).
+            exact = backend.aggregate_many([p.request() for p in plans])
             released = [p.kind.release(p.context, p.calibration, e) for p, e in zip(plans, exact)]
         else:
             released = [p.execute(backend).table for p in plans]

@@ -23,7 +23,6 @@ from civicdp.queries.backend import Backend
 from civicdp.queries.context import EngineLimits, QueryContext, resolve
 from civicdp.queries.errors import QueryError
 from civicdp.queries.metadata import DatasetMetadata
-from civicdp.queries.polars_backend import RANK, _filter_expr, _run_rank, _unit_column
 from civicdp.queries.spec import Filter, QuerySpec
 
 #: Public targets at or below zero would make every ratio infinite; the catalogue must not have them.
@@ -65,16 +64,12 @@ def resolve_rows(metadata: DatasetMetadata, dataset_dir: Path, limits: EngineLim
 def bounded(backend: Backend, ctx: QueryContext, not_null: tuple[str, ...] = ()) -> pl.LazyFrame:
     """Rows of ``ctx``'s table that pass its filters, at most ``ctx.contributions`` per person.
 
-    Same rule as :class:`civicdp.queries.polars_backend.PolarsBackend`: filter, then keep each
-    person's first rows in the stable random order of the cached rank.
+    Same rule as the backend's aggregates (:meth:`civicdp.queries.backend.Backend.bound`): filter,
+    then keep each person's first rows in the table's stable random order.
     """
-    frame = backend.scan(ctx.dataset_dir, ctx.metadata, ctx.spec.table)  # type: ignore[attr-defined]
-    conditions = [_filter_expr(f) for f in ctx.filters] + [pl.col(c).is_not_null() for c in not_null]
-    rank = pl.col(RANK)
-    if conditions:
-        frame = frame.filter(pl.all_horizontal(conditions))
-        rank = _run_rank(_unit_column(ctx.metadata, ctx.spec.table))
-    return frame.filter(rank <= ctx.contributions)
+    frame = backend.scan(ctx.dataset_dir, ctx.metadata, ctx.spec.table)
+    conditions = [backend.row_condition(f) for f in ctx.filters] + [pl.col(c).is_not_null() for c in not_null]
+    return backend.bound(frame, ctx.metadata, ctx.spec.table, ctx.contributions, conditions)  # type: ignore[arg-type]
 
 
 def catalogue(metadata: DatasetMetadata, dataset_dir: Path, key: str, need: tuple[str, ...],

@@ -18,9 +18,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from civicdp.queries.backend import AggregateRequest, GroupKey, Measure
+from civicdp.queries.backend import UNIT, AggregateRequest, GroupKey, Measure
 from civicdp.queries.metadata import DatasetMetadata, parse_metadata
-from civicdp.queries.polars_backend import RANK, UNIT, PolarsBackend
+from civicdp.queries.polars_backend import RANK, PolarsBackend
 from tests.conftest import CHANNELS, MakeDataset, base_metadata, events_frame
 
 PEOPLE = 30

@@ -15,13 +15,20 @@ import polars as pl
 import pytest
 
 from civicdp.privacy.bounding import MAX_ROW_UNITS, MAX_SUM_ROWS, fits_exact_sum
-from civicdp.queries.analyses.report_exec import exact_aggregates
-from civicdp.queries.backend import AggregateRequest
+from civicdp.queries.backend import AggregateRequest, Backend
 from civicdp.queries.engine import LocalDataset
 from civicdp.queries.errors import QueryError
 from civicdp.queries.kinds.base import aligned
 from civicdp.queries.metadata import ColumnMeta
+from civicdp.queries.polars_one_pass import fits_one_pass
 from tests.queries import perf_data
+
+
+def exact_aggregates(backend: Backend, plans: list) -> list[pl.DataFrame]:
+    """The report's one-pass exact aggregates of its parts' plans (what ReportPlan.execute asks)."""
+    requests = [plan.request() for plan in plans]
+    assert fits_one_pass(requests)  # the one-pass path, not one aggregate each
+    return backend.aggregate_many(requests)
 
 
 def test_the_exact_sum_limit_leaves_room_for_noise() -> None:
