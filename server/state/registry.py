@@ -14,6 +14,7 @@ from civicdp.queries.errors import QueryError
 from civicdp.queries.integrity import duplicated_owner_keys
 from civicdp.queries.metadata import DatasetMetadata, load_metadata, parse_metadata
 from civicdp.server.state.dataset_checks import DatasetRefused, check_declaration, check_files, check_metadata_file
+from civicdp.server.state.table_checks import check_tables
 from civicdp.server.state.errors import Conflict, InvalidRequest, NotFound
 from civicdp.server.state.models import Budget, Dataset
 
@@ -37,6 +38,7 @@ def register(session: Session, folder: Path) -> Dataset:
     try:
         check_files(folder, metadata)
         check_declaration(metadata)
+        check_tables(folder, metadata)
     except DatasetRefused as refused:
         raise InvalidRequest("path", str(refused), "Fix the dataset folder or its metadata.json and register again"
                              ) from None

@@ -94,3 +94,44 @@ def test_a_metadata_file_that_is_a_fifo_is_refused_before_it_is_read(api: Api, t
 def test_a_sound_folder_still_registers(api: Api, tmp_path: Path) -> None:  # noqa: F811
     response = api.post(STEWARD, "/v1/datasets", json={"path": str(_folder(tmp_path))})
     assert response.status_code in (200, 201), response.text
+
+
+# -- the table files against their declaration (footer only, no data read) ------------------
+
+
+def _rewrite_events(transform: Callable[[Any], Any]) -> Callable[[dict[str, Any], Path], None]:
+    def change(metadata: dict[str, Any], folder: Path) -> None:
+        import polars as pl
+
+        frame = pl.read_parquet(folder / "events.parquet")
+        transform(frame).write_parquet(folder / "events.parquet")
+    return change
+
+
+def _csv_instead(metadata: dict[str, Any], folder: Path) -> None:
+    import polars as pl
+
+    pl.read_parquet(folder / "events.parquet").write_csv(folder / "events.parquet")
+
+
+TABLE_CASES = {
+    "csv-file": (_csv_instead, "is not a Parquet file (it looks like CSV text)"),
+    "missing-column": (_rewrite_events(lambda f: f.drop("channel")), "tables.events.columns.channel: declared, but"),
+    "int-stored-as-text": (_rewrite_events(lambda f: f.with_columns(f["satisfaction"].cast(str))),
+                           "tables.events.columns.satisfaction: declared int, but"),
+    "time-stored-as-text": (_rewrite_events(lambda f: f.with_columns(f["request_time"].cast(str))),
+                            "dates need parsing into timestamps"),
+    "nulls-not-declared": (_rewrite_events(lambda f: f.with_columns(
+        f["channel"].scatter([0, 3], None))), "has missing values in it but it is not declared nullable"),
+}
+
+
+@pytest.mark.parametrize("case", list(TABLE_CASES), ids=list(TABLE_CASES))
+def test_table_files_that_do_not_match_their_declaration_are_refused(api: Api, tmp_path: Path,  # noqa: F811
+                                                                     case: str) -> None:
+    change, message = TABLE_CASES[case]
+    folder = _folder(tmp_path, change)
+    response = api.post(STEWARD, "/v1/datasets", json={"path": str(folder)})
+    assert response.status_code == 422, response.text
+    assert message in response.json()["detail"], response.json()["detail"]
+    assert api.count(Dataset, Dataset.name == "steward-input") == 0
