@@ -151,6 +151,47 @@ def datasets_register(folder: Path) -> None:
     console.print(f"registered {name} version {version}")
 
 
+@datasets.command("check")
+def datasets_check(folder: Path,
+                   as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
+    """Check a dataset folder as registration would, and report what its declaration does to the data.
+
+    Counts, per column, missing values, rows outside the declared keys (they fall in no
+    group) and values outside the bounds (clipped); per table, rows beyond
+    max_contributions. Reads your files only; registers nothing. Exit status 2 if
+    registration would refuse the folder, 1 if there are warnings.
+    """
+    from dataclasses import asdict
+
+    from civicdp.server.services.dataset_report import check_folder
+    from civicdp.server.state.dataset_checks import DatasetRefused
+
+    try:
+        report = check_folder(folder)
+    except (DatasetRefused, QueryError, OSError) as exc:
+        fail(f"registration would refuse {folder}: {exc}")
+    warnings = report.warnings()
+    if as_json:
+        console.print_json(json.dumps({"dataset": report.metadata.name, "rows": report.rows,
+                                       "beyond_contributions": report.beyond_contributions,
+                                       "columns": [asdict(c) for c in report.columns], "warnings": warnings}))
+    else:
+        table = Table("table", "column", "rows", "missing", "outside keys", "below bounds", "above bounds")
+        for c in report.columns:
+            table.add_row(c.table, c.column, f"{c.rows:,}", f"{c.missing:,}", f"{c.outside_keys:,}",
+                          f"{c.below_bounds:,}", f"{c.above_bounds:,}")
+        console.print(table)
+        for name, dropped in report.beyond_contributions.items():
+            console.print(f"{name}: {report.rows[name]:,} rows, {dropped:,} beyond max_contributions="
+                          f"{report.metadata.max_contributions} per person", highlight=False)
+        for line in warnings:
+            console.print(f"warning: {line}", highlight=False)
+        console.print(f"registration checks pass; register with: civicdp datasets register {folder}",
+                      highlight=False)
+    if warnings:
+        raise typer.Exit(1)
+
+
 @datasets.command("list")
 def datasets_list() -> None:
     from civicdp.server.state import registry
