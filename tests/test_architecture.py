@@ -143,7 +143,7 @@ def test_import_linter_config_declares_the_design_contracts() -> None:
     assert kinds == ["forbidden", "forbidden", "independence", "layers", "layers"]
     assert config["session_options"]["root_packages"] == ["civicdp"]
     rooms = next(c for c in config["contracts_options"] if c.get("containers") == ["civicdp.server"])
-    assert rooms["layers"] == ["entry", "cli | http", "feeds | monitors", "services", "auditlog", "state"]
+    assert rooms["layers"] == ["entry", "cli | http", "feeds | monitors | intake", "services", "auditlog", "state"]
 
 
 #: Strongly connected components of a package's import graph (Tarjan), run by grimp in a

@@ -163,7 +163,7 @@ def datasets_check(folder: Path,
     """
     from dataclasses import asdict
 
-    from civicdp.server.services.dataset_report import check_folder
+    from civicdp.server.intake.report import check_folder
     from civicdp.server.state.dataset_checks import DatasetRefused
 
     try:
