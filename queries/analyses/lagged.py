@@ -29,106 +29,37 @@ data (at most ``L`` rows per person, the rest dropped before counting), not all 
 A step's time is the time since the previous step of the same case ended (for the first
 step, since it started, when the table has a start column); it is computed on all of
 the case's steps before bounding, which only uses the person's own rows.
+
+Here: the plan (noise, intervals, flags) and the planner with the public cells of each
+level. The spec and a level's public plan are in
+:mod:`~civicdp.queries.analyses.lagged_spec`, the exact bounded counts (the one step that
+reads data) in :mod:`~civicdp.queries.analyses.lagged_counts`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-from functools import cached_property
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import Field
 
-from civicdp.privacy.loss import PrivacyLoss, compose
 from civicdp.privacy.accounting import Additive
+from civicdp.privacy.loss import PrivacyLoss, compose
 from civicdp.queries.analyses.base import Analysis, AnalysisPlan, AnalysisSpec, register
-from civicdp.queries.analyses.ratio_intervals import (inverted_intervals, is_gaussian, noise_margin, segment_margins,
-                                              share_grid)
-from civicdp.queries.analyses.service_common import (
-    Period, bounded, catalogue, keyed_targets, period_filters, resolve_rows,
-)
-from civicdp.queries.backend import Backend, person_column
+from civicdp.queries.analyses.lagged_counts import exact_counts
+from civicdp.queries.analyses.lagged_spec import CELL, LaggedSpec, LevelPlan
+from civicdp.queries.analyses.ratio_intervals import inverted_intervals, share_grid
+from civicdp.queries.analyses.service_common import catalogue, keyed_targets, period_filters, resolve_rows
+from civicdp.queries.backend import Backend
 from civicdp.queries.context import EngineLimits, QueryContext
 from civicdp.queries.errors import QueryError
 from civicdp.queries.metadata import DatasetMetadata
 from civicdp.queries.results import Estimate, Result
 
-DEFAULT_FACTOR = {"median": 1.5, "share_late": 1.0}
 MAX_CELLS = 100_000
-_CELL = "__lag_cell"
-
-
-class LaggedSpec(AnalysisSpec):
-    """``{"analysis": "lagged_points", "epsilon": 1, ...}``: see the module docstring."""
-
-    analysis: Literal["lagged_points"] = "lagged_points"
-    level: Literal["services", "steps", "both"] = "both"
-    statistic: Literal["median", "share_late"] = "median"
-    target_factor: float | None = Field(default=None, gt=0, le=100, allow_inf_nan=False)
-    max_share: float = Field(default=0.75, gt=0, lt=1)
-    period: Period | None = None
-    contributions: int | None = None
-    step_contributions: int | None = None
-    service: str = "service_id"
-    duration: str = "duration_hours"
-    time: str = "request_time"
-    steps_table: str = "steps"
-    step: str = "step"
-    step_end: str = "ended"
-    step_start: str | None = "started"
-    step_target_hours: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-
-    @property
-    def factor(self) -> float:
-        return self.target_factor if self.target_factor is not None else DEFAULT_FACTOR[self.statistic]
-
-    @property
-    def share_threshold(self) -> float:
-        return 0.5 if self.statistic == "median" else self.max_share
-
-
-@dataclass(frozen=True)
-class LevelPlan:
-    """One level (services or steps): its cells, their public thresholds, rows and mechanism."""
-
-    name: str
-    cells: pl.DataFrame  # [service, (step), target_hours, threshold_hours, __lag_cell]
-    rows: QueryContext  # table, period filters and contribution bound of the bounded read
-    mechanism: Additive
-    cell_alpha: float  # error level of each cell: the family's alpha over every cell of the answer
-
-    @property
-    def n_cells(self) -> int:
-        return self.cells.height
-
-    @cached_property
-    def share_margins(self) -> np.ndarray:
-        """Noise bound of the share test on each segment of the share grid (public numbers only)."""
-        _, w1, w2 = share_grid()
-        scale = self.mechanism.scale
-        return segment_margins(w1, w2, scale, scale, self.cell_alpha, is_gaussian(self.mechanism))
-
-    @cached_property
-    def cases_margin(self) -> float:
-        """Bound on the noise of a cell's cases (the sum of its two counts) at ``cell_alpha``."""
-        scale = self.mechanism.scale
-        return float(noise_margin(np.array(scale), np.array(scale), np.array(1.0), np.array(1.0),
-                                  self.cell_alpha, is_gaussian(self.mechanism)))
-
-    def cases_needed_to_flag(self, threshold: float) -> int | None:
-        """Cases a cell needs to be flagged when all of them are late and the noise is zero."""
-        p, _, _ = share_grid()
-        # All late: the statistic is n * (1 - p); flagged once every segment starting at or
-        # below the threshold rejects, i.e. n * (1 - p_end) > margin on each of them.
-        start, end = p[:-1], p[1:]
-        binding = start <= threshold
-        if (end[binding] >= 1).any():
-            return None
-        return int(math.floor(float(np.max(self.share_margins[binding] / (1 - end[binding]))))) + 1
 
 
 class LaggedPlan(AnalysisPlan):
@@ -182,7 +113,7 @@ class LaggedPlan(AnalysisPlan):
 
     def exact_counts(self, backend: Backend) -> dict[str, np.ndarray]:
         """Per level, the exact bounded counts ``[above per cell..., not above per cell...]`` (reads data)."""
-        return {lv.name: _exact_counts(backend, self.spec, lv) for lv in self.levels}
+        return {lv.name: exact_counts(backend, self.spec, lv) for lv in self.levels}
 
     def release(self, exact: dict[str, np.ndarray]) -> Result:
         """The private answer from the exact counts: noise, then post-processing only."""
@@ -209,57 +140,6 @@ def _flag_rows(level: str, table: pl.DataFrame, spec: LaggedSpec) -> pl.DataFram
         "level", *[c for c in table.columns if c not in ("flagged",)])
 
 
-def _exact_counts(backend: Backend, spec: LaggedSpec, lv: LevelPlan) -> np.ndarray:
-    """Exact bounded counts ``[above per cell..., not above per cell...]`` (cell order)."""
-    keys = [spec.service] if lv.name == "services" else [spec.service, spec.step]
-    cells = lv.cells.select(*keys, "threshold_hours", _CELL)
-    if lv.name == "services":
-        rows = bounded(backend, lv.rows, not_null=(spec.duration,))
-        hours = pl.col(spec.duration).cast(pl.Float64)
-        # rows: [service, duration] of kept cases
-        frame = rows.select(pl.col(spec.service), hours.alias("__hours"))
-    else:
-        frame = _step_rows(backend, spec, lv)
-    joined = frame.join(cells.lazy(), on=keys, how="inner")
-    # joined: [keys..., __hours, threshold_hours, __lag_cell] -> counts per cell and side
-    counts = (joined.group_by(_CELL).agg((pl.col("__hours") > pl.col("threshold_hours")).sum().alias("above"),
-                                          pl.len().alias("rows"))
-              .collect())
-    above = np.zeros(lv.n_cells, dtype=np.int64)
-    total = np.zeros(lv.n_cells, dtype=np.int64)
-    index = counts[_CELL].to_numpy()
-    above[index] = counts["above"].to_numpy()
-    total[index] = counts["rows"].to_numpy()
-    return np.concatenate([above, total - above])
-
-
-def _step_rows(backend: Backend, spec: LaggedSpec, lv: LevelPlan) -> pl.LazyFrame:
-    """Kept steps with their service and time since the previous step: ``[service, step, __hours]``."""
-    ctx = lv.rows
-    metadata, dataset_dir = ctx.metadata, ctx.dataset_dir
-    via = metadata.tables[spec.steps_table].privacy_unit_via or {}
-    on = via.get("on", "event_id")
-    unit = person_column(metadata, spec.steps_table)
-    steps = backend.scan(dataset_dir, metadata, spec.steps_table)
-    end = pl.col(spec.step_end)
-    # A case is an event of one person: event ids are not checked for uniqueness, so another
-    # person's steps under the same id must neither become a step's predecessor nor its service.
-    previous = end.shift(1).over([unit, on], order_by=[spec.step_end, spec.step])  # consecutive in time
-    if spec.step_start is not None:
-        previous = pl.when(previous.is_null()).then(pl.col(spec.step_start)).otherwise(previous)
-    hours = (end - previous).dt.total_microseconds().cast(pl.Float64) / 3.6e9
-    # steps: [unit, rank, event, step, __hours] in the cache's order (person, rank)
-    steps = steps.with_columns(hours.alias("__hours"))
-    events = backend.scan(dataset_dir, metadata, via.get("table", "events"))
-    event_columns = [pl.col(on), pl.col(metadata.privacy_unit).alias(unit), pl.col(spec.service),
-                     *([pl.col(spec.time)] if ctx.filters else [])]
-    steps = steps.join(events.select(event_columns), on=[on, unit], how="left", maintain_order="left")
-    conditions = [pl.col("__hours").is_not_null(), pl.col(spec.service).is_not_null(),
-                  *(backend.row_condition(f) for f in ctx.filters)]
-    # Filter, then bound: each person's first remaining steps in the table's stable order.
-    steps = backend.bound(steps, metadata, spec.steps_table, ctx.contributions, conditions)  # type: ignore[arg-type]
-    return steps.select(spec.service, spec.step, "__hours")
-
 
 def _release(spec: LaggedSpec, lv: LevelPlan, exact: np.ndarray) -> pl.DataFrame:
     n = lv.n_cells
@@ -273,7 +153,7 @@ def _release(spec: LaggedSpec, lv: LevelPlan, exact: np.ndarray) -> pl.DataFrame
         share = np.where(a + b > 0, np.clip(a / (a + b), low, high), np.nan)
     cases = above + below  # integers; the true count is an integer, so the bound rounds down
     margin = math.floor(lv.cases_margin)
-    table = lv.cells.drop(_CELL).with_columns(
+    table = lv.cells.drop(CELL).with_columns(
         pl.Series("cases", cases.astype(np.int64)),
         pl.Series("cases_ci_low", (cases - margin).astype(np.int64)),
         pl.Series("cases_ci_high", (cases + margin).astype(np.int64)),
@@ -321,7 +201,7 @@ class LaggedPoints(Analysis):
             if cells.height == 0:
                 raise QueryError("level", f"no {name} have a public target", "Ask for another level")
             cells = cells.with_columns((pl.col("target_hours") * spec.factor).alias("threshold_hours"))
-            cells = cells.with_row_index(_CELL).with_columns(pl.col(_CELL).cast(pl.Int64))
+            cells = cells.with_row_index(CELL).with_columns(pl.col(CELL).cast(pl.Int64))
             mechanism = metadata.accounting.rule.additive(ctx.contributions or 1, budget)
             levels.append((name, cells, ctx, mechanism))
         # One family over every cell the answer can flag, both levels together.
