@@ -24,7 +24,7 @@ from civicdp.policies.actions import Role
 from civicdp.policies.errors import PolicyError
 from civicdp.queries.errors import QueryError
 from civicdp.server.services import admin
-from civicdp.server.state import ledger
+from civicdp.server.state import ledger_history
 from civicdp.server.services.bootstrap import build_state
 from civicdp.server.cli.common import fail
 from civicdp.server.state.db import session_scope
@@ -218,7 +218,7 @@ def budgets_list(dataset: Annotated[str | None, typer.Option()] = None,
                  ) -> None:
     """Budgets opened so far (spent, remaining, renewal); caps of scopes not opened yet: `budgets caps`."""
     with _state() as state, session_scope(state.db) as session:
-        rows = [b.as_dict() for b in ledger.budgets_for(session, dataset)]
+        rows = [b.as_dict() for b in ledger_history.budgets_for(session, dataset)]
     if as_json:
         console.print_json(json.dumps(rows))
         return

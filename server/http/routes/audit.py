@@ -16,7 +16,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from civicdp.policies.actions import Action
-from civicdp.server.state import ledger
+from civicdp.server.state import ledger_history
 from civicdp.server.http.deps import CurrentCaller, ReadSession, StateDep, authorize
 from civicdp.server.state.errors import InvalidRequest
 from civicdp.server.state.models import Account, AuditEntry, Budget, LedgerEntry
@@ -77,7 +77,7 @@ def entries(caller: CurrentCaller, state: StateDep, session: ReadSession, accoun
 def ledger_view(caller: CurrentCaller, state: StateDep, session: ReadSession, dataset: Name = None,
                 limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> LedgerOut:
     authorize(state, caller, Action.AUDIT_READ, "server")
-    budgets = [BudgetOut(**b.as_dict()) for b in ledger.budgets_for(session, dataset)]
+    budgets = [BudgetOut(**b.as_dict()) for b in ledger_history.budgets_for(session, dataset)]
     query = (select(LedgerEntry, Budget, Account.name).join(Budget, Budget.id == LedgerEntry.budget_id)  # type: ignore[arg-type]
              .join(Account, Account.id == LedgerEntry.account_id, isouter=True))  # type: ignore[arg-type]
     if dataset is not None:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from civicdp.policies.actions import Action
 
 from civicdp.server.services import admin
-from civicdp.server.state import ledger, registry
+from civicdp.server.state import ledger, ledger_history, registry
 from civicdp.server.http.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
 from civicdp.server.http.routes.common import errors
 from civicdp.server.services.schemas import BudgetCapSet, BudgetOut
@@ -37,7 +37,7 @@ def list_budgets(caller: CurrentCaller, state: StateDep, session: ReadSession, d
                  all: bool = False) -> list[BudgetOut]:  # noqa: A002 - a query parameter name
     if all:
         authorize(state, caller, Action.BUDGET_READ_ALL, "server")
-        return [BudgetOut(**b.as_dict()) for b in ledger.budgets_for(session, dataset)]
+        return [BudgetOut(**b.as_dict()) for b in ledger_history.budgets_for(session, dataset)]
     authorize(state, caller, Action.BUDGET_READ_OWN, "server")
     views = []
     for name in [dataset] if dataset else [row.name for row in registry.all_datasets(session)]:

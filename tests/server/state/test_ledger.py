@@ -28,10 +28,12 @@ from sqlmodel import Session
 from civicdp.privacy.errors import BudgetExhausted, InvalidLoss
 from civicdp.privacy.loss import MICRO, PrivacyLoss
 from civicdp.server.state.db import init_db, make_engine, session_scope
-from civicdp.server.state.ledger import (
-    AGENCY, ANALYST, ANY, DATASET, LIFETIME, MAX_CHARGE_MICRO, BudgetRefused, BudgetStatus, CapDefaults,
-    Scope, apply_cap, budgets_for, charge, period_of, precheck, renews_at, scopes_for, statuses, to_micro,
+from civicdp.server.state.budget_scopes import (
+    AGENCY, ANALYST, ANY, DATASET, LIFETIME, BudgetStatus, CapDefaults, Scope, apply_cap, period_of, renews_at,
+    scopes_for,
 )
+from civicdp.server.state.ledger import MAX_CHARGE_MICRO, BudgetRefused, charge, precheck, statuses, to_micro
+from civicdp.server.state.ledger_history import budgets_for
 from civicdp.server.state.models import Account, Budget, BudgetCap, LedgerEntry, Release
 from civicdp.server.state.settings import Settings
 from tests.server.racing import race
@@ -561,7 +563,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from civicdp.server.state.db import make_engine, session_scope
-from civicdp.server.state.ledger import BudgetRefused, CapDefaults, charge, scopes_for
+from civicdp.server.state.budget_scopes import CapDefaults, scopes_for
+from civicdp.server.state.ledger import BudgetRefused, charge
 
 url, sync, name, attempts, threads = sys.argv[1], Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 defaults = CapDefaults(10**12, 10**12, 10**12, 2_000_000)  # lifetime 2: twenty charges of 0.1
