@@ -14,9 +14,8 @@ from civicdp.server.services.bootstrap import build_state
 from civicdp.server.feeds.scheduler import start_feeds, stop_feeds
 from civicdp.server.http.methods import AllowHeaderMiddleware
 from civicdp.server.http.lean import LeanQueries
-from civicdp.server.http.limits import (
-    AnonymousTraffic, RequestLimitsMiddleware, document_limits, last_summary, summarise_refusals,
-)
+from civicdp.server.http.anonymous_traffic import AnonymousTraffic, last_summary, summarise_refusals
+from civicdp.server.http.limits import RequestLimitsMiddleware, document_limits
 from civicdp.server.http.routes import admin, audit, budgets, datasets, feeds, health, monitors, queries, releases
 from civicdp.server.state.settings import Settings
 

@@ -7,7 +7,7 @@ first byte is sent — and a request whose entry cannot be written gets no answe
 Health and readiness probes and the public key are not uses and are not recorded.
 
 Requests that end without an identified caller (no key, a key that fails, a body refused
-before identity) are counted against their client's rate limit (:mod:`civicdp.server.http.limits`):
+before identity) are counted against their client's rate limit (:mod:`civicdp.server.http.anonymous_traffic`):
 within it each gets its entry as above; beyond it they are left out one by one and
 summarised instead, one ``http.rate_limited`` entry per client per window.
 """
@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from civicdp.server.auditlog.log import SLOT, AuditSlot, record_request
 
 if TYPE_CHECKING:
-    from civicdp.server.http.limits import AnonymousTraffic
+    from civicdp.server.http.anonymous_traffic import AnonymousTraffic
 
 logger = logging.getLogger("civicdp.audit")
 NOT_RECORDED = frozenset({"/v1/health", "/v1/ready", "/v1/audit/public-key"})

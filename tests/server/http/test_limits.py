@@ -26,9 +26,9 @@ import httpx
 import psutil
 import pytest
 
-from civicdp.server.http.limits import (
-    DRAIN_BYTES, AnonymousTraffic, ClientBuckets, JsonLimits, RequestLimitsMiddleware, json_problem,
-)
+from civicdp.server.http.anonymous_traffic import AnonymousTraffic, ClientBuckets
+from civicdp.server.http.json_limits import JsonLimits, json_problem
+from civicdp.server.http.limits import DRAIN_BYTES, RequestLimitsMiddleware
 from civicdp.server.state.settings import Settings
 from tests.server.api_fixtures import wait_until_serving
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
