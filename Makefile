@@ -1,4 +1,5 @@
-# civicdp: `make demo` sets up and starts the demo server; `make test` sets up and runs the suite.
+# civicdp: `make demo` sets up and starts the demo server (fresh budgets each time); `make test` sets up
+# and runs the suite; `make clean` removes the venv, the demo's data and the demo's state.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -15,8 +16,11 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+# Every `make demo` starts from a fresh demo state (fresh budgets, an empty audit log): --reset removes
+# the state the last demo left in CIVICDP_DATA_DIR (default ./data), and refuses one the demo did not
+# create. `.venv/bin/civicdp demo` (without --reset) continues the last demo's state instead.
 demo: install
-	$(BIN)/civicdp demo --data data/demo
+	$(BIN)/civicdp demo --reset --yes --data data/demo
 
 tour: install
 	$(BIN)/civicdp tour --data data/demo
@@ -31,5 +35,10 @@ bench: install
 	$(BIN)/python -m bench.w1 --people 200000
 	$(BIN)/python -m bench.w3 --people 200000
 
+# The demo's state goes first, while the venv is there to check it is the demo's (a state the demo did
+# not create is left in place, and said so); then the rest.
 clean:
+	-if [ -x $(BIN)/civicdp ]; then $(BIN)/civicdp demo --remove --yes; \
+	elif [ -f $${CIVICDP_DATA_DIR:-data}/demo-state.json ]; then \
+	  echo "no $(BIN): the demo's state in $${CIVICDP_DATA_DIR:-data}/ is left; run make install && make clean"; fi
 	rm -rf $(VENV) data/demo bench/out .pytest_cache .hypothesis
