@@ -116,9 +116,14 @@ class Computation(SQLModel, table=True):
     is stored or the computation fails; one left by a crash is abandoned (and audited)
     once it is older than the computation timeout. ``ledger_ids`` are the charges it made
     (JSON list), linked to the release when it is stored.
+
+    Its ``id`` is the ``computation_id`` that ties a charge's audit entry to its outcome's
+    (released, failed, abandoned), so it is never handed out twice: on SQLite the table is
+    ``AUTOINCREMENT`` (a plain integer key reuses the id of the newest row once it is deleted,
+    which is what every release and failure does).
     """
 
-    __table_args__ = (UniqueConstraint("dataset", "dataset_version", "query_hash"),)
+    __table_args__ = (UniqueConstraint("dataset", "dataset_version", "query_hash"), {"sqlite_autoincrement": True})
     id: int | None = Field(default=None, primary_key=True)
     dataset: str = Field(index=True, max_length=100)
     dataset_version: str = Field(max_length=100)
