@@ -50,7 +50,7 @@ from bench.demo import demo_dataset
 from civicdp.queries.analyses import bundle_tables as tables
 from civicdp.queries.analyses.bundle_tables import NoisyCounts, top_pairs
 from civicdp.queries.analyses.bundles import BundlesPlan
-from civicdp.queries.analyses.pairs import PAIR, person_events, person_pairs
+from civicdp.queries.analyses.pairs import MAX_ROWS, PAIR, person_events, person_pairs
 from civicdp.queries.engine import Engine, LocalDataset
 
 SPEC = {"analysis": "bundles", "window_days": 30, "top_k": 50, "epsilon": 1.0}
@@ -59,9 +59,11 @@ SPEC = {"analysis": "bundles", "window_days": 30, "top_k": 50, "epsilon": 1.0}
 def unbounded_counts(plan: BundlesPlan, engine: Engine) -> np.ndarray:
     """True people per pair: every person's every pair within the window (no pair bound, no noise)."""
     s = plan.setting
-    frame = engine.backend.scan(s.dataset_dir, s.metadata, s.table)  # type: ignore[attr-defined]
+    backend = engine.backend
+    rows = backend.bound(backend.scan(s.dataset_dir, s.metadata, s.table), s.metadata, s.table, MAX_ROWS)
+    conditions = [backend.row_condition(f) for f in s.filters]
     (start, end), = s.periods
-    events = person_events(frame, s.unit, s.item, s.time, s.space, s.filters, start, end)
+    events = person_events(rows, s.unit, s.item, s.time, s.space, conditions, start, end)
     pairs = person_pairs(events, s.window_seconds, s.space).collect()
     return np.bincount(pairs[PAIR].to_numpy(), minlength=s.space.n_pairs)
 
