@@ -20,7 +20,6 @@ from rich.console import Console
 from sqlmodel import Session, select
 
 from civicdp.policies.actions import Role
-from civicdp.server.auditlog.log import HELD_NAME
 from civicdp.server.services import admin
 from civicdp.server.services.bootstrap import build_state, init_state
 from civicdp.server.state import identity, ledger
@@ -39,6 +38,8 @@ DEMO_ACCOUNTS = [  # name, agency, role, role's agency ("*": every agency)
 
 #: Written by the demo into the data folder of a state it created (never beside another).
 MARKER = "demo-state.json"
+#: The signer's latest checkpoint, kept beside the signing key (server/auditlog); a state file too.
+HELD_CHECKPOINT = "audit-latest-checkpoint.txt"
 _MADE_BY = "civicdp demo"
 
 
@@ -143,7 +144,7 @@ def state_files(settings: Settings) -> list[Path]:
     for sqlite in (p for p in (database, folder / "policies.db") if p is not None):
         candidates += [sqlite, *sorted(sqlite.parent.glob(f"{sqlite.name}-*"))]  # -wal, -shm, -journal, locks
     key = settings.audit_key_path
-    held = key.with_name(HELD_NAME)
+    held = key.with_name(HELD_CHECKPOINT)
     candidates += [settings.secret_path, key, key.with_name(key.name + ".previous"), held,
                    *sorted(held.parent.glob(f"{held.name}.*.tmp")), folder / "monitors", marker_path(settings)]
     seen: set[Path] = set()

@@ -76,6 +76,7 @@ with running_api(data_dir, None, keys=keys, init_state=False, feeds_scheduler=Fa
         assert api.query(ANALYST, count_query(epsilon=epsilon)).status_code == 200
     assert api.query(ANALYST, count_query(epsilon=0.2)).status_code == 409
     assert api.spent_micro(ANALYST)["analyst"] == 1_000_000
+    assert api.get("oversight", "/v1/audit/checkpoint").status_code == 200  # signed, and kept beside the key
 """
 KEY_LINE = re.compile(r"^\s+(\S+)\s+\S+\s+agency \S+\s+(cdp_\S+)$", re.MULTILINE)
 
@@ -103,10 +104,12 @@ def test_reset_removes_the_demo_state_and_budgets_start_fresh(env: Settings, fol
     kept = _civicdp("demo", "--no-serve", "--data", str(folder))  # no reset: says what was spent, and how to reset
     assert "has spent epsilon 1 " in kept and "civicdp demo --reset" in kept
 
+    left = _names(env)  # everything a demo run left in the state folder
+    assert STATE_FILES | {MARKER, "monitors", "audit-latest-checkpoint.txt"} <= left
     result = runner.invoke(cli, ["demo", "--reset", "--yes", "--no-serve", "--data", str(folder)])
     assert result.exit_code == 0, result.output
-    for name in sorted(STATE_FILES | {MARKER, "monitors"}):
-        assert f"/{name}" in result.output  # listed before removal
+    for name in sorted(left):
+        assert f"/{name}" in result.output  # listed before removal, and removed
     assert "removed the demo's state" in result.output and "fresh budgets" in result.output
     assert (folder / "metadata.json").is_file()  # the dataset is not state
     fresh = dict(KEY_LINE.findall(result.output))
