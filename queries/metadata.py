@@ -108,6 +108,19 @@ class AccountingMeta(_Strict):
         return Accounting(self.mode, self.delta)
 
 
+class ProposedFromData(_Strict):
+    """Values of a draft declaration that ``civicdp datasets init`` read off the data.
+
+    They are not public knowledge until the steward confirms them: ``fields`` names each
+    (``max_contributions``, ``tables.events.columns.channel.keys``, ...) and registration
+    refuses a declaration that still lists any (``server/state/dataset_checks.py``).
+    ``notice`` says so in plain words for whoever opens the file.
+    """
+
+    notice: str = ""
+    fields: tuple[str, ...] = ()
+
+
 class DatasetMetadata(_Strict):
     """The whole public declaration of a dataset."""
 
@@ -120,6 +133,7 @@ class DatasetMetadata(_Strict):
     tables: dict[str, TableMeta]
     catalogue: dict[str, Any] | None = None
     accounting: AccountingMeta = Field(default_factory=AccountingMeta)
+    proposed_from_data: ProposedFromData | None = None
 
     @model_validator(mode="after")
     def _check(self) -> DatasetMetadata:

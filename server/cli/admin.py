@@ -159,7 +159,8 @@ def datasets_check(folder: Path,
     Counts, per column, missing values, rows outside the declared keys (they fall in no
     group) and values outside the bounds (clipped); per table, rows beyond
     max_contributions. Reads your files only; registers nothing. Exit status 2 if
-    registration would refuse the folder, 1 if there are warnings.
+    registration would refuse the folder (values still proposed from the data, not yet
+    confirmed, included), 1 if there are warnings.
     """
     from dataclasses import asdict
 
@@ -174,7 +175,8 @@ def datasets_check(folder: Path,
     if as_json:
         console.print_json(json.dumps({"dataset": report.metadata.name, "rows": report.rows,
                                        "beyond_contributions": report.beyond_contributions,
-                                       "columns": [asdict(c) for c in report.columns], "warnings": warnings}))
+                                       "columns": [asdict(c) for c in report.columns], "warnings": warnings,
+                                       "unconfirmed": report.unconfirmed}))
     else:
         table = Table("table", "column", "rows", "missing", "outside keys", "below bounds", "above bounds")
         for c in report.columns:
@@ -186,8 +188,15 @@ def datasets_check(folder: Path,
                           f"{report.metadata.max_contributions} per person", highlight=False)
         for line in warnings:
             console.print(f"warning: {line}", highlight=False)
-        console.print(f"registration checks pass; register with: civicdp datasets register {folder}",
-                      highlight=False)
+        if report.unconfirmed:
+            console.print(f"registration would refuse: {len(report.unconfirmed)} values were read off the data and "
+                          f"are not confirmed ({', '.join(report.unconfirmed)}); review them, then: civicdp datasets "
+                          f"confirm {folder}", highlight=False)
+        else:
+            console.print(f"registration checks pass; register with: civicdp datasets register {folder}",
+                          highlight=False)
+    if report.unconfirmed:
+        raise typer.Exit(2)
     if warnings:
         raise typer.Exit(1)
 

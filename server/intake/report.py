@@ -18,7 +18,7 @@ import polars as pl
 from civicdp.queries.integrity import duplicated_owner_keys
 from civicdp.queries.metadata import DatasetMetadata, load_metadata
 from civicdp.server.state.dataset_checks import (DatasetRefused, check_declaration, check_files,
-                                                 check_metadata_file)
+                                                 check_metadata_file, unconfirmed)
 from civicdp.server.state.table_checks import check_tables
 
 #: A share of rows outside the keys (or clipped, or dropped) above which the report warns.
@@ -42,6 +42,8 @@ class DatasetReport:
     rows: dict[str, int] = field(default_factory=dict)
     beyond_contributions: dict[str, int] = field(default_factory=dict)
     columns: list[ColumnReport] = field(default_factory=list)
+    #: Values still marked as proposed from the data: registration refuses until they are confirmed.
+    unconfirmed: list[str] = field(default_factory=list)
 
     def warnings(self) -> list[str]:
         """One line for each effect of the declaration that touches more than WARN_SHARE of a table's rows."""
@@ -63,14 +65,18 @@ class DatasetReport:
 
 
 def check_folder(folder: Path) -> DatasetReport:
-    """Every registration check (raising DatasetRefused / QueryError as registration does), then the report."""
+    """Every registration check (raising DatasetRefused / QueryError as registration does), then the report.
+
+    Values still marked as proposed from the data do not stop the report (a draft is
+    checked before it is confirmed): they are listed in ``unconfirmed``, and registration
+    refuses them."""
     folder = Path(folder).resolve()
     check_metadata_file(folder)
     metadata = load_metadata(folder)
     check_files(folder, metadata)
-    check_declaration(metadata)
+    check_declaration(metadata, drafts=True)
     check_tables(folder, metadata)
-    report = DatasetReport(metadata)
+    report = DatasetReport(metadata, unconfirmed=unconfirmed(metadata))
     for name, table in metadata.tables.items():
         frame = pl.scan_parquet(folder / table.path)
         counts = frame.select(_column_counts(metadata, name)).collect().row(0, named=True)

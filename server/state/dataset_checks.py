@@ -10,7 +10,10 @@ crash or block the server, read beyond the folder, or make an identifier groupab
 - the privacy unit must be declared an identifier, and an identifier column cannot have
   public keys (it would become a group-by key: one group per person);
 - numeric bounds must be finite and at most ``MAX_ABS_BOUND`` in size, and a declared
-  resolution must lie between the bounds' float precision and their span.
+  resolution must lie between the bounds' float precision and their span;
+- nothing may still be marked as proposed from the data (``proposed_from_data``, written
+  by ``civicdp datasets init``): keys, bounds and limits read off the data are not public
+  knowledge until the steward confirms them.
 
 Every refusal names the file or field and the fix; nothing is registered.
 """
@@ -31,6 +34,19 @@ MAX_ABS_BOUND = 1e15
 
 class DatasetRefused(ValueError):
     """A dataset folder or declaration that cannot be registered; the message says why and how to fix it."""
+
+    field = "path"
+
+
+class Unconfirmed(DatasetRefused):
+    """A declaration that still marks values as proposed from the data."""
+
+    field = "proposed_from_data"
+
+
+#: What a draft may mark as proposed from the data: fields of the dataset, and of a column.
+DATASET_PROPOSALS = ("max_contributions", "max_contributions_limit")
+COLUMN_PROPOSALS = ("identifier", "keys", "bounds", "resolution", "nullable")
 
 
 def _regular_inside(folder: Path, name: str, what: str) -> Path:
@@ -71,8 +87,53 @@ def check_files(folder: Path, metadata: DatasetMetadata) -> None:
             _regular_inside(folder, value, f"the catalogue file '{key}'")
 
 
-def check_declaration(metadata: DatasetMetadata) -> None:
-    """The privacy unit is an identifier, identifiers have no keys, bounds and resolutions are sane."""
+def proposal_target(metadata: DatasetMetadata, path: str) -> tuple[str, str | None, str | None] | None:
+    """``(field, table, column)`` named by a ``proposed_from_data`` entry, or None if it names nothing.
+
+    Entries are ``max_contributions`` (a dataset field) or
+    ``tables.<table>.columns.<column>.<field>``, as registration errors name fields.
+    """
+    if path in DATASET_PROPOSALS:
+        return path, None, None
+    for tname, table in metadata.tables.items():
+        prefix = f"tables.{tname}.columns."
+        if path.startswith(prefix) and "." in path[len(prefix):]:
+            column, field = path[len(prefix):].rsplit(".", 1)
+            if column in table.columns and field in COLUMN_PROPOSALS:
+                return field, tname, column
+    return None
+
+
+def unconfirmed(metadata: DatasetMetadata) -> list[str]:
+    """The entries of ``proposed_from_data.fields``: values read off the data, not yet confirmed."""
+    return list(metadata.proposed_from_data.fields) if metadata.proposed_from_data else []
+
+
+def check_confirmed(metadata: DatasetMetadata) -> None:
+    """Refuse a declaration that still marks values as proposed from the data, naming each and the way out."""
+    marked = unconfirmed(metadata)
+    if not marked:
+        return
+    unknown = [m for m in marked if proposal_target(metadata, m) is None]
+    if unknown:
+        raise Unconfirmed(f"proposed_from_data.fields: {', '.join(repr(u) for u in unknown)} names no field of this "
+                          "declaration (a column renamed or removed?); correct or delete the entry. Entries are "
+                          "'max_contributions' or 'tables.<table>.columns.<column>.<field>'")
+    raise Unconfirmed(
+        f"{len(marked)} value{'s' if len(marked) > 1 else ''} in metadata.json {'were' if len(marked) > 1 else 'was'} "
+        f"read off the data by civicdp datasets init and {'are' if len(marked) > 1 else 'is'} not confirmed: "
+        f"{', '.join(marked)}. Keys, bounds and limits read off the data are not public knowledge (a key can be one "
+        "person's value, a bound their exact measurement). For each: keep the value only if it is public, otherwise "
+        "replace it with the public one; then delete its name from proposed_from_data.fields (and "
+        "proposed_from_data once it is empty) — or run `civicdp datasets confirm <folder>`, which shows every "
+        "marked value and removes the marks (`--field NAME` for one)")
+
+
+def check_declaration(metadata: DatasetMetadata, *, drafts: bool = False) -> None:
+    """The privacy unit is an identifier, identifiers have no keys, bounds and resolutions are sane,
+    and nothing is still proposed from the data (unless ``drafts``: ``civicdp datasets check`` lists those)."""
+    if not drafts:
+        check_confirmed(metadata)
     for tname, table in metadata.tables.items():
         unit = table.columns.get(metadata.privacy_unit)
         if unit is not None and not unit.identifier:

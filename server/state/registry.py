@@ -40,8 +40,8 @@ def register(session: Session, folder: Path) -> Dataset:
         check_declaration(metadata)
         check_tables(folder, metadata)
     except DatasetRefused as refused:
-        raise InvalidRequest("path", str(refused), "Fix the dataset folder or its metadata.json and register again"
-                             ) from None
+        raise InvalidRequest(refused.field, str(refused),
+                             "Fix the dataset folder or its metadata.json and register again") from None
     try:
         duplicated = duplicated_owner_keys(folder, metadata)
     except (OSError, pl.exceptions.PolarsError):
