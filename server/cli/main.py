@@ -22,6 +22,7 @@ from civicdp.queries.engine import Engine, LocalDataset
 from civicdp.queries.errors import QueryError
 from civicdp.server.cli.admin import accounts, budgets, datasets, keys, roles
 from civicdp.server.cli.audit import audit
+from civicdp.server.cli.datasets import attach as attach_intake_commands
 from civicdp.server.cli.common import fail, read_json
 from civicdp.server.cli.output import console, print_result, result_json
 from civicdp.server.cli.feeds import feeds
@@ -45,6 +46,7 @@ app = typer.Typer(help="civicdp: differentially private statistics on public-ser
 app.add_typer(accounts, name="accounts")
 app.add_typer(keys, name="keys")
 app.add_typer(roles, name="roles")
+attach_intake_commands(datasets)  # datasets init, datasets confirm
 app.add_typer(datasets, name="datasets")
 app.add_typer(budgets, name="budgets")
 app.add_typer(audit, name="audit")
