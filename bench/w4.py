@@ -81,7 +81,7 @@ async def _request_overhead(database_url: str | None, dataset_dir: Path, n: int)
 
 async def _measure(state, client: httpx.AsyncClient, dataset_dir: Path, n: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
     import civicdp.server.http.request_log
-    import civicdp.server.auditlog.log
+    import civicdp.server.auditlog.append
     import civicdp.server.http.deps
     import civicdp.server.services.query_service
 
@@ -91,7 +91,7 @@ async def _measure(state, client: httpx.AsyncClient, dataset_dir: Path, n: int) 
     assert (await client.post("/v1/queries", json=query, headers=headers)).status_code == 200
     cases = {"cached query": lambda: client.post("/v1/queries", json=query, headers=headers),
              "metadata read": lambda: client.get("/v1/datasets", headers=headers)}
-    writers = (civicdp.server.services.query_service, civicdp.server.http.deps, civicdp.server.auditlog.log)
+    writers = (civicdp.server.services.query_service, civicdp.server.http.deps, civicdp.server.auditlog.append)
     originals = {m: m.record for m in writers}
     original_request = civicdp.server.http.request_log.record_request
     for label, call in cases.items():
@@ -113,7 +113,7 @@ async def _measure(state, client: httpx.AsyncClient, dataset_dir: Path, n: int) 
         results[f"{label}: p50 without (ms)"] = statistics.median(off)
         results[f"{label}: audit adds (ms)"] = statistics.median(on) - statistics.median(off)
         results[f"{label}: appends/s through requests"] = 1000 / statistics.mean(on)
-    from civicdp.server.auditlog.log import append
+    from civicdp.server.auditlog.append import append
     from civicdp.server.state.db import session_scope
 
     start = time.perf_counter()
@@ -127,7 +127,7 @@ async def _measure(state, client: httpx.AsyncClient, dataset_dir: Path, n: int) 
 
 
 def _entry(seq: int) -> bytes:
-    from civicdp.server.auditlog.log import canonical_bytes
+    from civicdp.server.auditlog.canonical import canonical_bytes
 
     return canonical_bytes({
         "seq": seq, "time": "2026-11-23T12:00:00.000000Z", "action": "query.run", "target": "civic-demo",
@@ -147,7 +147,8 @@ def _entry(seq: int) -> bytes:
 def verification(entries: int, database_url: str | None) -> dict[str, float]:
     from civicdp.audit.checkpoint import Checkpoint
     from civicdp.audit.merkle import MerkleTree, leaf_hash
-    from civicdp.server.auditlog.log import AuditLog, ensure_head
+    from civicdp.server.auditlog.append import ensure_head
+    from civicdp.server.auditlog.log import AuditLog
     from civicdp.server.state.db import init_db, make_engine
     from civicdp.server.state.models import AuditCheckpoint, AuditEntry, AuditHead
 

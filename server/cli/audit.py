@@ -106,7 +106,7 @@ def reconcile(
     from sqlalchemy.exc import SQLAlchemyError
 
     from civicdp.server.state.db import make_engine
-    from civicdp.server.auditlog.reconcile import reconcile_export
+    from civicdp.server.auditlog.offline import reconcile_export
 
     keys = _keys(public_key)
     trusted = _checkpoint_file(trusted_checkpoint) if trusted_checkpoint else None
@@ -202,7 +202,7 @@ def public_key_command(
 @audit.command("rotate-key")
 def rotate_key() -> None:
     """Replace the signing key; the change is logged and the next checkpoint is signed by both keys."""
-    from civicdp.server.auditlog.log import record
+    from civicdp.server.auditlog.append import record
     from civicdp.server.services.bootstrap import build_state
     from civicdp.server.state.db import session_scope
 

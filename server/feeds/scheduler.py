@@ -25,7 +25,7 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from civicdp.server.auditlog.log import AuditLogFailed
+from civicdp.server.auditlog.alarms import AuditLogFailed
 from civicdp.server.feeds.service import FeedService
 
 logger = logging.getLogger("civicdp.feeds")

@@ -77,7 +77,7 @@ from civicdp.queries.errors import QueryError
 from civicdp.queries.metadata import DatasetMetadata
 from civicdp.queries.request import Request, parse_request
 from civicdp.server.state import ledger, registry
-from civicdp.server.auditlog.log import record
+from civicdp.server.auditlog.append import record
 from civicdp.server.state.caller import Caller
 from civicdp.server.state.db import reader, session_scope
 from civicdp.server.state.errors import Conflict, InvalidRequest, NotFound

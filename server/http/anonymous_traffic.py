@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 from sqlalchemy.engine import Engine as DbEngine
 
-from civicdp.server.auditlog.log import record
+from civicdp.server.auditlog.append import record
 from civicdp.server.state.db import session_scope
 from civicdp.server.state.settings import Settings
 

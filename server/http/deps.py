@@ -18,7 +18,9 @@ from civicdp.policies.actions import Action
 from civicdp.server.state import auth
 from civicdp.server.state.db import reader, session_scope
 from civicdp.server.state.errors import AccessDenied
-from civicdp.server.auditlog.log import AuditLog, current_slot, record
+from civicdp.server.auditlog.append import record
+from civicdp.server.auditlog.log import AuditLog
+from civicdp.server.auditlog.slots import current_slot
 from civicdp.server.state.caller import Caller
 from civicdp.server.services.app_state import AppState
 

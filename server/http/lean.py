@@ -13,7 +13,7 @@ concurrent requests:
   function of the spec and the metadata of one version); for each API key prefix, its
   key and account ids, name, agency and secret hash (none of which ever changes); for
   each release, its answer as sent, once its bytes were checked against its audit entry
-  by the full path (:func:`civicdp.server.auditlog.reconcile.check_stored_answer`).
+  by the full path (:func:`civicdp.server.auditlog.answers.check_stored_answer`).
 - **Checked for every request**: the key's HMAC (computed on the event loop); the policy
   decision and roles (the policy store, which follows the stored policy version); and,
   *inside the transaction that writes the entry*, the key's row (not revoked, not
@@ -50,7 +50,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from civicdp.policies.actions import Action
 from civicdp.server.state import auth
-from civicdp.server.auditlog.log import SLOT, alarms_for
+from civicdp.server.auditlog.alarms import alarms_for
+from civicdp.server.auditlog.slots import SLOT
 from civicdp.server.http.lean_memo import REMEMBERED, Lru, plan_body
 from civicdp.server.http.lean_writer import Answer, Job, Stages, Writer
 

@@ -10,7 +10,7 @@ the transaction that writes the entry):
 - for each API key prefix, its key and account ids, name, agency and secret hash (none
   of which ever changes);
 - for each release, its answer as sent, once its bytes were checked against its audit
-  entry by the full path (:func:`civicdp.server.auditlog.reconcile.check_stored_answer`).
+  entry by the full path (:func:`civicdp.server.auditlog.answers.check_stored_answer`).
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ from sqlmodel import Session
 
 from civicdp.policies.actions import Action
 from civicdp.server.state import ledger
-from civicdp.server.auditlog.log import alarms_for, append_many
+from civicdp.server.auditlog.alarms import alarms_for
+from civicdp.server.auditlog.append import append_many
 from civicdp.server.http.lean_memo import KEY_COLUMNS, REMEMBERED, CachedRelease, Keys, Releases, release_key
 from civicdp.server.state.caller import Caller
 from civicdp.server.state.db import write_turn

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from civicdp.server.auditlog.log import SLOT, AuditSlot, record_request
+from civicdp.server.auditlog.append import record_request
+from civicdp.server.auditlog.slots import SLOT, AuditSlot
 
 if TYPE_CHECKING:
     from civicdp.server.http.anonymous_traffic import AnonymousTraffic

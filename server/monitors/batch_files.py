@@ -10,12 +10,20 @@ attempt that failed, or that lost a race with another server process for the sam
 state, never from use or leaves the failed attempt wrote. The noise is drawn in
 :func:`release` and nothing of it leaves the process unless the batch's transaction
 commits.
+
+An attempt whose process was killed removes nothing: :func:`remove_stale` does, at the
+next batch of the monitor (before it starts and once it has committed) -- every
+``batch-<seq>-*`` file of a ``seq`` already committed that no committed row names. Such
+an attempt can never commit (one batch per ``seq``), whether its process is dead or still
+finishing; the files of a ``seq`` not committed yet may be another process's live attempt
+and wait until that ``seq`` is committed.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import tempfile
 from dataclasses import dataclass
@@ -79,6 +87,32 @@ class Attempt:
     def remove(self) -> None:
         for path in (self.batch, self.used, self.leaves):
             path.unlink(missing_ok=True)
+
+
+#: Files of an attempt, and the temporary files :func:`write_atomic` writes them through.
+_ATTEMPT_FILE = re.compile(r"^\.?batch-(\d+)-")
+
+
+def remove_stale(folder: Path, committed: list[tuple[int, str]]) -> list[Path]:
+    """Remove the files of attempts at an already committed ``seq`` that no committed batch names.
+
+    ``committed`` holds each committed batch's ``seq`` and ``path``. Returns what was removed.
+    """
+    if not folder.is_dir():
+        return []
+    kept: set[str] = set()
+    for _, path in committed:
+        attempt = Attempt(Path(path))
+        kept.update((attempt.batch.name, attempt.used.name, attempt.leaves.name))
+    done = max((seq for seq, _ in committed), default=0)
+    removed = []
+    for path in folder.iterdir():
+        match = _ATTEMPT_FILE.match(path.name)
+        if match is None or path.name in kept or int(match.group(1)) > done:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def load_state(previous: MonitorBatch | None) -> tuple[dict[Any, int], dict[str, np.ndarray]]:

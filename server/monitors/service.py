@@ -50,7 +50,7 @@ from civicdp.server.state.errors import Conflict, NotFound
 from civicdp.server.state.monitor_models import (
     Monitor, MonitorAlert, MonitorBatch, MonitorCalibration, MonitorNode, MonitorRelease, MonitorSubscription,
 )
-from civicdp.server.monitors.batch_files import Attempt, release, write_atomic
+from civicdp.server.monitors.batch_files import Attempt, release, remove_stale, write_atomic
 from civicdp.server.services.query_service import canonical_json, record
 
 MAX_BATCH_BYTES = 512 * 1024 * 1024
@@ -241,6 +241,8 @@ class MonitorService:
             nodes = {(n.level, n.index): json.loads(n.values_json) for n in session.exec(
                 select(MonitorNode).where(MonitorNode.monitor_id == row.id))}
         seq = len(batches) + 1
+        committed = [(b.seq, b.path) for b in batches]
+        remove_stale(folder, committed)  # e.g. an attempt killed before a retry committed its seq
         attempt = Attempt.new(folder, seq)
         path = attempt.batch
         try:
@@ -295,12 +297,24 @@ class MonitorService:
         except IntegrityError:  # the same batch number committed by another process first
             attempt.remove()
             raise Conflict(_CONCURRENT.format(name=row.name)) from None
-        except BaseException:
+        except Exception:
             attempt.remove()  # the batch was not accepted: leave no file of this attempt behind
+            if self._taken(row.id or 0, seq):  # its files were removed as stale by the process that won
+                raise Conflict(_CONCURRENT.format(name=row.name)) from None
             raise
+        except BaseException:
+            attempt.remove()
+            raise
+        remove_stale(folder, [*committed, (seq, str(path))])  # e.g. the files of a killed attempt at this seq
         self._deliver(row, alert_out)
         return {"monitor": row.name, "seq": seq, "rows": frame.height, "released_steps": [s for s, _ in released],
                 "alerts": alert_out}
+
+    def _taken(self, monitor_id: int, seq: int) -> bool:
+        """Whether batch ``seq`` of the monitor has been committed (by another attempt)."""
+        with Session(reader(self.db)) as session:
+            return session.exec(select(MonitorBatch.id).where(MonitorBatch.monitor_id == monitor_id,
+                                                              MonitorBatch.seq == seq)).first() is not None
 
     # -- delivery ----------------------------------------------------------------------
 

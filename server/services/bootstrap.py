@@ -22,7 +22,11 @@ from civicdp.policies.storage import VersionedAdapter
 from civicdp.queries.context import EngineLimits
 from civicdp.queries.engine import Engine
 from civicdp.server.state import identity
-from civicdp.server.auditlog.log import AuditLog, AuditLogFailed, ensure_head
+from civicdp.server.auditlog.alarms import AuditLogFailed
+from civicdp.server.auditlog.append import ensure_head
+from civicdp.server.auditlog.budgets import install_spend_check
+from civicdp.server.auditlog.log import AuditLog
+from civicdp.server.auditlog.reconcile import check_state as reconcile_state
 from civicdp.server.state.db import init_db, make_engine, reader
 from civicdp.server.services.app_state import AppState
 from civicdp.server.state.ledger import CapDefaults
@@ -161,8 +165,9 @@ def build_state(settings: Settings, *, init: bool | None = None) -> AppState:
     db, policy_db, policies = opened.db, opened.policy_db, opened.policies
     caps = CapDefaults.from_settings(settings)
     ensure_head(db)
+    install_spend_check()  # the ledger refuses to charge budgets that failed reconciliation
     audit = AuditLog(db, settings.audit_key_path, settings.audit_origin, settings.checkpoint_every_entries,
-                     settings.checkpoint_every_minutes)
+                     settings.checkpoint_every_minutes, state_check=reconcile_state)
     audit.key  # noqa: B018 - records the signing key's public key (the key itself exists: checked above)
     engine = Engine(limits=EngineLimits(max_epsilon=settings.max_epsilon, auto_fraction=settings.auto_fraction))
     timeout = timedelta(minutes=settings.computation_timeout_minutes)

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session, select
 
 from civicdp.server.state import ledger
-from civicdp.server.auditlog.log import record
+from civicdp.server.auditlog.append import record
 from civicdp.server.state.caller import Caller
 from civicdp.server.state.db import session_scope
 from civicdp.server.state.models import Budget, Computation, LedgerEntry, Release

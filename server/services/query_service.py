@@ -34,7 +34,8 @@ from civicdp.queries.request import Request, parse_request
 from civicdp.server.services import computations
 from civicdp.server.state import ledger, registry
 from civicdp.server.state.db import reader, session_scope
-from civicdp.server.auditlog.log import current_slot, record
+from civicdp.server.auditlog.append import record
+from civicdp.server.auditlog.slots import current_slot
 from civicdp.server.state.caller import Caller, subject_of
 from civicdp.server.state.errors import AccessDenied
 from civicdp.server.state.models import Release
@@ -270,7 +271,7 @@ class QueryService:
                                                   Release.query_hash == query_hash)).first()
 
     def _cached(self, caller: Caller, stored: Release) -> QueryResultOut:
-        from civicdp.server.auditlog.reconcile import check_stored_answer  # noqa: PLC0415 - kept local to this step
+        from civicdp.server.auditlog.answers import check_stored_answer  # noqa: PLC0415 - kept local to this step
 
         # Served only if its bytes hash to its result_hash and its audit entry records that hash
         # (otherwise 503, an alarm, and a refusal on record).

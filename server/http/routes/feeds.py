@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from civicdp.policies.actions import Action
 from civicdp.server.state.db import session_scope
 from civicdp.server.http.deps import CurrentCaller, StateDep, authorize
-from civicdp.server.auditlog.log import record
+from civicdp.server.auditlog.append import record
 from civicdp.server.state.caller import Caller
 from civicdp.server.state.errors import AccessDenied, Conflict
 from civicdp.server.feeds.schemas import FEED_NAME, FeedDefinition, FeedOverview, FeedReleaseOut, FeedSummary

@@ -1,6 +1,6 @@
 """Liveness and readiness: the only routes that need no API key.
 
-Readiness also reports the integrity alarms (:mod:`civicdp.server.auditlog.log`, :mod:`civicdp.server.auditlog.reconcile`):
+Readiness also reports the integrity alarms (:mod:`civicdp.server.auditlog.alarms`, :mod:`civicdp.server.auditlog.reconcile`):
 a stored audit log that fails its check makes the server not ready (503: it answers no
 request that needs an audit entry); budgets held after failing reconciliation and stored
 answers refused after failing their check are listed with a 200 ("degraded"), since

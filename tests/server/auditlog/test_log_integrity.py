@@ -17,7 +17,8 @@ from sqlalchemy import text
 from sqlmodel import Session, select
 
 from civicdp.audit.merkle import leaf_hash
-from civicdp.server.auditlog.log import AuditLog, AuditLogFailed
+from civicdp.server.auditlog.alarms import AuditLogFailed
+from civicdp.server.auditlog.log import AuditLog
 from civicdp.server.state.db import make_engine
 from civicdp.server.state.models import AuditCheckpoint, AuditEntry, Release
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures

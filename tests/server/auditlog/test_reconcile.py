@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from civicdp.audit.signing import VerifierKey
 from civicdp.server.state import ledger
 from civicdp.server.state.models import Budget, LedgerEntry, Release
-from civicdp.server.auditlog.reconcile import (
-    BudgetRow, Charge, LedgerRow, fold_ledger, ledger_summaries, reconcile_budgets, reconcile_database,
-)
+from civicdp.server.auditlog.budgets import fold_ledger, ledger_summaries, reconcile_budgets
+from civicdp.server.auditlog.evidence import BudgetRow, Charge, LedgerRow
+from civicdp.server.auditlog.reconcile import reconcile_database
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     ANALYST, DATASET, OTHER_ANALYST, OVERSIGHT, Api, api, count_query, dataset_folder, running_api,
 )

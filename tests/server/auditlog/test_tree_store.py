@@ -20,7 +20,9 @@ from sqlmodel import Session, select
 
 from civicdp.audit.checkpoint import Checkpoint
 from civicdp.audit.merkle import MerkleTree, verify_consistency, verify_inclusion
-from civicdp.server.auditlog.log import AuditLog, AuditLogFailed, append_many, ensure_head
+from civicdp.server.auditlog.alarms import AuditLogFailed
+from civicdp.server.auditlog.append import append_many, ensure_head
+from civicdp.server.auditlog.log import AuditLog
 from civicdp.server.state.db import make_engine
 from civicdp.server.state.models import AuditCheckpoint, AuditEntry, AuditTile
 from civicdp.server.auditlog.tree_store import TileStore

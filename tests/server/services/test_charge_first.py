@@ -19,7 +19,7 @@ from sqlmodel import Session, select
 
 from civicdp.queries.engine import Engine
 from civicdp.server.services import computations
-from civicdp.server.auditlog.log import record
+from civicdp.server.auditlog.append import record
 from civicdp.server.services.computations import FAILED_TEXT
 from civicdp.server.state.db import session_scope
 from civicdp.server.state.caller import Caller
