@@ -12,6 +12,7 @@ from sqlmodel import Session, SQLModel, create_engine
 
 from civicdp.server.state import models  # noqa: F401 - registers the tables
 from civicdp.server.state import feed_models  # noqa: F401 - registers the feed tables
+from civicdp.server.state import ledger_models  # noqa: F401 - registers the charges' cap records
 from civicdp.server.state import monitor_models  # noqa: F401 - registers the monitor tables
 
 

@@ -48,6 +48,7 @@ from civicdp.server.state.budget_scopes import (
     CapDefaults, Scope, accounting_in, accounting_of, apply_cap, check_scopes, in_unit, period_of, renews_at,
     resolve_caps, scopes_for,
 )
+from civicdp.server.state.ledger_models import LedgerEntryCap
 from civicdp.server.state.models import Budget, LedgerEntry
 
 __all__ = [
@@ -254,6 +255,8 @@ def charge(session: Session, dataset: str, scopes: list[Scope], amount_micro: in
            release_id: int | None = None) -> list[LedgerEntry]:
     """Charge ``amount_micro`` to every scope, or to none; one ``LedgerEntry`` per scope.
 
+    Each entry is recorded with the cap its budget row had when it was charged
+    (:class:`~civicdp.server.state.ledger_models.LedgerEntryCap`): the row's cap may change later.
     Must run inside the caller's transaction, the one that also stores the release
     and its audit entry, and that transaction must commit before the answer leaves.
     Raises :class:`BudgetRefused` if any scope lacks room and :class:`InvalidLoss`
@@ -267,7 +270,7 @@ def charge(session: Session, dataset: str, scopes: list[Scope], amount_micro: in
         budgets = _open_budgets(session, dataset, scopes, defaults)
         for check in SPEND_CHECKS:
             check(session, dataset, list(budgets.values()))
-        entries = []
+        entries, caps = [], []
         # Lock and charge in ascending id order, the same in every transaction: two
         # concurrent charges on PostgreSQL then never hold one row each while waiting
         # for the other's (a deadlock). On SQLite, BEGIN IMMEDIATE serialises writers.
@@ -276,15 +279,16 @@ def charge(session: Session, dataset: str, scopes: list[Scope], amount_micro: in
             # then writing lets concurrent requests all see the same room and all
             # charge (GOVERNANCE.md measured 5.0 released against a cap of 1.0). Here
             # the database evaluates the condition on the row it is updating, under its
-            # row lock (PostgreSQL re-checks it on the newest version after waiting).
-            after = session.execute(
+            # row lock (PostgreSQL re-checks it on the newest version after waiting), and
+            # returns the cap it checked against: the one this charge is recorded with.
+            charged = session.execute(
                 update(Budget)
                 .where(Budget.id == status.budget_id,
                        Budget.spent_micro + amount <= Budget.cap_micro)
                 .values(spent_micro=Budget.spent_micro + amount)
-                .returning(Budget.spent_micro)
-            ).scalar_one_or_none()
-            if after is None:
+                .returning(Budget.spent_micro, Budget.cap_micro)
+            ).one_or_none()
+            if charged is None:
                 # No room. Re-read the row for the message; raising inside
                 # begin_nested() rolls back the scopes charged before this one.
                 current = session.execute(
@@ -294,11 +298,16 @@ def charge(session: Session, dataset: str, scopes: list[Scope], amount_micro: in
                     BudgetStatus(status.budget_id, dataset, status.scope, status.subject,
                                  status.period, current.cap_micro, current.spent_micro, status.accounting),
                     amount)
+            after, cap = charged
+            caps.append(cap)
             entries.append(LedgerEntry(
                 budget_id=status.budget_id, release_id=release_id, account_id=account_id,
                 amount_micro=amount, spent_before_micro=after - amount, spent_after_micro=after,
             ))
         session.add_all(entries)
+        session.flush()
+        session.add_all([LedgerEntryCap(ledger_entry_id=entry.id, cap_micro=cap)
+                         for entry, cap in zip(entries, caps, strict=True)])
         session.flush()
     return entries
 
