@@ -160,7 +160,8 @@ class AuditEntriesOut(BaseModel):
 
 class LedgerOut(BaseModel):
     budgets: list[BudgetOut]
-    history: list[dict[str, Any]] = Field(description="Each charge: time, scope, amount, before and after")
+    history: list[dict[str, Any]] = Field(description="Each charge: time, scope, amount, before and after, and the "
+                                          "cap in force when it was charged (cap_micro; null if not known)")
 
 
 class InclusionProofOut(BaseModel):

@@ -7,7 +7,7 @@ import os
 import re
 import tempfile
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse, PlainTextResponse, Response
@@ -19,7 +19,7 @@ from civicdp.policies.actions import Action
 from civicdp.server.state import ledger_history
 from civicdp.server.http.deps import CurrentCaller, ReadSession, StateDep, authorize
 from civicdp.server.state.errors import InvalidRequest
-from civicdp.server.state.models import Account, AuditEntry, Budget, LedgerEntry
+from civicdp.server.state.models import AuditEntry
 from civicdp.server.http.routes.common import errors
 from civicdp.server.services.schemas import AuditEntriesOut, AuditEntryOut, BudgetOut, ConsistencyProofOut, InclusionProofOut, LedgerOut
 
@@ -78,17 +78,7 @@ def ledger_view(caller: CurrentCaller, state: StateDep, session: ReadSession, da
                 limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> LedgerOut:
     authorize(state, caller, Action.AUDIT_READ, "server")
     budgets = [BudgetOut(**b.as_dict()) for b in ledger_history.budgets_for(session, dataset)]
-    query = (select(LedgerEntry, Budget, Account.name).join(Budget, Budget.id == LedgerEntry.budget_id)  # type: ignore[arg-type]
-             .join(Account, Account.id == LedgerEntry.account_id, isouter=True))  # type: ignore[arg-type]
-    if dataset is not None:
-        query = query.where(Budget.dataset == dataset)
-    history: list[dict[str, Any]] = [
-        {"time": entry.created_at, "dataset": budget.dataset, "scope": budget.scope, "subject": budget.subject,
-         "period": budget.period, "amount_micro": entry.amount_micro, "before_micro": entry.spent_before_micro,
-         "after_micro": entry.spent_after_micro, "cap_micro": budget.cap_micro, "release_id": entry.release_id,
-         "account": name}
-        for entry, budget, name in session.exec(query.order_by(LedgerEntry.id).limit(limit))]  # type: ignore[union-attr]
-    return LedgerOut(budgets=budgets, history=history)
+    return LedgerOut(budgets=budgets, history=ledger_history.charge_history(session, dataset, limit=limit))
 
 
 TEXT = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Text"}}

@@ -21,9 +21,9 @@ from types import SimpleNamespace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sqlalchemy import func, select, update
+from sqlalchemy import func, inspect, select, update
 from sqlalchemy.engine import Engine
-from sqlmodel import Session
+from sqlmodel import Session, SQLModel
 
 from civicdp.privacy.errors import BudgetExhausted, InvalidLoss
 from civicdp.privacy.loss import MICRO, PrivacyLoss
@@ -33,8 +33,9 @@ from civicdp.server.state.budget_scopes import (
     scopes_for,
 )
 from civicdp.server.state.ledger import MAX_CHARGE_MICRO, BudgetRefused, charge, precheck, statuses, to_micro
-from civicdp.server.state.ledger_history import budgets_for
-from civicdp.server.state.models import Account, Budget, BudgetCap, LedgerEntry, Release
+from civicdp.server.state.ledger_history import budgets_for, charge_history
+from civicdp.server.state.ledger_models import LedgerEntryCap
+from civicdp.server.state.models import Account, AuditEntry, Budget, BudgetCap, LedgerEntry, Release
 from civicdp.server.state.settings import Settings
 from tests.server.racing import race
 
@@ -389,6 +390,64 @@ def test_budgets_for_filters_by_dataset_subject_and_time(sqlite_engine: Engine) 
                        (DATASET, ANY, "2026-11"), (LIFETIME, ANY, "lifetime")]
         lifetime = budgets_for(session, DS, ANY, now=NOV)[-1]
         assert (lifetime.spent_micro, lifetime.remaining_micro, lifetime.renews_at) == (300_000, 3_700_000, None)
+
+
+def test_the_history_shows_each_charge_with_the_cap_in_force_when_it_was_charged(db_engine: Engine) -> None:
+    """Issue 15: raising a cap after a charge changes the budget row's cap, not the cap that charge was made under."""
+    _set_cap(db_engine, ANALYST, "ana", 1.0)
+    _charge(db_engine, _scopes())
+    with session_scope(db_engine) as session:
+        session.execute(update(BudgetCap).where(BudgetCap.scope == ANALYST).values(cap_micro=2_000_000))
+        assert apply_cap(session, DS, ANALYST, "ana", 2_000_000, now=NOV) == 1
+    _charge(db_engine, _scopes())
+    with Session(db_engine) as session:
+        history = charge_history(session, DS)
+        [analyst] = [b for b in budgets_for(session, DS) if b.scope == ANALYST]
+    assert analyst.cap_micro == 2_000_000  # the row: today's cap
+    assert [(h["cap_micro"], h["before_micro"], h["after_micro"]) for h in history if h["scope"] == ANALYST] == \
+        [(1_000_000, 0, TENTH), (2_000_000, TENTH, 2 * TENTH)]
+    assert [h["cap_micro"] for h in history if h["scope"] == LIFETIME] == [DEFAULTS.lifetime_micro] * 2
+    assert len(history) == 8 and {h["dataset"] for h in history} == {DS}
+    with Session(db_engine) as session:
+        assert charge_history(session, "elsewhere") == [] and len(charge_history(session, limit=3)) == 3
+
+
+def test_a_database_from_before_caps_were_recorded_keeps_working(tmp_path: Path) -> None:
+    """A state created without the cap records: the next start adds the table and nothing else.
+
+    Its old charges show the cap their audit entry states (a query's entry lists its budgets
+    with their caps), or None when no entry states one; new charges, their own record.
+    """
+    engine = make_engine(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        SQLModel.metadata.create_all(engine, tables=[
+            table for table in SQLModel.metadata.sorted_tables if table.name != LedgerEntryCap.__tablename__])
+        with session_scope(engine) as session:  # two charges as an older civicdp made them
+            analyst = Budget(dataset=DS, scope=ANALYST, subject="ana", period="2026-11", cap_micro=1_000_000,
+                             spent_micro=TENTH)
+            lifetime = Budget(dataset=DS, scope=LIFETIME, subject=ANY, period="lifetime", cap_micro=4_000_000,
+                              spent_micro=TENTH)
+            session.add_all([analyst, lifetime])
+            session.flush()
+            session.add_all([LedgerEntry(budget_id=b.id, amount_micro=TENTH, spent_before_micro=0,
+                                         spent_after_micro=TENTH) for b in (analyst, lifetime)])
+            session.add(AuditEntry(seq=0, account="ana", agency="health", action="query.run", target=DS, dataset=DS,
+                                   decision="allowed", leaf_hash="0" * 64, entry_json=json.dumps({
+                                       "action": "query.run", "decision": "allowed", "detail": {
+                                           "dataset": DS, "ledger": [
+                                               {"scope": ANALYST, "subject": "ana", "period": "2026-11",
+                                                "cap_micro": 1_000_000, "before_micro": 0, "after_micro": TENTH}]}})))
+            analyst.cap_micro = 2_000_000  # then a steward raised the cap
+        init_db(engine)  # the next start, as at every start
+        assert LedgerEntryCap.__tablename__ in inspect(engine).get_table_names()
+        _charge(engine, _scopes())
+        with Session(engine) as session:
+            history = charge_history(session, DS)
+        caps = [(h["scope"], h["before_micro"], h["cap_micro"]) for h in history if h["scope"] in (ANALYST, LIFETIME)]
+        assert caps == [(ANALYST, 0, 1_000_000), (LIFETIME, 0, None),  # from the audit entry; stated nowhere
+                        (ANALYST, TENTH, 2_000_000), (LIFETIME, TENTH, 4_000_000)]  # recorded with the charge
+    finally:
+        engine.dispose()
 
 
 # -- durability and periods ---------------------------------------------------------------
