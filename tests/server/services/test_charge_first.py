@@ -199,3 +199,17 @@ def test_a_waiter_takes_over_a_claim_older_than_the_timeout(api: Api, stale_clai
     assert [json.loads(e.entry_json)["detail"]["computation_id"] for e in api.records("query.abandoned")] == [
         stale_claim.id]
     assert _spent(api) == 500_000
+
+
+def test_each_charge_has_its_own_computation_id_and_one_outcome(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The id ties a charge's entry to its outcome's: never handed out again (SQLite reused a deleted row's id)."""
+    assert api.query(ANALYST, count_query(epsilon=0.11)).status_code == 200
+    monkeypatch.setattr(Engine, "execute", _fail_with_data)
+    assert api.query(ANALYST, count_query(epsilon=0.12)).status_code == 503
+    monkeypatch.undo()
+    assert api.query(ANALYST, count_query(epsilon=0.13)).status_code == 200
+    ids = [json.loads(e.entry_json)["detail"]["computation_id"] for e in api.records("query.run")
+           if e.decision == "allowed"]
+    outcomes = [json.loads(e.entry_json)["detail"]["computation_id"]
+                for e in api.records("query.release") + api.records("query.failed")]
+    assert len(set(ids)) == 3 and sorted(outcomes) == sorted(ids)
