@@ -56,11 +56,11 @@ from tests.server.http.test_workers import _env, _free_port
 from tests.server.racing import ROOT
 
 CLIENTS = 6
-#: Each question's epsilon: 0.01 and a millionth per question asked, so no two are alike (none is cached).
-#: The analyst's monthly cap (1.0) is spent after about 100 answers.
-EPSILON = 0.01
-#: Checkpoints are signed every so many entries, so kills also land while one is being signed.
-CHECKPOINT_EVERY = "40"
+#: Each question's epsilon: 0.02 and a millionth per question asked, so no two are alike (none is cached).
+#: The analyst's monthly cap (1.0) is spent after about 50 answers.
+EPSILON = 0.02
+#: Checkpoints are signed every so many entries, so kills may also land while one is being signed.
+CHECKPOINT_EVERY = "25"
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -366,7 +366,7 @@ def test_killed_under_spending_load_the_restarted_state_reconciles(
     numbers = itertools.count()
     with serving(data_dir, database_url, workers=2) as (url, process, port):
         load = Load(url, keys[ANALYST], numbers).start()
-        load.wait_for(30)
+        load.wait_for(15)
         if kill == "one-worker":
             workers = workers_of(process.pid, port)
             assert len(workers) == 2, workers
