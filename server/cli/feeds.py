@@ -30,7 +30,8 @@ from civicdp.server.cli.common import fail, read_json
 from civicdp.server.services.app_state import AppState
 from civicdp.server.state.errors import Conflict, InvalidRequest, NotFound
 from civicdp.server.feeds.schemas import FeedDefinition
-from civicdp.server.feeds.service import FeedRefused, FeedService
+from civicdp.server.feeds.outcomes import FeedRefused
+from civicdp.server.feeds.service import FeedService
 from civicdp.server.state.settings import Settings
 
 console = Console(soft_wrap=True)

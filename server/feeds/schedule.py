@@ -16,10 +16,12 @@ from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 
 from apscheduler.triggers.cron import CronTrigger
 
 from civicdp.server.state.errors import InvalidRequest
+from civicdp.server.state.feed_models import Feed
 
 NAMED = {"daily": "0 0 * * *", "weekly": "0 0 * * mon", "monthly": "0 0 1 * *"}
 MAX_RELEASES = 1000
@@ -93,3 +95,14 @@ def parse_schedule(text: object, start: datetime, releases: object) -> Schedule:
                              f"not the {releases} releases announced",
                              "Check the day and month fields (e.g. 30 February never comes)")
     return Schedule(text.strip(), cron, start, releases, tuple(times))
+
+
+@lru_cache(maxsize=256)
+def _schedule(text: str, start: datetime, releases: int) -> Schedule:
+    return parse_schedule(text, start, releases)
+
+
+def schedule_of(feed: Feed) -> Schedule:
+    """The schedule of a stored feed (cached: it is a pure function of the definition)."""
+    start = feed.start if feed.start.utcoffset() is not None else feed.start.replace(tzinfo=timezone.utc)
+    return _schedule(feed.schedule, start, feed.releases)

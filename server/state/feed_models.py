@@ -1,6 +1,7 @@
 """What the server stores about feeds (SQLModel): definitions, approvals, claims, releases and refusals.
 
-A period is produced in two transactions (server/feeds/service.py). The first inserts the
+A period is produced in two transactions (server/feeds/periods.py charges it,
+server/feeds/release.py stores it). The first inserts the
 period's :class:`FeedClaim` — unique ``(feed_id, period)``, so a second process loses
 here, before charging or reading anything — charges the budgets and writes the audit
 entry. Only after it commits is the data read. The second stores the release: its
@@ -16,11 +17,12 @@ existing table.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timezone
 
 from sqlalchemy import BigInteger, Column, Text, UniqueConstraint
-from sqlmodel import Field, SQLModel
+from sqlmodel import Field, Session, SQLModel, select
 
+from civicdp.server.state.errors import NotFound
 from civicdp.server.state.models import utcnow
 
 
@@ -61,7 +63,7 @@ class FeedRelease(SQLModel, table=True):
 
 class FeedApproval(SQLModel, table=True):
     """What a feed was approved for, fixed at its definition: the loss per release and a
-    fingerprint of everything its sensitivity depends on (see ``civicdp.server.feeds.service.approval_basis``)."""
+    fingerprint of everything its sensitivity depends on (see ``civicdp.server.feeds.approval.approval_basis``)."""
 
     id: int | None = Field(default=None, primary_key=True)
     feed_id: int = Field(foreign_key="feed.id", unique=True)
@@ -113,3 +115,16 @@ class FeedRefusal(SQLModel, table=True):
     reason: str = Field(sa_column=Column(Text, nullable=False))
     origin: str = Field(max_length=20)
     created_at: datetime = Field(default_factory=utcnow)
+
+
+def feed_named(session: Session, name: str) -> Feed:
+    """The feed called ``name``; NotFound if there is none."""
+    feed = session.exec(select(Feed).where(Feed.name == name)).first()
+    if feed is None:
+        raise NotFound(f"no feed named '{name}'")
+    return feed
+
+
+def aware(when: datetime) -> datetime:
+    """A stored time with its time zone (a database without time zones gives it back naive: UTC)."""
+    return when.replace(tzinfo=timezone.utc) if when.utcoffset() is None else when

@@ -23,7 +23,9 @@ from civicdp.server.auditlog.append import record
 from civicdp.server.state.caller import Caller
 from civicdp.server.state.errors import AccessDenied, Conflict
 from civicdp.server.feeds.schemas import FEED_NAME, FeedDefinition, FeedOverview, FeedReleaseOut, FeedSummary
-from civicdp.server.feeds.service import FeedRefused, FeedService, release_csv
+from civicdp.server.feeds.outcomes import FeedRefused
+from civicdp.server.feeds.reading import release_csv
+from civicdp.server.feeds.service import FeedService
 from civicdp.server.http.routes.common import errors
 
 router = APIRouter(prefix="/feeds", tags=["feeds"])

@@ -28,7 +28,9 @@ from civicdp.server.state import ledger
 from civicdp.server.entry import app as cli
 from civicdp.server.state.db import session_scope
 from civicdp.server.state.feed_models import Feed, FeedRefusal, FeedRelease
-from civicdp.server.feeds.service import FeedRefused, FeedService, schedule_of
+from civicdp.server.feeds.outcomes import FeedRefused
+from civicdp.server.feeds.schedule import schedule_of
+from civicdp.server.feeds.service import FeedService
 from civicdp.server.state.models import AuditEntry, Budget, BudgetCap, LedgerEntry, Release
 from tests.server.api_fixtures import (
     ANALYST, DATASET, FEED, OVERSIGHT, STEWARD, Api, ViaTestClient, running_api,

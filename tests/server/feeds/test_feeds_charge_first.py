@@ -22,7 +22,7 @@ from civicdp.queries.errors import DatasetUnavailable
 from civicdp.server.services import admin
 from civicdp.server.state.db import session_scope
 from civicdp.server.state.feed_models import Feed, FeedApproval, FeedClaim, FeedRefusal, FeedRelease
-from civicdp.server.feeds.service import (
+from civicdp.server.feeds.outcomes import (
     CLAIM_TIMEOUT, FAILED_REASON, STALE_REASON, FeedBusy, FeedFailed, FeedRefused,
 )
 from civicdp.server.state.models import LedgerEntry, Release

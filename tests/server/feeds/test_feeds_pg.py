@@ -38,7 +38,8 @@ from datetime import datetime
 from pathlib import Path
 
 from civicdp.server.services.bootstrap import build_state
-from civicdp.server.feeds.service import FeedBusy, FeedService
+from civicdp.server.feeds.outcomes import FeedBusy
+from civicdp.server.feeds.service import FeedService
 from civicdp.server.state.settings import Settings
 
 data_dir, url, sync, name, now = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), sys.argv[4], sys.argv[5]
