@@ -34,12 +34,13 @@ from tests.server.monitors.test_monitors import START, DAY, append, batch, batch
 MEAN = {"metric": "mean", "column": "waiting_minutes", "group_by": "channel", "rules": []}
 
 
-def reregister(api: Api, root: Path, change: Any) -> None:
-    """Register version 2 of the test dataset, its metadata changed by ``change(metadata)``."""
+def reregister(api: Api, root: Path, change: Any, frame: Any = None) -> None:
+    """Register version 2 of the test dataset, its metadata changed by ``change(metadata)`` (and its
+    events by ``frame``: registration checks the file holds every declared column)."""
     metadata = base_metadata()
     metadata["version"] = "2"
     change(metadata)
-    folder = make_dataset_folder(root, metadata=metadata)
+    folder = make_dataset_folder(root, frame, metadata=metadata)
     with session_scope(api.state.db) as session:
         admin.register_dataset(session, api.state.policies, None, folder)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from tests.conftest import events_frame
 from tests.server.api_fixtures import STEWARD, Api, api, dataset_folder  # noqa: F401 - fixtures
 from tests.server.monitors.test_monitors import append, batch, dataset_spent, monitor
 from tests.server.monitors.test_monitors_frozen import reregister
@@ -60,7 +61,8 @@ def _online(metadata: dict) -> None:
 
 
 def test_a_monitor_grouped_by_a_boolean_column_releases_both_keys(api: Api, tmp_path: Path) -> None:
-    reregister(api, tmp_path / "v2", _online)
+    events = events_frame()
+    reregister(api, tmp_path / "v2", _online, events.with_columns((pl.col("person_id") % 2 == 0).alias("online")))
     api.set_cap("dataset", "*", 100.0)
     api.set_cap("lifetime", "*", 100.0)
     definition = monitor(group_by="online", epsilon=50.0, rules=[{"op": "above", "value": 10, "group": True}])
