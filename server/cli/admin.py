@@ -144,9 +144,13 @@ def roles_revoke(account: str, role: Role, agency: str) -> None:
 
 
 @datasets.command("register")
-def datasets_register(folder: Path) -> None:
+def datasets_register(folder: Path, accept_undeclared_nulls: Annotated[bool, typer.Option(
+        help="Register although a column not declared nullable has missing values (they are dropped after "
+             "bounding); recorded in the audit log")] = False) -> None:
+    """Register (or update) a dataset after checking its folder against its metadata."""
+    accept = frozenset({"undeclared_nulls"} if accept_undeclared_nulls else set())
     with _state() as state, session_scope(state.db) as session:
-        row = admin.register_dataset(session, state.policies, None, folder)
+        row = admin.register_dataset(session, state.policies, None, folder, accept)
         name, version = row.name, row.version
     console.print(f"registered {name} version {version}")
 

@@ -128,13 +128,16 @@ def revoke_role(session: Session, policies: PolicyStore, actor: Caller | None, a
     record(session, actor, "role.revoke", account_name, role=role.value, agency=agency)
 
 
-def register_dataset(session: Session, policies: PolicyStore, actor: Caller | None, folder: Path) -> Dataset:
-    row = registry.register(session, folder)
+def register_dataset(session: Session, policies: PolicyStore, actor: Caller | None, folder: Path,
+                     accept: frozenset[str] = frozenset()) -> Dataset:
+    """Register the folder's version; ``accept`` names check problems accepted, not fixed (audited)."""
+    row = registry.register(session, folder, accept)
     metadata = registry.metadata_of(row)
     for table in metadata.tables.values():
         for column in table.columns:
             policies.assign_public_column(row.name, column)
-    record(session, actor, "dataset.register", row.name, version=row.version, path=row.path)
+    record(session, actor, "dataset.register", row.name, version=row.version, path=row.path,
+               **({"accepted": sorted(accept)} if accept else {}))
     return row
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -133,6 +133,10 @@ class PolicyRule(BaseModel):
 class DatasetRegister(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1, max_length=1000, description="Folder with metadata.json and Parquet files, on the server")
+    accept: list[Literal["undeclared_nulls"]] = Field(
+        default_factory=list, max_length=1,
+        description="Check problems accepted rather than fixed (recorded in the audit log): 'undeclared_nulls' - "
+                    "missing values in a column not declared nullable, dropped after bounding")
 
 
 class BudgetCapSet(BaseModel):

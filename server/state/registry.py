@@ -19,7 +19,7 @@ from civicdp.server.state.errors import Conflict, InvalidRequest, NotFound
 from civicdp.server.state.models import Budget, Dataset
 
 
-def register(session: Session, folder: Path) -> Dataset:
+def register(session: Session, folder: Path, accept: frozenset[str] = frozenset()) -> Dataset:
     """Register (or update to a new version) the dataset in ``folder``; metadata is validated."""
     try:
         folder = Path(folder).resolve()
@@ -38,7 +38,7 @@ def register(session: Session, folder: Path) -> Dataset:
     try:
         check_files(folder, metadata)
         check_declaration(metadata)
-        check_tables(folder, metadata)
+        check_tables(folder, metadata, accept)
     except DatasetRefused as refused:
         raise InvalidRequest(refused.field, str(refused),
                              "Fix the dataset folder or its metadata.json and register again") from None

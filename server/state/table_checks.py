@@ -20,8 +20,18 @@ from civicdp.server.state.dataset_checks import DatasetRefused
 PARQUET_MAGIC = b"PAR1"
 
 
-def check_tables(folder: Path, metadata: DatasetMetadata) -> None:
-    """Every table file is Parquet and matches its declared columns (names, types, nulls)."""
+#: Problems a steward may accept at registration instead of fixing (``accept``), and what they mean.
+ACCEPTABLE = {
+    "undeclared_nulls": "missing values in a column not declared nullable: they are dropped after each "
+                        "person's rows are bounded (a person with a missing value counts fewer rows)",
+}
+
+
+def check_tables(folder: Path, metadata: DatasetMetadata, accept: frozenset[str] = frozenset()) -> None:
+    """Every table file is Parquet and matches its declared columns (names, types, nulls).
+
+    ``accept`` names problems of :data:`ACCEPTABLE` the steward accepts rather than fixes.
+    """
     for name, table in metadata.tables.items():
         path = folder / table.path
         _check_parquet(path, name)
@@ -40,9 +50,10 @@ def check_tables(folder: Path, metadata: DatasetMetadata) -> None:
             if problem:
                 raise DatasetRefused(f"{where}: declared {declared.type}, but {table.path} stores {problem}. "
                                      "Convert the column or declare its type")
-            if not declared.nullable and _nulls(parquet, column) > 0:
+            if not declared.nullable and "undeclared_nulls" not in accept and _nulls(parquet, column) > 0:
                 raise DatasetRefused(f"{where}: {table.path} has missing values in it but it is not declared "
-                                     "nullable. Add \"nullable\": true, or fill the missing values")
+                                     "nullable. Add \"nullable\": true, fill the missing values, or accept them "
+                                     "(--accept-undeclared-nulls; API: \"accept\": [\"undeclared_nulls\"])")
 
 
 def _check_parquet(path: Path, name: str) -> None:

@@ -47,4 +47,4 @@ def get_dataset(name: str, caller: CurrentCaller, state: StateDep, session: Read
 def register_dataset(body: DatasetRegister, caller: CurrentCaller, state: StateDep,
                      session: WriteSession) -> DatasetOut:
     authorize(state, caller, Action.DATASET_MANAGE, "server")
-    return _public(admin.register_dataset(session, state.policies, caller, Path(body.path)))
+    return _public(admin.register_dataset(session, state.policies, caller, Path(body.path), frozenset(body.accept)))

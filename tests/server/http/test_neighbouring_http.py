@@ -73,7 +73,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         with session_scope(started.state.db) as session:
             for name, folder in folders.items():
                 if name != BASE and name not in refused:
-                    admin.register_dataset(session, started.state.policies, None, folder)
+                    admin.register_dataset(session, started.state.policies, None, folder,
+                                           frozenset({"undeclared_nulls"}))  # adversarial data, on purpose
         yield Served(started, folders)
 
 

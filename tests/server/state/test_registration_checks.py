@@ -17,7 +17,7 @@ import pytest
 
 from civicdp.server.state.models import Dataset
 from tests.conftest import base_metadata, events_frame, write_dataset
-from tests.server.api_fixtures import STEWARD, Api, api, dataset_folder  # noqa: F401 - fixtures
+from tests.server.api_fixtures import OVERSIGHT, STEWARD, Api, api, dataset_folder  # noqa: F401 - fixtures
 
 
 def _folder(tmp_path: Path, change: Callable[[dict[str, Any], Path], None] | None = None) -> Path:
@@ -135,3 +135,14 @@ def test_table_files_that_do_not_match_their_declaration_are_refused(api: Api, t
     assert response.status_code == 422, response.text
     assert message in response.json()["detail"], response.json()["detail"]
     assert api.count(Dataset, Dataset.name == "steward-input") == 0
+
+
+def test_undeclared_nulls_can_be_accepted_and_the_acceptance_is_audited(api: Api, tmp_path: Path) -> None:  # noqa: F811
+    change, _ = TABLE_CASES["nulls-not-declared"]
+    folder = _folder(tmp_path, change)
+    response = api.post(STEWARD, "/v1/datasets", json={"path": str(folder), "accept": ["undeclared_nulls"]})
+    assert response.status_code == 201, response.text
+    page = api.get(OVERSIGHT, "/v1/audit/entries", params={"action": "dataset.register"}).json()
+    assert [e["entry"]["detail"].get("accepted") for e in page["entries"]][-1] == \
+        ["undeclared_nulls"], page["entries"][-1]
+    assert api.post(STEWARD, "/v1/datasets", json={"path": str(folder), "accept": ["anything"]}).status_code == 422
