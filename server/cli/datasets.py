@@ -23,7 +23,8 @@ console = Console(soft_wrap=True)
 
 
 def datasets_init(
-    source: Annotated[str, typer.Argument(help="A CSV file, a Parquet file or folder, or a postgresql://user@host/db URL")],
+    source: Annotated[str, typer.Argument(help="A CSV file, a Parquet file or folder, or a "
+                                               "postgresql://user@host/db URL")],
     name: Annotated[str, typer.Option(help="The dataset's name (letters, digits, '.', '_', '-')")],
     person_column: Annotated[str, typer.Option(help="The column naming the person: the privacy unit. For data "
                                                     "without a person id, a case or request id")],
@@ -68,7 +69,7 @@ def datasets_init(
         folder.mkdir(parents=True, exist_ok=True)
         with _progress() as progress:
             result = import_source(src, table_file, time_columns=tuple(time_column or ()), time_zone=time_zone,
-                                   day_first=day_first, progress=progress)
+                                   day_first=day_first, person_column=person_column, progress=progress)
         person = result.renamed.get(person_column, person_column)
         times = tuple(result.renamed.get(c, c) for c in time_column or ())
         with console.status("drafting metadata.json"):
@@ -83,7 +84,8 @@ def datasets_init(
 def _refuse_overwrite(folder: Path, table_file: Path, source_folder: str | None, force: bool) -> None:
     from civicdp.server.intake.sources import ImportRefused
 
-    if source_folder and Path(source_folder).is_dir() and folder.resolve().is_relative_to(Path(source_folder).resolve()):
+    inside = source_folder and Path(source_folder).is_dir()
+    if inside and folder.resolve().is_relative_to(Path(source_folder).resolve()):  # type: ignore[arg-type]
         raise ImportRefused("--out must not lie inside the Parquet folder being imported")
     existing = [p.name for p in (folder / "metadata.json", table_file) if p.exists()]
     if existing and not force:
@@ -103,7 +105,8 @@ class _progress:
 
     def __call__(self, stage: str, done: int, total: int | None) -> None:
         if stage not in self.tasks:
-            label = {"checking": "checking every value's type", "writing": "writing Parquet"}.get(stage, stage)
+            label = {"writing": "converting to Parquet", "rewriting": "again: a type changed further down"
+                     }.get(stage, stage)
             self.tasks[stage] = self.bar.add_task(label, total=total)
         self.bar.update(self.tasks[stage], completed=done, total=total)
 

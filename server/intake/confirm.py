@@ -49,7 +49,8 @@ def marked(folder: Path) -> list[Mark]:
 
 
 def select(marks: list[Mark], names: list[str]) -> list[Mark]:
-    """The marks ``names`` select: a whole entry, its tail (``channel.keys``), a column (``channel``) or a field (``keys``)."""
+    """The marks ``names`` select: a whole entry, its tail (``channel.keys``), a column (``channel``)
+    or a field (``keys``)."""
     chosen = []
     for name in names:
         found = [m for m in marks if m.entry == name or m.entry.endswith("." + name) or m.column == name

@@ -79,14 +79,14 @@ def draft_metadata(parquet: Path, *, name: str, person: str, types: dict[str, st
         if types.get(column) != "datetime":
             raise ImportRefused(f"--time-column {column} was not read as times")
     frame = pl.scan_parquet(parquet)
-    stats = frame.select(_stat_exprs(types)).collect().row(0, named=True)
+    stats = frame.select(_stat_exprs(types, person)).collect(engine="streaming").row(0, named=True)
     rows = stats["__rows"]
     columns: dict[str, dict[str, Any]] = {}
     summary, notes, marked = [], [], []
     keyed = [c for c, t in types.items() if t in ("str", "int") and c != person
              and stats.get(f"{c}.distinct", max_keys + 1) <= max_keys and not _id_like(c, t, stats, rows, max_keys)]
-    values = frame.select([pl.col(c).drop_nulls().unique().sort().implode() for c in keyed]).collect().row(
-        0, named=True) if keyed else {}
+    values = frame.select([pl.col(c).drop_nulls().unique().sort().implode() for c in keyed]).collect(
+        engine="streaming").row(0, named=True) if keyed else {}
     for column, kind in types.items():
         declared, treatment, column_marks = _propose(column, kind, stats, rows, person, values.get(column), max_keys)
         if declared is None:
@@ -96,7 +96,7 @@ def draft_metadata(parquet: Path, *, name: str, person: str, types: dict[str, st
         marked += [f"tables.{table}.columns.{column}.{m}" for m in column_marks]
         summary.append(ColumnDraft(column, kind, treatment, column_marks))
     per_person = frame.group_by(person).agg(pl.len().alias("n")).select(
-        pl.col("n").quantile(CONTRIBUTION_QUANTILE, "higher")).collect().item()
+        pl.col("n").quantile(CONTRIBUTION_QUANTILE, "higher")).collect(engine="streaming").item()
     contributions = min(max(int(math.ceil(per_person or 1)), 1), 100_000)
     metadata = {
         "name": name,
@@ -123,12 +123,14 @@ def dumps(document: Any, indent: int = 0, key: str = "") -> str:
     """JSON with two-space indents; each column's declaration and each list of plain values on one line
     (but ``proposed_from_data.fields``: one entry a line)."""
     pad, inner = "  " * indent, "  " * (indent + 1)
-    plain = not isinstance(document, (dict, list)) or all(not isinstance(v, (dict, list)) for v in
-                                                          (document.values() if isinstance(document, dict) else document))
+    values = document.values() if isinstance(document, dict) else document if isinstance(document, list) else ()
+    plain = all(not isinstance(v, (dict, list)) for v in values)
     if not isinstance(document, (dict, list)) or (isinstance(document, list) and plain and key != "fields"):
         return json.dumps(document, ensure_ascii=False)
     if isinstance(document, list):
-        return "[\n" + ",\n".join(inner + dumps(v, indent + 1) for v in document) + "\n" + pad + "]" if document else "[]"
+        if not document:
+            return "[]"
+        return "[\n" + ",\n".join(inner + dumps(v, indent + 1) for v in document) + "\n" + pad + "]"
     if key == "columns":
         body = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {json.dumps(v, ensure_ascii=False)}"
                 for k, v in document.items()]
@@ -137,13 +139,15 @@ def dumps(document: Any, indent: int = 0, key: str = "") -> str:
     return "{\n" + ",\n".join(body) + "\n" + pad + "}" if document else "{}"
 
 
-def _stat_exprs(types: dict[str, str]) -> list[pl.Expr]:
+def _stat_exprs(types: dict[str, str], person: str) -> list[pl.Expr]:
+    """One streaming pass over the table: rows, and per column missing values, distinct values (estimated:
+    they only choose between keys and identifier; keys are then read exactly), ranges, decimal steps."""
     exprs = [pl.len().alias("__rows")]
     for column, kind in types.items():
         value = pl.col(column)
         exprs.append(value.null_count().alias(f"{column}.missing"))
-        if kind in ("str", "int"):
-            exprs.append(value.drop_nulls().n_unique().alias(f"{column}.distinct"))
+        if kind in ("str", "int") and column != person:
+            exprs.append(value.drop_nulls().approx_n_unique().alias(f"{column}.distinct"))
         if kind in ("int", "float", "datetime"):
             finite = value.filter(value.is_finite()) if kind == "float" else value
             exprs += [finite.min().alias(f"{column}.min"), finite.max().alias(f"{column}.max")]
@@ -177,14 +181,15 @@ def _propose(column: str, kind: str, stats: dict[str, Any], rows: int, person: s
         declared["identifier"], treatment = True, "identifier: the privacy unit"
     elif _id_like(column, kind, stats, rows, max_keys):
         declared["identifier"] = True
-        treatment, marks = f"identifier: id-like ({distinct:,} distinct values)", ["identifier"]
+        treatment, marks = f"identifier: id-like (about {distinct:,} distinct values)", ["identifier"]
     elif keys is not None:
-        declared["keys"], treatment, marks = keys, f"keys: {len(keys):,} values", ["keys"]
+        declared["keys"], marks = keys, ["keys"]
+        treatment = f"keys: {len(keys):,} value{'s' if len(keys) != 1 else ''}"
     elif kind == "bool":
         declared["keys"], treatment = [False, True], "keys: false, true"
     elif kind == "str":
-        treatment = (f"no keys: {distinct:,} distinct values (more than --max-keys {max_keys}); it cannot be grouped "
-                     "by or filtered on until public keys are declared")
+        treatment = (f"no keys: about {distinct:,} distinct values (more than --max-keys {max_keys}); it cannot "
+                     "be grouped by or filtered on until public keys are declared")
     else:
         treatment = ""
     if kind in ("int", "float") and "identifier" not in declared:
@@ -226,7 +231,9 @@ def _nice_bounds(low: float | None, high: float | None, integer: bool) -> tuple[
     if hi <= lo:
         hi = lo + step
     lo, hi = float(f"{lo:.12g}"), float(f"{hi:.12g}")
-    return (int(lo), int(hi)) if integer or (lo.is_integer() and hi.is_integer()) else (lo, hi)  # type: ignore[return-value]
+    if integer or (lo.is_integer() and hi.is_integer()):
+        return int(lo), int(hi)
+    return lo, hi
 
 
 def _resolution(column: str, stats: dict[str, Any], bounds: tuple[float, float]) -> float | None:

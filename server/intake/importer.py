@@ -2,9 +2,11 @@
 
 ``import_source`` reads a CSV, Parquet or PostgreSQL source batch by batch
 (:mod:`civicdp.server.intake.sources`) and writes one Parquet table file, so memory stays
-bounded whatever the size of the source. A CSV is read twice: a first pass checks, over
-every row, the types proposed from its first rows (:mod:`civicdp.server.intake.text_columns`);
-the second converts and writes. Typed sources are read once.
+bounded whatever the size of the source. A CSV's columns are converted with the types its
+first rows suggest (:mod:`civicdp.server.intake.text_columns`) while every value is checked;
+if a value further down cannot be read so, the file is written a second time with the
+types that read every value (nothing is turned into a missing value). Typed sources are
+read once.
 
 Times end up as UTC without a zone: a time with an offset is converted, a time without
 one is read in ``time_zone`` (default UTC). Column names are made usable in queries (a
@@ -33,7 +35,7 @@ from civicdp.server.intake.text_columns import Failures, TextPlan
 
 BATCH_ROWS = 250_000
 SAMPLE_ROWS = 50_000
-#: stage ("checking", "writing"), rows done, rows in all (None: not known)
+#: stage ("writing", "rewriting"), rows done, rows in all (None: not known; for a CSV at first an estimate)
 Progress = Callable[[str, int, "int | None"], None]
 
 
@@ -50,9 +52,11 @@ class ImportResult:
 
 
 def import_source(source: Source, out_file: Path, *, time_columns: tuple[str, ...] = (), time_zone: str = "UTC",
-                  day_first: bool | None = None, rows: int = BATCH_ROWS, progress: Progress | None = None
-                  ) -> ImportResult:
-    """Write ``source`` as the Parquet file ``out_file``; refuse (ImportRefused, nothing written) what cannot be read."""
+                  day_first: bool | None = None, person_column: str | None = None, rows: int = BATCH_ROWS,
+                  progress: Progress | None = None) -> ImportResult:
+    """Write ``source`` as the Parquet file ``out_file``; refuse (ImportRefused, nothing written) what cannot be read.
+
+    ``person_column``, when given, must be a column of the source (checked before anything is written)."""
     started = time.perf_counter()
     try:
         ZoneInfo(time_zone)
@@ -63,9 +67,9 @@ def import_source(source: Source, out_file: Path, *, time_columns: tuple[str, ..
     partial = out_file.with_name(out_file.name + ".partial")
     try:
         if source.kind == "csv":
-            result = _import_csv(source, partial, time_columns, time_zone, day_first, rows, report)
+            result = _import_csv(source, partial, time_columns, time_zone, day_first, person_column, rows, report)
         else:
-            result = _import_typed(source, partial, time_columns, time_zone, day_first, rows, report)
+            result = _import_typed(source, partial, time_columns, time_zone, day_first, person_column, rows, report)
         os.replace(partial, out_file)
     finally:
         partial.unlink(missing_ok=True)
@@ -95,7 +99,9 @@ def _originals(asked: tuple[str, ...], names: list[str], renamed: dict[str, str]
     for name in asked:
         original = name if name in names else back.get(name)
         if original is None:
-            raise ImportRefused(f"{what} '{name}' is not a column of the source (it has {', '.join(names[:30])})")
+            hint = ("; for data without a person id, name the column of a case or request id: each case is then the "
+                    "unit that is protected") if what == "--person-column" else ""
+            raise ImportRefused(f"{what} '{name}' is not a column of the source (it has {', '.join(names[:30])}){hint}")
         found.add(original)
     return found
 
@@ -104,7 +110,7 @@ def _originals(asked: tuple[str, ...], names: list[str], renamed: dict[str, str]
 
 
 def _import_csv(source: Source, partial: Path, time_columns: tuple[str, ...], time_zone: str,
-                day_first: bool | None, rows: int, report: Progress) -> ImportResult:
+                day_first: bool | None, person: str | None, rows: int, report: Progress) -> ImportResult:
     try:
         sample = pl.read_csv(source.location, n_rows=SAMPLE_ROWS, infer_schema_length=0, separator=source.separator,
                              null_values=list(source.nulls) or None)
@@ -115,70 +121,84 @@ def _import_csv(source: Source, partial: Path, time_columns: tuple[str, ...], ti
     names = sample.columns
     renamed = usable_names(names)
     named = _originals(time_columns, names, renamed, "--time-column")
+    _originals((person,) if person else (), names, renamed, "--person-column")
     proposed = text_columns.propose(sample, named, day_first, time_zone)
-    plans, total, notes = _check_every_row(source, proposed, named, day_first, time_zone, rows, report)
-    writer = _Writer(partial, rows)
-    written = 0
-    exprs = [text_columns.convert(name, plan, time_zone) for name, plan in plans.items()]
-    try:
-        for batch in sources.text_batches(source, rows):
-            writer.add(batch.with_columns(exprs).rename(renamed).to_arrow())
-            written += batch.height
-            report("writing", written, total)
-    finally:
-        writer.close()
-    if writer.writer is None:
-        raise ImportRefused(f"{source.location} has a header but no rows")
+    chains = {name: text_columns.chain(plan, day_first) for name, plan in proposed.items()}
+    first = {name: chain[0] if chain else proposed[name] for name, chain in chains.items()}
+    written, failures = _convert(source, partial, first, chains, renamed, time_zone, rows, report, "writing",
+                                 sources.csv_rows_estimate(source))
+    plans, notes = _decide(proposed, chains, failures, named)
+    if any(plans[name] is not first[name] for name in plans):  # a value far down the file changed a type
+        written, _ = _convert(source, partial, plans, {}, renamed, time_zone, rows, report, "rewriting", written)
     types = {renamed.get(name, name): plan.kind for name, plan in plans.items()}
     return ImportResult(partial, written, types, renamed, notes=notes)
 
 
-def _check_every_row(source: Source, proposed: dict[str, TextPlan], named: set[str], day_first: bool | None,
-                     time_zone: str, rows: int, report: Progress) -> tuple[dict[str, TextPlan], int, list[str]]:
-    """Each column's plan, checked against every row: the first of its chain that reads every value."""
-    chains = {name: text_columns.chain(plan, day_first) for name, plan in proposed.items()}
-    failures = {name: [Failures() for _ in chain] for name, chain in chains.items()}
-    first = [text_columns.unread(name, chain[0], time_zone).sum().alias(name) for name, chain in chains.items() if chain]
-    estimate, seen = sources.csv_rows_estimate(source), 0
-    for batch in sources.text_batches(source, rows):
-        counts = batch.select(first).row(0, named=True) if first else {}
-        for name, count in counts.items():
-            if not count:
-                continue
-            rest = batch.select(name).filter(text_columns.unread(name, chains[name][0], time_zone))
-            for i, plan in enumerate(chains[name]):
-                if i:
-                    rest = rest.filter(text_columns.unread(name, plan, time_zone))
-                failures[name][i].add(rest.height, text_columns.failing_examples(rest, name, plan, time_zone))
-                if rest.height == 0:
-                    break
-        seen += batch.height
-        report("checking", seen, max(estimate, seen))
+def _convert(source: Source, partial: Path, plans: dict[str, TextPlan], chains: dict[str, list[TextPlan]],
+             renamed: dict[str, str], time_zone: str, rows: int, report: Progress, stage: str, total: int
+             ) -> tuple[int, dict[str, list[Failures]]]:
+    """Convert and write every row with ``plans``; count, per column, the values each plan of its chain cannot
+    read (the next plan is tried only on the values the one before could not read)."""
+    checked = [name for name, chain in chains.items() if chain]
+    failures = {name: [Failures() for _ in chains[name]] for name in checked}
+    writer, written = _Writer(partial, rows), 0
+    try:
+        for batch in sources.text_batches(source, rows):
+            out = batch.select([text_columns.convert(name, plans[name], time_zone) for name in batch.columns]
+                               + [text_columns.present(name).alias(f"__present {name}") for name in checked])
+            if checked:
+                lost = {name: pl.col(f"__present {name}") & pl.col(name).is_null() for name in checked}
+                counts = out.select([expr.sum().alias(name) for name, expr in lost.items()]).row(0, named=True)
+                for name in (n for n, count in counts.items() if count):
+                    rest = batch.select(name).filter(out.select(lost[name]).to_series())
+                    _try_chain(rest, name, chains[name], failures[name], time_zone)
+                out = out.drop([f"__present {name}" for name in checked])
+            writer.add(out.rename(renamed).to_arrow())
+            written += batch.height
+            report(stage, written, max(total, written))
+    finally:
+        writer.close()
+    if writer.writer is None:
+        raise ImportRefused(f"{source.location} has a header but no rows")
+    return written, failures
+
+
+def _try_chain(rest: pl.DataFrame, name: str, chain: list[TextPlan], failures: list[Failures], time_zone: str) -> None:
+    """Count the values of ``rest`` (those the first plan could not read) that each plan of the chain cannot read."""
+    for i, plan in enumerate(chain):
+        if i:
+            rest = rest.filter(text_columns.unread(name, plan, time_zone))
+        failures[i].add(rest.height, text_columns.failing_examples(rest, name, plan, time_zone))
+        if rest.height == 0:
+            return
+
+
+def _decide(proposed: dict[str, TextPlan], chains: dict[str, list[TextPlan]], failures: dict[str, list[Failures]],
+            named: set[str]) -> tuple[dict[str, TextPlan], list[str]]:
+    """Each column's plan: the first of its chain that read every value; text (or a refusal) if none did."""
     plans, notes = {}, []
     for name, plan in proposed.items():
         chain = chains[name]
-        good = next((p for p, f in zip(chain, failures[name]) if f.count == 0), None)
+        failed = failures.get(name, [])
+        good = next((p for p, f in zip(chain, failed) if f.count == 0), None)
         if good is None and chain:
-            last = failures[name][-1]
+            last = failed[-1]
             shown = ", ".join(repr(v) for v in last.examples)
             if name in named:
                 raise ImportRefused(f"--time-column {name}: {last.count:,} values are not times in a format civicdp "
                                     f"reads (e.g. {shown}); fix them in the source, or import without naming it "
                                     "(it is then kept as text)")
             what = "times" if plan.kind == "datetime" else "numbers" if plan.kind in ("int", "float") else "true/false"
-            good = TextPlan("str", note=f"{name}: kept as text: {last.count:,} values are not {what} (e.g. {shown}); if "
-                                        "they mean 'missing', import again with --null VALUE")
+            good = TextPlan("str", note=f"{name}: kept as text: {last.count:,} values are not {what} (e.g. "
+                                        f"{shown}); if they mean 'missing', import again with --null VALUE")
         elif good is not None and good is not chain[0] and good.kind != plan.kind:
-            shown = ", ".join(repr(v) for v in failures[name][0].examples)
+            shown = ", ".join(repr(v) for v in failed[0].examples)
             good = TextPlan(good.kind, good.formats, f"{name}: read as {good.kind}, not {plan.kind}: "
-                                                      f"{failures[name][0].count:,} values such as {shown}")
-        good = good or plan
-        plans[name] = good
-        if good.note:
-            notes.append(good.note)
-        elif plan.note:
-            notes.append(plan.note)
-    return plans, seen, notes
+                                                      f"{failed[0].count:,} values such as {shown}")
+        plans[name] = good or (chain[0] if chain else plan)
+        if plans[name].note or plan.note:
+            notes.append(plans[name].note or plan.note)
+    return plans, notes
 
 
 class _Writer:
@@ -218,7 +238,7 @@ class _Writer:
 
 
 def _import_typed(source: Source, partial: Path, time_columns: tuple[str, ...], time_zone: str,
-                  day_first: bool | None, rows: int, report: Progress) -> ImportResult:
+                  day_first: bool | None, person: str | None, rows: int, report: Progress) -> ImportResult:
     total = sources.total_rows(source)
     writer = _Writer(partial, rows)
     written, aside = 0, {}
@@ -230,6 +250,7 @@ def _import_typed(source: Source, partial: Path, time_columns: tuple[str, ...], 
         for frame, set_aside in _typed_batches(source, rows, time_zone):
             if plans is None:
                 aside, renamed = set_aside, usable_names(frame.columns)
+                _originals((person,) if person else (), frame.columns, renamed, "--person-column")
                 plans = _typed_plans(frame, _originals(time_columns, frame.columns, renamed, "--time-column"),
                                      day_first, time_zone)
                 failures = {name: Failures() for name in plans}

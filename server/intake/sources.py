@@ -58,12 +58,14 @@ class Source:
     def sql(self) -> str:
         if self.query:
             return self.query
-        return "SELECT * FROM " + ".".join('"' + part.replace('"', '""') + '"' for part in self.table.split("."))  # type: ignore[union-attr]
+        parts = (self.table or "").split(".")
+        return "SELECT * FROM " + ".".join('"' + part.replace('"', '""') + '"' for part in parts)
 
 
 def open_source(text: str, *, table: str | None = None, query: str | None = None, separator: str | None = None,
                 nulls: tuple[str, ...] = ()) -> Source:
-    """The source ``text`` names: a ``postgresql://`` URL (with ``table`` or ``query``), a Parquet file or folder, or a CSV."""
+    """The source ``text`` names: a ``postgresql://`` URL (with ``table`` or ``query``), a Parquet file or
+    folder, or a CSV."""
     if POSTGRES.match(text):
         if (table is None) == (query is None):
             raise ImportRefused("a PostgreSQL source needs --table NAME or --query SQL (one of them)")
@@ -185,8 +187,8 @@ def _storable(field: pa.Field, column: pa.Array) -> tuple[pa.Array, str]:
         storage = column.storage  # type: ignore[attr-defined]
         if name == "arrow.uuid":
             hexed = pl.from_arrow(storage).bin.encode("hex")  # type: ignore[union-attr]
-            dashed = pl.concat_str([hexed.str.slice(a, b - a) for a, b in ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))],
-                                   separator="-")
+            parts = ((0, 8), (8, 12), (12, 16), (16, 20), (20, 32))
+            dashed = pl.concat_str([hexed.str.slice(a, b - a) for a, b in parts], separator="-")
             return pl.select(dashed).to_series().to_arrow(), ""
         if name == "arrow.opaque" and getattr(kind, "type_name", "") == "numeric":
             typmod = int((field.metadata or {}).get(b"POSTGRESQL:typmod", b"-1"))

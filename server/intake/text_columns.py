@@ -100,9 +100,14 @@ def convert(name: str, plan: TextPlan, time_zone: str) -> pl.Expr:
     return pl.col(name)
 
 
+def present(name: str) -> pl.Expr:
+    """True where the text column has a value (not missing, not blank)."""
+    return pl.col(name).str.strip_chars().str.len_chars().gt(0)
+
+
 def unread(name: str, plan: TextPlan, time_zone: str) -> pl.Expr:
     """True where the column has a value that ``plan`` cannot read."""
-    return pl.col(name).str.strip_chars().str.len_chars().gt(0) & convert(name, plan, time_zone).is_null()
+    return present(name) & convert(name, plan, time_zone).is_null()
 
 
 def propose(sample: pl.DataFrame, time_columns: set[str], day_first: bool | None, time_zone: str

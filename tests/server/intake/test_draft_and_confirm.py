@@ -116,4 +116,5 @@ def test_a_mark_naming_no_field_is_refused_by_name(api: Api, tmp_path: Path) -> 
     metadata["proposed_from_data"]["fields"] = ["tables.events.columns.chanel.keys"]
     (folder / "metadata.json").write_text(json.dumps(metadata))
     refused = api.post(STEWARD, "/v1/datasets", json={"path": str(folder)})
-    assert refused.status_code == 422 and "'tables.events.columns.chanel.keys' names no field" in refused.json()["detail"]
+    assert refused.status_code == 422
+    assert "'tables.events.columns.chanel.keys' names no field" in refused.json()["detail"]

@@ -29,7 +29,8 @@ ROWS = [
     (4, "03/01/2025 07:10 AM", datetime(2025, 3, 1, 7, 10), datetime(2025, 3, 1, 6, 10)),
     (5, "2025-03-01 23:30:00-02:00", datetime(2025, 3, 2, 1, 30), datetime(2025, 3, 2, 1, 30)),
     (6, "3/1/25 14:45", datetime(2025, 3, 1, 14, 45), datetime(2025, 3, 1, 13, 45)),
-    (7, "2025-03-01 15:00:00.250+00:00", datetime(2025, 3, 1, 15, 0, 0, 250000), datetime(2025, 3, 1, 15, 0, 0, 250000)),
+    (7, "2025-03-01 15:00:00.250+00:00", datetime(2025, 3, 1, 15, 0, 0, 250000),
+     datetime(2025, 3, 1, 15, 0, 0, 250000)),
     (8, "01 Mar 2025 16:20", datetime(2025, 3, 1, 16, 20), datetime(2025, 3, 1, 15, 20)),
     (9, "2025-02-28T22:10:00-03:30", datetime(2025, 3, 1, 1, 40), datetime(2025, 3, 1, 1, 40)),
     (10, "02/28/2025 11:05 PM", datetime(2025, 2, 28, 23, 5), datetime(2025, 2, 28, 22, 5)),
@@ -120,3 +121,11 @@ def test_an_existing_declaration_is_not_replaced_without_force(tmp_path: Path) -
     again = civicdp("datasets", "init", _csv(tmp_path), "--name", "x", "--person-column", "person_id", "--out", out)
     assert again.exit_code == 2 and "--force" in again.output
     assert (out / "metadata.json").read_text() == '{"edited": "by the steward"}'
+
+
+def test_a_person_column_not_in_the_source_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    out = tmp_path / "dataset"
+    result = civicdp("datasets", "init", _csv(tmp_path), "--name", "x", "--person-column", "citizen", "--out", out)
+    assert result.exit_code == 2
+    assert "--person-column 'citizen' is not a column" in result.output and "case or request id" in result.output
+    assert not (out / "events.parquet").exists()

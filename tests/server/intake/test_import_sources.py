@@ -79,14 +79,14 @@ def pg_table() -> Iterator[str]:
     with connection:
         connection.execute(f"CREATE TABLE {name} (request_id text, person_id bigint, channel varchar(10), "
                            "opened timestamptz, logged timestamp, cost numeric(8, 2), urgent boolean, "
-                           "waited interval)")
+                           "waited interval, visitor uuid, office char(4), units numeric(6, 0))")
         with connection.cursor().copy(f"COPY {name} (request_id, person_id, channel, opened, logged, cost, urgent, "
-                                      "waited) FROM STDIN") as copy:
+                                      "waited, visitor, office, units) FROM STDIN") as copy:
             for i in range(30):
                 copy.write_row((f"R{i:04d}", i % 10, ("web", "phone", "desk")[i % 3],
                                 datetime(2025, 1, 1, 23, tzinfo=timezone.utc) + timedelta(hours=i),
                                 datetime(2025, 1, 2) + timedelta(hours=i), Decimal(f"{i}.50"), i % 4 == 0,
-                                timedelta(minutes=i)))
+                                timedelta(minutes=i), uuid.UUID(int=i % 10), ("N", "S")[i % 2], i))
         try:
             yield name
         finally:
@@ -102,7 +102,9 @@ def test_a_postgresql_table_imports_with_its_types(tmp_path: Path, pg_table: str
     assert stored.height == 30
     assert stored.schema == {"request_id": pl.String, "person_id": pl.Int64, "channel": pl.String,
                              "opened": pl.Datetime("us"), "logged": pl.Datetime("us"), "cost": pl.Float64,
-                             "urgent": pl.Boolean}
+                             "urgent": pl.Boolean, "visitor": pl.String, "office": pl.String, "units": pl.Int64}
+    assert stored["visitor"][1] == str(uuid.UUID(int=1))  # a uuid as its usual text
+    assert set(stored["office"]) == {"N", "S"}  # char(4) without its padding
     assert stored["opened"][0] == datetime(2025, 1, 1, 23)  # timestamptz: already UTC
     assert stored["logged"][0] == datetime(2025, 1, 2, 5)  # naive, read as New York (UTC-5)
     assert stored["cost"].sum() == pytest.approx(sum(i + 0.5 for i in range(30)))
