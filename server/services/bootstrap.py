@@ -179,5 +179,6 @@ def build_state(settings: Settings, *, init: bool | None = None) -> AppState:
     except AuditLogFailed:
         logger.warning("charged computations left by a crash are not abandoned: the audit log is frozen")
     return AppState(settings=settings, db=db, policy_db=policy_db, policies=policies,
-                    queries=QueryService(db, engine, policies, caps, timeout), caps=caps,
+                    queries=QueryService(db, engine, policies, caps, timeout,
+                                         timedelta(seconds=settings.query_wait_seconds)), caps=caps,
                     secret=opened.secret, audit=audit)

@@ -70,9 +70,14 @@ class QueryService:
     """Estimates and runs queries for authenticated callers."""
 
     def __init__(self, db: DbEngine, engine: Engine, policies: PolicyStore, caps: ledger.CapDefaults,
-                 computation_timeout: timedelta = timedelta(hours=1)) -> None:
+                 computation_timeout: timedelta = timedelta(hours=1),
+                 wait_limit: timedelta = timedelta(seconds=30)) -> None:
         self.db = db
         self.computation_timeout = computation_timeout
+        # How long a request waits for an identical question another request is computing:
+        # bounded well below the timeout, so a client retrying after a lost connection (or
+        # a worker that died mid-computation) gets an answer it can act on, not a hung request.
+        self.wait_limit = min(wait_limit, computation_timeout)
         self.engine = engine
         self.policies = policies
         self.caps = caps
@@ -169,7 +174,7 @@ class QueryService:
         self.authorise(caller, plan, Action.QUERY_RUN, row)
         canonical, query_hash = self._query_key(spec)
         scopes = self._scopes(caller, row.name)
-        deadline = time.monotonic() + self.computation_timeout.total_seconds()
+        deadline = time.monotonic() + self.wait_limit.total_seconds()
         while True:
             with Session(reader(self.db)) as session:
                 stored = self._stored(session, row.name, row.version, query_hash)
@@ -187,7 +192,9 @@ class QueryService:
                 if computations.abandon_stale(self.db, self.computation_timeout, only=pending) == 0:
                     if time.monotonic() > deadline:
                         raise DatasetUnavailable("query", "an identical query is still being computed",
-                                                 "Ask again later: its answer will then be served at no cost")
+                                                 "Ask again later: its answer will then be served at no cost "
+                                                 "(a computation whose process died is given up after "
+                                                 "CIVICDP_COMPUTATION_TIMEOUT_MINUTES)")
                     time.sleep(0.05)
                 continue
             claimed = self._charge(caller, row, plan, canonical, query_hash, scopes)

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     computation_timeout_minutes: float = Field(
         default=60.0, gt=0, le=10080,
         description="A charged query still computing after this long is taken as abandoned (its charge stays)")
+    query_wait_seconds: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="How long a query waits for an identical one being computed before answering 503 (retry later)")
     shared_release_agencies: list[str] = Field(
         default_factory=list,
         description="Agencies whose releases' queries every analyst may read (default: each agency its own)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -213,3 +214,17 @@ def test_each_charge_has_its_own_computation_id_and_one_outcome(api: Api, monkey
     outcomes = [json.loads(e.entry_json)["detail"]["computation_id"]
                 for e in api.records("query.release") + api.records("query.failed")]
     assert len(set(ids)) == 3 and sorted(outcomes) == sorted(ids)
+
+
+def test_a_waiter_for_a_live_claim_is_answered_within_the_wait_limit_and_not_charged(
+        api: Api, stale_claim: Computation) -> None:
+    """A claim younger than the timeout (its process may have died a minute ago): the identical
+    question waits at most the wait limit, then gets the 503 that says to ask again, uncharged."""
+    api.state.queries.computation_timeout = timedelta(hours=3)  # the claim (2 h old) is not stale
+    api.state.queries.wait_limit = timedelta(seconds=0.3)
+    started = time.monotonic()
+    answer = api.query(ANALYST, count_query(epsilon=0.25))
+    assert answer.status_code == 503 and "still being computed" in answer.json()["detail"]
+    assert 0.3 <= time.monotonic() - started < 10
+    assert _spent(api) == 250_000  # only the claim's own charge
+    assert api.count(Computation) == 1 and api.records("query.abandoned") == []
