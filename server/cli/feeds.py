@@ -28,7 +28,7 @@ from civicdp.queries.errors import QueryError
 from civicdp.server.services.bootstrap import build_state
 from civicdp.server.cli.common import fail, read_json
 from civicdp.server.services.app_state import AppState
-from civicdp.server.state.errors import Conflict, InvalidRequest, NotFound
+from civicdp.server.state.errors import AccessDenied, Conflict, InvalidRequest, NotFound
 from civicdp.server.feeds.schemas import FeedDefinition
 from civicdp.server.feeds.outcomes import FeedRefused
 from civicdp.server.feeds.service import FeedService
@@ -47,6 +47,8 @@ def _service() -> Iterator[FeedService]:
         yield FeedService.of(state)
     except (NotFound, Conflict, InvalidRequest, QueryError, ValueError) as exc:
         fail(str(exc))
+    except AccessDenied as exc:  # a spec a consumer agency could not ask as a query
+        fail(exc.reason)
     finally:
         state.close()
 

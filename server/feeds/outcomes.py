@@ -34,10 +34,12 @@ CLAIM_TIMEOUT = timedelta(hours=1)
 class FeedRefused(Exception):
     """A release that was not produced; the reason is recorded and shown to stewards."""
 
-    def __init__(self, reason: str, budget: ledger.BudgetRefused | None = None) -> None:
+    def __init__(self, reason: str, budget: ledger.BudgetRefused | None = None,
+                 rule: list[str] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         self.budget = budget
+        self.rule = rule  # the policy rule that refused it, when a consumer agency may not ask the query
 
 
 class FeedFailed(FeedRefused):

@@ -127,7 +127,7 @@ def claim(db: DbEngine, caps: ledger.CapDefaults, feed: Feed, number: int, perio
 
 
 def refuse(db: DbEngine, feed: Feed, number: int, period: str, caller: Caller | None, origin: str, reason: str,
-           budget: ledger.BudgetRefused | None = None) -> NoReturn:
+           budget: ledger.BudgetRefused | None = None, rule: list[str] | None = None) -> NoReturn:
     """Store and record the refusal (once per scheduler period), then raise FeedRefused; nothing is charged."""
     with session_scope(db) as session:
         if origin == SCHEDULER:
@@ -142,9 +142,9 @@ def refuse(db: DbEngine, feed: Feed, number: int, period: str, caller: Caller | 
         if inserted:
             record(session, caller, "feed.release", f"feed:{feed.name}", "refused", reason=reason,
                    dataset=feed.dataset, feed=feed.name, number=number, period=period, origin=origin,
-                   loss_micro=0)
+                   loss_micro=0, rule=rule)
     raise FeedRefused(f"release {number} of feed '{feed.name}' (period {period}) was not produced: {reason}",
-                      budget)
+                      budget, rule)
 
 
 def failed_text(feed: Feed, claimed: Claim, reason: str) -> str:

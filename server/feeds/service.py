@@ -3,7 +3,8 @@
 :class:`FeedService` is the one entry to feeds for the HTTP routes, the CLI and the
 scheduler; each of its jobs lives in its own module:
 
-- defining a feed and sharing it: :mod:`~civicdp.server.feeds.definition`;
+- defining a feed and sharing it: :mod:`~civicdp.server.feeds.definition`; holding its
+  specs to the rules of a query by each consumer agency: :mod:`~civicdp.server.feeds.consumers`;
 - planning its specs without data, and what it was approved for:
   :mod:`~civicdp.server.feeds.approval`;
 - claiming and charging a period, refusals and failures: :mod:`~civicdp.server.feeds.periods`;
@@ -16,8 +17,10 @@ A **release** is made when its period is due (the scheduler, :mod:`civicdp.serve
 or when a steward triggers the next one (:meth:`FeedService.produce`). The loss is **spent
 before the data is read**:
 
-1. plan the specs against the registered metadata, check them against the approval,
-   pre-check the budgets (read-only) — a refusal here charges nothing and is stored;
+1. plan the specs against the registered metadata, check them against the approval and,
+   as queries by each consumer agency, against the policy as it is now
+   (:mod:`~civicdp.server.feeds.consumers`), pre-check the budgets (read-only) — a
+   refusal here charges nothing and is stored;
 2. ONE transaction: claim the period (the unique ``(feed, period)`` :class:`FeedClaim`
    row — a second process or steward producing the same period loses here, before
    charging or computing anything), charge the feed allocation, the dataset's month and
@@ -58,7 +61,7 @@ from sqlmodel import Session, select
 from civicdp.audit.signing import SigningKey
 from civicdp.policies.enforcer import PolicyStore
 from civicdp.queries.engine import Engine
-from civicdp.server.feeds import definition, oversight, periods, reading, recovery
+from civicdp.server.feeds import consumers, definition, oversight, periods, reading, recovery
 from civicdp.server.feeds.approval import approval_basis, approval_change, approve_unrecorded, charge_of, plan_specs
 from civicdp.server.feeds.outcomes import (
     CLAIM_TIMEOUT, FAILED_REASON, SCHEDULER, STALE_REASON, STEWARD, FeedBusy, FeedFailed, FeedRefused, ReleaseView,
@@ -105,7 +108,7 @@ class FeedService:
 
     def share(self, caller: Caller | None, name: str, agency: str, *, shared: bool = True) -> list[str]:
         """Let ``agency``'s feed consumers read the feed (or stop them); the agencies afterwards."""
-        return definition.share(self.db, self.policies, caller, name, agency, shared=shared)
+        return definition.share(self.db, self.engine, self.policies, caller, name, agency, shared=shared)
 
     # -- releases -------------------------------------------------------------------------
 
@@ -174,8 +177,8 @@ class FeedService:
             row = session.exec(select(Dataset).where(Dataset.name == feed.dataset)).first()
             approval = session.exec(select(FeedApproval).where(FeedApproval.feed_id == feed.id)).first()
 
-        def refuse(reason: str, budget: ledger.BudgetRefused | None = None) -> NoReturn:
-            periods.refuse(self.db, feed, number, period, caller, origin, reason, budget)
+        def refuse(reason: str, budget: ledger.BudgetRefused | None = None, rule: list[str] | None = None) -> NoReturn:
+            periods.refuse(self.db, feed, number, period, caller, origin, reason, budget, rule)
 
         if row is None:
             refuse(f"dataset {feed.dataset!r} is no longer registered")
@@ -190,6 +193,11 @@ class FeedService:
         change = approval_change(feed, row, approval, basis, loss)
         if change is not None:
             refuse(change)
+        try:  # the rules may have changed since the definition: asked again before every charge
+            consumers.authorise(self.policies, feed.name, plans, consumers.consumer_agencies(
+                self.db, self.policies, json.loads(feed.agencies_json)))
+        except consumers.ConsumerRefused as denied:
+            refuse(denied.reason, rule=denied.rule)
         scopes = periods.feed_scopes(feed.name, now)
         try:
             with Session(reader(self.db)) as session:

@@ -67,7 +67,9 @@ def overview(caller: CurrentCaller, state: StateDep) -> list[FeedOverview]:
 
 @router.post("", response_model=FeedOverview, status_code=status.HTTP_201_CREATED,
              responses=errors(401, 403, 409, 422), summary="Define a feed (stewards): checked against the "
-                                                           "dataset's budgets for every release it announces")
+                                                           "dataset's budgets for every release it announces, and "
+                                                           "each spec against the policy as a query by each "
+                                                           "consumer agency (403 naming the rule and the agency)")
 def define(body: FeedDefinition, caller: CurrentCaller, state: StateDep) -> FeedOverview:
     authorize(state, caller, Action.FEED_MANAGE, "server")
     return FeedService.of(state).define(caller, body)

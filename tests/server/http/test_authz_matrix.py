@@ -105,6 +105,9 @@ EXPECTED_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
     "GET /v1/monitors/{name}/alerts":                     (200,    200,        403,           200,       403,  401),
     "GET /v1/monitors/{name}/alerts/stream":              (200,    200,        403,           200,       403,  401),
     "POST /v1/monitors/{name}/subscriptions":             (403,    201,        403,           403,       403,  401),
+    # A feed's specs are held to a query by its consumer agencies (issue 19): even a steward is refused.
+    "POST /v1/feeds [above the consumers' per-query cap]": (403,   403,        403,           403,       403,  401),
+    "POST /v1/feeds [a column sensitive for consumers]":  (403,    403,        403,           403,       403,  401),
 }
 EXPECTED = {(caller, endpoint): status for endpoint, row in EXPECTED_TABLE.items()
             for caller, status in zip(CALLERS, row, strict=True)}
@@ -279,6 +282,10 @@ REQUESTS: dict[str, Callable[[Matrix], Request]] = {
                                                         {"params": {"once": "true"}}),
     "POST /v1/monitors/{name}/subscriptions": lambda m: ("POST", f"/v1/monitors/{MONITOR_NAME}/subscriptions",
                                                          {"json": {}}),
+    "POST /v1/feeds [above the consumers' per-query cap]": lambda m: ("POST", "/v1/feeds", {"json": {
+        "name": f"new-{uuid.uuid4().hex[:8]}", "dataset": SHARED, "specs": [count_query(epsilon=0.6)],
+        "schedule": "monthly", "releases": 1, "agencies": ["health"]}}),
+    "POST /v1/feeds [a column sensitive for consumers]": lambda m: _sensitive_feed(m),
 }
 assert set(REQUESTS) == set(EXPECTED_TABLE), set(REQUESTS) ^ set(EXPECTED_TABLE)
 
@@ -315,3 +322,14 @@ def test_the_table_covers_every_operation_of_the_api(matrix: Matrix) -> None:
     paths = matrix.api.client.get("/openapi.json").json()["paths"]
     documented = {f"{method.upper()} {path}" for path, operations in paths.items() for method in operations}
     assert {endpoint.split(" [")[0] for endpoint in EXPECTED_TABLE} == documented
+
+
+def _sensitive_feed(m: Matrix) -> Request:
+    """A feed grouping by a column classified sensitive (which no other cell reads)."""
+    from civicdp.policies.actions import ColumnClass
+
+    m.api.state.policies.classify_column(SHARED, "satisfaction", ColumnClass.SENSITIVE)
+    return ("POST", "/v1/feeds", {"json": {
+        "name": f"new-{uuid.uuid4().hex[:8]}", "dataset": SHARED,
+        "specs": [count_query(group_by=["satisfaction"], epsilon=0.01)],
+        "schedule": "monthly", "releases": 1, "agencies": ["health"]}})
