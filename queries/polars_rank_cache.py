@@ -7,7 +7,13 @@ only on that person's rows, so adding or removing one person changes nothing els
 truncation is stable). The rank is computed once per table file and cached as a Parquet
 file next to the data (or in ``cache_dir``), sorted by person and rank.
 
-The cache is named after everything its content depends on: the bytes of every file it
+The server prepares every table when a version is registered (:func:`write_ranked`, into a
+snapshot folder of :mod:`civicdp.queries.polars_snapshots` under its state directory); a
+cache given a ``cache_dir`` reads a table from the snapshot of its dataset version when
+there is one (``cache_dir/versions``), and ranks on demand (into ``cache_dir``) only when
+there is none.
+
+An on-demand file is named after everything its content depends on: the bytes of every file it
 reads (the table and, for a ``privacy_unit_via`` table, the owner table that gives each
 row its person), the declared columns, the mapping and the privacy unit. A digest of
 the bytes, not the size and mtime: a steward who corrects person ids in ``events``
@@ -32,10 +38,13 @@ from civicdp.queries.backend import UNIT, person_column
 from civicdp.queries.errors import DatasetUnavailable
 from civicdp.queries.integrity import OWNER_KEY_TEXT, owner_key_counts
 from civicdp.queries.metadata import DatasetMetadata
+from civicdp.queries.polars_exprs import run_rank
+from civicdp.queries.polars_snapshots import Snapshots
 
 RANK = "__civicdp_rank"
 _HASH_SEED = 0x5EED_C1F1C
-_CACHE_VERSION = "v4"  # bump whenever the content of a cache file changes meaning
+_CACHE_VERSION = "v5"  # bump whenever the content of a cache file changes meaning
+_ROW, _HASH = "__civicdp_row", "__civicdp_hash"
 _KEY_CHARS = 24  # hex characters of the cache key in a cache file's name
 _CACHE_NAME = re.compile(rf"[0-9a-f]{{{_KEY_CHARS}}}\.parquet")
 _ATTEMPTS = 3  # rankings tried while the steward is replacing files
@@ -45,8 +54,8 @@ _ATTEMPTS = 3  # rankings tried while the steward is replacing files
 FileState = tuple[int, int, int, int, int]
 
 
-class _SourceChanged(Exception):
-    """A source file changed between its digest and the ranking that read it."""
+class SourceChanged(Exception):
+    """A source file changed between its digest (or first look) and the ranking that read it."""
 
 
 class RankCache:
@@ -58,6 +67,7 @@ class RankCache:
 
     def __init__(self, cache_dir: Path | None = None, forget: Callable[[str], None] = lambda path: None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._snapshots = Snapshots(self.cache_dir) if self.cache_dir else None
         self._forget = forget
         self._digests: dict[str, tuple[FileState, str]] = {}  # path -> (its state, sha256 of its bytes)
         self._locks: dict[str, threading.Lock] = {}
@@ -73,11 +83,16 @@ class RankCache:
         return [self.source(dataset_dir, metadata, table), *owners]
 
     def ranked_path(self, dataset_dir: Path, metadata: DatasetMetadata, table: str) -> Path:
-        """The cache file of ``table``'s current content, ranked first if there is none yet."""
+        """The prepared file of ``table`` in this version's snapshot, else the cache file of its
+        current content, ranked first if there is none yet."""
+        if self._snapshots is not None:
+            prepared = self._snapshots.table_file(dataset_dir, metadata, table)
+            if prepared is not None:
+                return prepared
         for _ in range(_ATTEMPTS):
             try:
                 return self._ranked_path_once(dataset_dir, metadata, table)
-            except _SourceChanged:
+            except SourceChanged:
                 continue
         raise DatasetUnavailable("table", f"the files of table '{table}' kept changing while they were read",
                                  "Ask again once the data steward has finished replacing them")
@@ -102,11 +117,10 @@ class RankCache:
                 handle, tmp = tempfile.mkstemp(dir=cache, prefix=f".{table}-", suffix=".tmp")
                 os.close(handle)
                 try:
-                    self._rank(dataset_dir, metadata, table).sink_parquet(tmp, statistics=True)
-                    # The ranking opened the files by name: publish it under this key only if
+                    # The ranking opens the files by name: published under this key only if
                     # they still hold the bytes that were digested.
-                    if [_file_state(source) for source in sources] != [state for state, _ in contents]:
-                        raise _SourceChanged
+                    write_ranked(dataset_dir, metadata, table, Path(tmp),
+                                 expected=[state for state, _ in contents])
                     os.replace(tmp, path)
                 finally:
                     if os.path.exists(tmp):
@@ -123,7 +137,7 @@ class RankCache:
         with open(path, "rb") as handle:
             digest = hashlib.file_digest(handle, "sha256").hexdigest()
             if _state_of(os.fstat(handle.fileno())) != state:
-                raise _SourceChanged  # replaced or rewritten while hashed
+                raise SourceChanged  # replaced or rewritten while hashed
         self._digests[str(path)] = (state, digest)
         return state, digest
 
@@ -142,26 +156,101 @@ class RankCache:
         with self._locks_guard:
             return self._locks.setdefault(str(path), threading.Lock())
 
-    def _rank(self, dataset_dir: Path, metadata: DatasetMetadata, table: str) -> pl.LazyFrame:
-        meta = metadata.tables[table]
-        frame = pl.scan_parquet(self.source(dataset_dir, metadata, table))
-        if meta.privacy_unit_via:
-            via = meta.privacy_unit_via
-            rows, keys = owner_key_counts(dataset_dir, metadata, table)
-            if rows != keys:
-                # Registration refuses such files; these were changed afterwards. A repeated key
-                # would credit one row to several people (issue 11's harness: 9 moves for L = 3).
-                raise DatasetUnavailable("table", OWNER_KEY_TEXT, "Ask the data steward to make the key unique")
-            owner = pl.scan_parquet(self.source(dataset_dir, metadata, via["table"]))
-            units = owner.select(pl.col(via["on"]), pl.col(metadata.privacy_unit).alias(UNIT))
-            frame = frame.join(units, on=via["on"], how="inner")
-        unit = person_column(metadata, table)
-        columns = list(meta.columns)
-        # rows: [columns..., (UNIT)]; the order within a person comes from the row's own content
-        order = pl.struct(columns).hash(seed=_HASH_SEED)
-        ranked = frame.with_columns(order.rank("ordinal").over(unit).cast(pl.UInt32).alias(RANK))
-        # Sorted so that each person's rows are contiguous and in rank order (see polars_exprs.run_rank).
-        return ranked.sort(unit, RANK)
+
+#: What a ranking's progress callback is told: (steps done, steps in all) of one table.
+Step = Callable[[int, int], None]
+
+
+def ranking_steps(metadata: DatasetMetadata, table: str) -> int:
+    """How many steps :func:`write_ranked` reports for ``table``: the keys, their order, each column, the file."""
+    return 3 + len(metadata.tables[table].columns)
+
+
+def write_ranked(dataset_dir: Path, metadata: DatasetMetadata, table: str, target: Path,
+                 step: Step = lambda done, total: None, expected: list[FileState] | None = None) -> None:
+    """Write ``table``'s rows, ranked within each person, sorted by person and rank, to ``target``.
+
+    Each row's rank is its position within its person in the order of a hash of the row's
+    declared columns (then, for the rare rows whose hashes tie, their order in the file);
+    rows without a person are left out (no query counts them). The file holds the declared
+    columns, the person (:data:`UNIT`) of a ``privacy_unit_via`` table, and :data:`RANK`.
+
+    Memory stays near the size of the table's declared columns: the sort runs on the
+    person, hash and row number only, then each column is read on its own and put in order.
+    ``expected``: the states the source files must still have when the file is written
+    (default: their states when the ranking starts); otherwise :class:`SourceChanged`.
+    ``step`` is called after each of :func:`ranking_steps` steps and may raise to stop.
+    """
+    meta = metadata.tables[table]
+    dataset_dir = Path(dataset_dir)
+    source = dataset_dir / meta.path
+    via = meta.privacy_unit_via
+    sources = [source, *([dataset_dir / metadata.tables[via["table"]].path] if via else [])]
+    states = expected if expected is not None else [_file_state(s) for s in sources]
+    total, columns, unit = ranking_steps(metadata, table), list(meta.columns), person_column(metadata, table)
+    if via:
+        owned, keys = owner_key_counts(dataset_dir, metadata, table)
+        if owned != keys:
+            # Registration refuses such files; these were changed afterwards. A repeated key
+            # would credit one row to several people (issue 11's harness: 9 moves for L = 3).
+            raise DatasetUnavailable("table", OWNER_KEY_TEXT, "Ask the data steward to make the key unique")
+    rows, persons = _rank_order(sources, metadata, table, step)
+    step(2, total)
+    ranked = {}
+    for i, column in enumerate(columns):
+        # One chunk: a gather from the reader's many chunks is several times slower.
+        ranked[column] = pl.read_parquet(source, columns=[column]).to_series().rechunk().gather(rows)
+        step(3 + i, total)
+    del rows
+    if via:
+        ranked[UNIT] = persons
+    ranked[RANK] = persons.to_frame().select(run_rank(unit).cast(pl.UInt32).alias(RANK))[RANK]
+    del persons
+    # zstd level 1: near zstd's default size (the file holds every declared column), twice as fast to write
+    pl.DataFrame(ranked).write_parquet(target, compression="zstd", compression_level=1, statistics=True)
+    if [_file_state(s) for s in sources] != states:
+        raise SourceChanged
+    step(total, total)
+
+
+def _rank_order(sources: list[Path], metadata: DatasetMetadata, table: str,
+                step: Step) -> tuple[pl.Series, pl.Series]:
+    """The table's row numbers with a person, sorted by person, then content hash, then row
+    number; and each one's person, in that order.
+
+    Integer persons spanning fewer than 2**32 values are sorted as one 64-bit key made
+    while the file is streamed (the person's offset, then the upper half of the hash; ties
+    keep the file's order): a third of the time and memory of sorting person and hash.
+    """
+    meta = metadata.tables[table]
+    via = meta.privacy_unit_via
+    unit = person_column(metadata, table)
+    scan = pl.scan_parquet(sources[0]).with_row_index(_ROW)
+    content = pl.struct(list(meta.columns)).hash(seed=_HASH_SEED).alias(_HASH)
+    if via:
+        owner = pl.scan_parquet(sources[1]).select(pl.col(via["on"]), pl.col(metadata.privacy_unit).alias(UNIT))
+        keyed = scan.select(_ROW, via["on"], content).join(owner, on=via["on"], how="inner").select(_ROW, UNIT, _HASH)
+        people = owner.select(pl.col(UNIT))
+    else:
+        keyed, people = scan.select(_ROW, unit, content), scan.select(pl.col(unit))
+    keyed = keyed.filter(pl.col(unit).is_not_null())
+    dtype = people.collect_schema()[unit]
+    if dtype.is_integer() and dtype != pl.UInt64:
+        low, high = people.select(pl.col(unit).min().alias("low"), pl.col(unit).max().alias("high")).collect().row(0)
+        if low is None or high - low < 2**32:
+            low = low or 0
+            key = (pl.col(unit).cast(pl.Int64) - low).cast(pl.UInt64) * (1 << 32) + pl.col(_HASH) // (1 << 32)
+            keys = keyed.select(_ROW, key.alias(_HASH)).collect(engine="streaming").rechunk()
+            step(1, ranking_steps(metadata, table))
+            order = keys.select(pl.arg_sort_by(_HASH, maintain_order=True))[_HASH]
+            rows, key = keys[_ROW].gather(order).rechunk(), keys[_HASH].gather(order)
+            del keys, order
+            persons = ((key // (1 << 32)).cast(pl.Int64) + low).cast(dtype).alias(unit)
+            return rows, persons
+    keys = keyed.collect(engine="streaming").rechunk()
+    step(1, ranking_steps(metadata, table))
+    order = keys.select(pl.arg_sort_by([unit, _HASH, _ROW]))[unit]
+    return keys[_ROW].gather(order).rechunk(), keys[unit].gather(order)
 
 
 def _state_of(stat: os.stat_result) -> FileState:
