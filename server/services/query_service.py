@@ -90,7 +90,7 @@ class QueryService:
         if spec.dataset is None:
             raise QueryError("dataset", "name the dataset to query", 'Add "dataset": "<name>" to the query')
         with Session(reader(self.db)) as session:
-            row = registry.get(session, spec.dataset)
+            row = registry.served(session, spec.dataset)  # 503 while its first version is prepared
         key = (spec.canonical(), row.name, row.version, row.path)
         plan = self._plans.get(key)
         if plan is None:  # planning is a pure function of the spec and the metadata

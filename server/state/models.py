@@ -1,5 +1,5 @@
-"""What the server stores (SQLModel): accounts, API keys, datasets, budgets, the
-ledger, releases and the audit log (entries, signed checkpoints, public keys).
+"""What the server stores (SQLModel): accounts, API keys, datasets and their preparations,
+budgets, the ledger, releases and the audit log (entries, signed checkpoints, public keys).
 
 Amounts of privacy loss are integers in micro-epsilon (``civicdp.privacy.loss.MICRO``), so
 sums are exact and a cap of 0.3 holds three charges of 0.1. HTTP schemas live in
@@ -49,6 +49,41 @@ class Dataset(SQLModel, table=True):
     path: str
     metadata_json: str = Field(sa_column=Column(Text, nullable=False))
     registered_at: datetime = Field(default_factory=utcnow)
+
+
+class DatasetPreparation(SQLModel, table=True):
+    """One preparation of a registered version: its snapshot's progress, shared by every process.
+
+    Registration through the CLI or the API writes a ``pending`` row with the version as
+    registered; one worker claims it (a conditional update: ``preparing``, its name and a
+    heartbeat), reports each table done, and when the snapshot is complete makes the
+    version the served one in the ``dataset`` row (``ready``). The version served before
+    stays served until then. ``superseded``: replaced (or a newer registration came first),
+    its files removed after a grace period (then ``removed``); ``failed``: ``error`` says why,
+    in words that quote no data. Ids are never reused (they name the snapshot folders).
+    """
+
+    __table_args__ = {"sqlite_autoincrement": True}
+    id: int | None = Field(default=None, primary_key=True)
+    dataset: str = Field(index=True, max_length=100)
+    version: str = Field(max_length=100)
+    path: str = Field(sa_column=Column(Text, nullable=False))
+    metadata_json: str = Field(sa_column=Column(Text, nullable=False))
+    #: True when no version of the dataset was served at registration: queries wait for this one.
+    first: bool = False
+    state: str = Field(default="pending", index=True, max_length=20)
+    tables_total: int = 0
+    tables_done: int = 0
+    current_table: str | None = Field(default=None, max_length=200)
+    requested_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    superseded_at: datetime | None = None
+    heartbeat_at: datetime | None = None
+    worker: str | None = Field(default=None, max_length=200)
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    #: The source files' states when they were prepared (JSON), to tell a re-registration of unchanged files.
+    sources_json: str | None = Field(default=None, sa_column=Column(Text))
 
 
 class BudgetCap(SQLModel, table=True):

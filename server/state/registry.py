@@ -16,11 +16,16 @@ from civicdp.queries.metadata import DatasetMetadata, load_metadata, parse_metad
 from civicdp.server.state.dataset_checks import DatasetRefused, check_declaration, check_files, check_metadata_file
 from civicdp.server.state.table_checks import check_tables
 from civicdp.server.state.errors import Conflict, InvalidRequest, NotFound
-from civicdp.server.state.models import Budget, Dataset
+from civicdp.server.state import preparations
+from civicdp.server.state.models import Budget, Dataset, DatasetPreparation
 
 
 def register(session: Session, folder: Path, accept: frozenset[str] = frozenset()) -> Dataset:
-    """Register (or update to a new version) the dataset in ``folder``; metadata is validated."""
+    """Register (or update to a new version) the dataset in ``folder``; metadata is validated.
+
+    Inside :func:`civicdp.server.state.preparations.preparing_registrations` the version is
+    recorded for preparation and served once prepared (:func:`serve`); otherwise at once.
+    """
     try:
         folder = Path(folder).resolve()
         check_metadata_file(folder)  # before reading it: a FIFO would block, a device never end
@@ -52,26 +57,83 @@ def register(session: Session, folder: Path, accept: frozenset[str] = frozenset(
                        "person: give the owner table unique keys (or link the table by another column)")
     row = session.exec(select(Dataset).where(Dataset.name == metadata.name)).first()
     document = metadata.model_dump_json()
-    if row is None:
-        row = Dataset(name=metadata.name, version=metadata.version, path=str(folder), metadata_json=document)
-    elif row.version == metadata.version and _parsed(row.metadata_json) != metadata:
+    if row is not None and row.version == metadata.version and _parsed(row.metadata_json) != metadata:
         # Compared as parsed metadata: a row stored before a field existed equals its default.
         raise Conflict(f"dataset '{metadata.name}' version {metadata.version} is registered with other "
                        "metadata; give the new metadata a new version")
+    if preparations.prepares(session):
+        return _register_prepared(session, row, metadata, folder, document)
+    if row is None:
+        row = Dataset(name=metadata.name, version=metadata.version, path=str(folder), metadata_json=document)
     else:
         _check_accounting(session, _parsed(row.metadata_json), metadata)
+        if (row.version, row.path, row.metadata_json) != (metadata.version, str(folder), document):
+            preparations.retire(session, row.name)  # served as it is now: no snapshot of an earlier version
         row.version, row.path, row.metadata_json = metadata.version, str(folder), document
     session.add(row)
     session.flush()
     return row
 
 
-def _check_accounting(session: Session, old: DatasetMetadata, new: DatasetMetadata) -> None:
+def _register_prepared(session: Session, row: Dataset | None, metadata: DatasetMetadata, folder: Path,
+                       document: str) -> Dataset:
+    """Record the version for preparation (:mod:`civicdp.server.state.preparations`); what was registered.
+
+    A dataset already answered keeps its row (the version served) until the new version is
+    prepared: the version returned is then not stored yet. A new dataset, or one whose
+    first version was never prepared, gets its row now; queries on it wait for preparation.
+    Registering the prepared folder again, with its files unchanged, prepares nothing.
+    """
+    if row is not None and preparations.waiting(session, row) is None:
+        ready = preparations.served(session, row.name)
+        if ready is not None and row.version == metadata.version and preparations.unchanged(
+                ready, folder, metadata, document):
+            return row
+        _check_accounting(session, _parsed(row.metadata_json), metadata, remove=False)  # removed at the switch
+        preparations.request(session, metadata, folder, document, first=False)
+        return Dataset(name=metadata.name, version=metadata.version, path=str(folder), metadata_json=document)
+    if row is None:
+        row = Dataset(name=metadata.name, version=metadata.version, path=str(folder), metadata_json=document)
+    else:  # never answered: the row follows the newest registration
+        _check_accounting(session, _parsed(row.metadata_json), metadata)
+        row.version, row.path, row.metadata_json = metadata.version, str(folder), document
+    session.add(row)
+    session.flush()
+    preparations.request(session, metadata, folder, document, first=True)
+    return row
+
+
+def serve(session: Session, preparation: DatasetPreparation) -> tuple[Dataset, str | None]:
+    """Make a prepared version the one answered; the dataset's row and the version it replaced.
+
+    Checked again as at registration, against what is served now: a version kept with other
+    metadata, or an accounting change after loss was spent meanwhile, is refused (Conflict).
+    """
+    metadata = _parsed(preparation.metadata_json)
+    row = session.exec(select(Dataset).where(Dataset.name == preparation.dataset)).first()
+    replaced = None
+    if row is None:
+        row = Dataset(name=metadata.name, version=metadata.version, path=preparation.path,
+                      metadata_json=preparation.metadata_json)
+    else:
+        if row.version == metadata.version and _parsed(row.metadata_json) != metadata:
+            raise Conflict(f"dataset '{metadata.name}' version {metadata.version} is registered with other "
+                           "metadata; give the new metadata a new version")
+        _check_accounting(session, _parsed(row.metadata_json), metadata)
+        replaced = row.version
+        row.version, row.path, row.metadata_json = metadata.version, preparation.path, preparation.metadata_json
+    session.add(row)
+    session.flush()
+    return row, replaced
+
+
+def _check_accounting(session: Session, old: DatasetMetadata, new: DatasetMetadata, remove: bool = True) -> None:
     """A dataset's accounting may change only before anything was spent on it.
 
     Its budget rows count in the accounting's unit (micro-epsilon or nano-rho): spent
-    amounts cannot be converted without losing the guarantee. Unspent rows are removed,
-    so they reopen with caps in the new unit.
+    amounts cannot be converted without losing the guarantee. Unspent rows are removed
+    (unless ``remove`` is false: a registration still to be prepared removes them when it
+    is served), so they reopen with caps in the new unit.
     """
     if old.accounting == new.accounting:
         return
@@ -82,13 +144,24 @@ def _check_accounting(session: Session, old: DatasetMetadata, new: DatasetMetada
                        f"(delta {old.accounting.delta:g}); its accounting cannot change to "
                        f"'{new.accounting.mode}' (delta {new.accounting.delta:g}). Keep the accounting, or "
                        "register the data as a new dataset")
-    session.execute(delete(Budget).where(Budget.dataset == new.name))
+    if remove:
+        session.execute(delete(Budget).where(Budget.dataset == new.name))
 
 
 def get(session: Session, name: str) -> Dataset:
     row = session.exec(select(Dataset).where(Dataset.name == name)).first()
     if row is None:
         raise NotFound(f"no dataset named '{name}'; list them with GET /v1/datasets")
+    return row
+
+
+def served(session: Session, name: str) -> Dataset:
+    """The dataset as queries read it: its row, unless its first version is still being prepared
+    (DatasetUnavailable, 503, saying so and since when)."""
+    row = get(session, name)
+    waiting = preparations.waiting(session, row)
+    if waiting is not None:
+        raise preparations.refusal(waiting)
     return row
 
 

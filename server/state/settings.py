@@ -32,6 +32,15 @@ class Settings(BaseSettings):
         default=None, description="The server's Ed25519 signing key (default: data_dir/audit-signing.key)")
     audit_origin: str = Field(default="civicdp.local/audit", pattern=r"^[^\s+]+$",
                               description="Name of the log in its checkpoints and of the signing key")
+    prepared_dir: Path | None = Field(
+        default=None,
+        description="Where each registered version's prepared tables (a ranked copy of its data, made at "
+                    "registration) live; the server's state, never the steward's data folder, which may be "
+                    "read-only (default: data_dir/prepared). Every process of one state must see the same folder")
+    prepared_keep_seconds: float = Field(
+        default=60.0, ge=0, le=86_400,
+        description="How long the prepared files of a version replaced by a newer one are kept for queries "
+                    "already planned on it, before they are removed")
     checkpoint_every_entries: int = Field(default=1000, ge=1, description="Sign a checkpoint after this many entries")
     checkpoint_every_minutes: float = Field(default=5.0, gt=0, description="... or after this many minutes")
     analyst_month_epsilon: float = Field(default=1.0, gt=0, description="Default analyst x dataset x month cap")
@@ -101,3 +110,7 @@ class Settings(BaseSettings):
     @property
     def secret_path(self) -> Path:
         return self.secret_file or self.data_dir / "server.secret"
+
+    @property
+    def prepared_path(self) -> Path:
+        return (self.prepared_dir or self.data_dir / "prepared").resolve()
