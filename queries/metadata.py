@@ -24,6 +24,8 @@ from civicdp.privacy.errors import InvalidLoss
 from civicdp.queries.errors import MetadataError
 
 ColumnType = Literal["int", "float", "str", "datetime", "bool"]
+#: How identifying a column is (the values of ``civicdp.policies.actions.ColumnClass``, which queries may not import).
+ColumnClassName = Literal["public", "quasi", "sensitive"]
 TIME_BUCKETS = ("hour", "weekday", "day", "week", "month")
 MAX_BUCKET_KEYS = 100_000
 
@@ -33,7 +35,15 @@ class _Strict(BaseModel):
 
 
 class ColumnMeta(_Strict):
-    """Declaration of one column."""
+    """Declaration of one column.
+
+    ``column_class`` is the JSON field ``class`` (a Python keyword): the steward's statement
+    of how identifying the column is, which registration applies to the policies (SECURITY.md:
+    lower caps on quasi-identifiers, no queries on sensitive columns). ``None``: not stated
+    -- public, unless a steward classified the column otherwise.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)  # only "class" in JSON
 
     type: ColumnType
     identifier: bool = False
@@ -41,9 +51,13 @@ class ColumnMeta(_Strict):
     bounds: tuple[float, float] | tuple[datetime, datetime] | None = None
     nullable: bool = False
     resolution: float | None = Field(default=None, gt=0)
+    column_class: ColumnClassName | None = Field(default=None, alias="class")
 
     @model_validator(mode="after")
     def _check(self) -> ColumnMeta:
+        if self.identifier and self.column_class is not None:
+            raise ValueError(f"an identifier column cannot have a 'class' (got {self.column_class!r}): identifiers "
+                             "are never grouped by, filtered on or measured, whatever their class; remove 'class'")
         if self.keys is not None:
             if len(self.keys) == 0:
                 raise ValueError("keys must not be empty: list the public values or remove 'keys'")
