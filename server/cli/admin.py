@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlmodel import select
 
-from civicdp.policies.actions import Role
+from civicdp.policies.actions import ColumnClass, Role
 from civicdp.policies.errors import PolicyError
 from civicdp.queries.errors import QueryError
 from civicdp.server.services import admin
@@ -153,6 +153,22 @@ def datasets_register(folder: Path, accept_undeclared_nulls: Annotated[bool, typ
         row = admin.register_dataset(session, state.policies, None, folder, accept)
         name, version = row.name, row.version
     console.print(f"registered {name} version {version}")
+
+
+@datasets.command("classify")
+def datasets_classify(dataset: str, column: str,
+                      column_class: Annotated[ColumnClass, typer.Argument(
+                          metavar="CLASS", help="public, quasi (quasi-identifier: the lower per-query cap) or "
+                                                "sensitive (never queried)")]) -> None:
+    """Change a column's class; in force on running servers at their next request, recorded in the audit log."""
+    from civicdp.server.services import classification
+
+    with _state() as state, session_scope(state.db) as session:
+        changed = classification.classify_column(session, state.policies, None, dataset, column, column_class)
+    if changed:
+        console.print(f"column {column} of {dataset} is now {column_class.value}")
+    else:
+        console.print(f"column {column} of {dataset} is {column_class.value} already: nothing changed")
 
 
 @datasets.command("check")

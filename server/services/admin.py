@@ -131,13 +131,22 @@ def revoke_role(session: Session, policies: PolicyStore, actor: Caller | None, a
 def register_dataset(session: Session, policies: PolicyStore, actor: Caller | None, folder: Path,
                      accept: frozenset[str] = frozenset()) -> Dataset:
     """Register the folder's version; ``accept`` names check problems accepted, not fixed (audited)."""
+    from civicdp.server.services.classification import stated_classes
+
     row = registry.register(session, folder, accept)
     metadata = registry.metadata_of(row)
+    # A class stated in the metadata wins (issue 14); a column without one keeps the class a
+    # steward gave it, or becomes public.
+    stated = stated_classes(metadata)
     for table in metadata.tables.values():
         for column in table.columns:
-            policies.assign_public_column(row.name, column)
+            if column in stated:
+                policies.classify_column(row.name, column, stated[column])
+            else:
+                policies.assign_public_column(row.name, column)
     record(session, actor, "dataset.register", row.name, version=row.version, path=row.path,
-               **({"accepted": sorted(accept)} if accept else {}))
+           **({"accepted": sorted(accept)} if accept else {}),
+           **({"classes": {column: c.value for column, c in sorted(stated.items())}} if stated else {}))
     return row
 
 

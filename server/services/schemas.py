@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from civicdp.policies.actions import Action, Role
+from civicdp.policies.actions import Action, ColumnClass, Role
 
 
 class Loss(BaseModel):
@@ -137,6 +137,22 @@ class DatasetRegister(BaseModel):
         default_factory=list, max_length=1,
         description="Check problems accepted rather than fixed (recorded in the audit log): 'undeclared_nulls' - "
                     "missing values in a column not declared nullable, dropped after bounding")
+
+
+class ColumnClassSet(BaseModel):
+    """A steward's change of a column's class (issue 14)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    column_class: ColumnClass = Field(alias="class", description="public, quasi (quasi-identifier: the lower "
+                                      "per-query cap) or sensitive (never queried)")
+
+
+class ColumnClassOut(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+    dataset: str
+    column: str
+    column_class: ColumnClass = Field(alias="class")
+    changed: bool = Field(description="False if the column had this class already (nothing recorded)")
 
 
 class BudgetCapSet(BaseModel):

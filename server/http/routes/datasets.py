@@ -7,12 +7,12 @@ from pathlib import Path
 from fastapi import APIRouter, status
 
 from civicdp.policies.actions import Action
-from civicdp.server.services import admin
+from civicdp.server.services import admin, classification
 from civicdp.server.state import registry
 from civicdp.server.http.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
 from civicdp.server.state.errors import NOT_VISIBLE, AccessDenied, NotFound
 from civicdp.server.http.routes.common import errors
-from civicdp.server.services.schemas import DatasetOut, DatasetRegister
+from civicdp.server.services.schemas import ColumnClassOut, ColumnClassSet, DatasetOut, DatasetRegister
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -48,3 +48,13 @@ def register_dataset(body: DatasetRegister, caller: CurrentCaller, state: StateD
                      session: WriteSession) -> DatasetOut:
     authorize(state, caller, Action.DATASET_MANAGE, "server")
     return _public(admin.register_dataset(session, state.policies, caller, Path(body.path), frozenset(body.accept)))
+
+
+@router.put("/{name}/columns/{column}/class", response_model=ColumnClassOut, responses=errors(401, 403, 404, 422),
+            summary="Change a column's class: public, quasi or sensitive (stewards)")
+def classify_column(name: str, column: str, body: ColumnClassSet, caller: CurrentCaller, state: StateDep,
+                    session: WriteSession) -> ColumnClassOut:
+    """In force at every server process's next request; recorded as ``column.classify``."""
+    authorize(state, caller, Action.DATASET_MANAGE, "server")
+    changed = classification.classify_column(session, state.policies, caller, name, column, body.column_class)
+    return ColumnClassOut(dataset=name, column=column, column_class=body.column_class, changed=changed)

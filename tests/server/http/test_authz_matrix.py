@@ -108,6 +108,8 @@ EXPECTED_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
     # A feed's specs are held to a query by its consumer agencies (issue 19): even a steward is refused.
     "POST /v1/feeds [above the consumers' per-query cap]": (403,   403,        403,           403,       403,  401),
     "POST /v1/feeds [a column sensitive for consumers]":  (403,    403,        403,           403,       403,  401),
+    # A column's class (issue 14): stewards only. The column no other cell reads, set to the class it has.
+    "PUT /v1/datasets/{name}/columns/{column}/class":     (200,    403,        403,           403,       403,  401),
 }
 EXPECTED = {(caller, endpoint): status for endpoint, row in EXPECTED_TABLE.items()
             for caller, status in zip(CALLERS, row, strict=True)}
@@ -286,6 +288,8 @@ REQUESTS: dict[str, Callable[[Matrix], Request]] = {
         "name": f"new-{uuid.uuid4().hex[:8]}", "dataset": SHARED, "specs": [count_query(epsilon=0.6)],
         "schedule": "monthly", "releases": 1, "agencies": ["health"]}}),
     "POST /v1/feeds [a column sensitive for consumers]": lambda m: _sensitive_feed(m),
+    "PUT /v1/datasets/{name}/columns/{column}/class": lambda m: ("PUT", f"/v1/datasets/{SHARED}/columns/remark/class",
+                                                                 {"json": {"class": "public"}}),
 }
 assert set(REQUESTS) == set(EXPECTED_TABLE), set(REQUESTS) ^ set(EXPECTED_TABLE)
 
