@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session, select
 
-from civicdp.server.feeds.schedule import schedule_of
+from civicdp.server.feeds.schedule import next_release_at, schedule_of
 from civicdp.server.feeds.schemas import FeedOverview
 from civicdp.server.state import ledger
 from civicdp.server.state.db import reader
@@ -29,8 +29,9 @@ def overview_of(db: DbEngine, caps: ledger.CapDefaults, name: str, now: datetime
     now = now or datetime.now(timezone.utc)
     with Session(reader(db)) as session:
         feed = feed_named(session, name)
-        released = {period for (period,) in session.execute(
-            select(FeedRelease.period).where(FeedRelease.feed_id == feed.id))}
+        made = session.execute(select(FeedRelease.number, FeedRelease.period)
+                               .where(FeedRelease.feed_id == feed.id)).all()
+        released = {period for _, period in made}
         refusals = list(session.exec(select(FeedRefusal).where(FeedRefusal.feed_id == feed.id)
                                      .order_by(FeedRefusal.id)))  # type: ignore[arg-type]
         claims = list(session.exec(select(FeedClaim).where(FeedClaim.feed_id == feed.id)
@@ -54,7 +55,7 @@ def overview_of(db: DbEngine, caps: ledger.CapDefaults, name: str, now: datetime
         loss_micro_per_release=feed.loss_micro, announced_micro=feed.total_micro,
         spent_micro=allocation.spent_micro,
         planned_micro=max(feed.releases - len(released) - len(pending), 0) * feed.loss_micro,
-        next_release_at=schedule.next_after(now) if feed.active else None,
+        next_release_at=next_release_at(feed, [number for number, _ in made], now),
         last_refusal=None if last is None else {"number": last.number, "period": last.period,
                                                 "time": aware(last.created_at).isoformat(),
                                                 "origin": last.origin, "reason": last.reason},

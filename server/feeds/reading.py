@@ -18,7 +18,7 @@ from civicdp.policies.actions import Action
 from civicdp.policies.enforcer import PolicyStore
 from civicdp.privacy.loss import MICRO
 from civicdp.server.feeds.outcomes import release_url
-from civicdp.server.feeds.schedule import schedule_of
+from civicdp.server.feeds.schedule import next_release_at, schedule_of
 from civicdp.server.feeds.schemas import FeedSummary
 from civicdp.server.state.caller import Caller
 from civicdp.server.state.db import reader
@@ -40,7 +40,7 @@ def readable(db: DbEngine, policies: PolicyStore, caller: Caller, now: datetime 
             out.append(FeedSummary(name=feed.name, dataset=feed.dataset, schedule=feed.schedule,
                                    releases=feed.releases, produced=len(numbers),
                                    latest=max(numbers) if numbers else None,
-                                   next_release_at=schedule_of(feed).next_after(now) if feed.active else None,
+                                   next_release_at=next_release_at(feed, numbers, now),
                                    epsilon_per_release=feed.loss_micro / MICRO, url=f"/v1/feeds/{feed.name}"))
     return out
 
@@ -76,7 +76,7 @@ def index(db: DbEngine, name: str, base_url: str, public_key: str) -> dict[str, 
         feed = feed_named(session, name)
         rows = list(session.exec(select(FeedRelease).where(FeedRelease.feed_id == feed.id)
                                  .order_by(FeedRelease.number.desc())))  # type: ignore[attr-defined]
-    schedule = schedule_of(feed)
+    upcoming = next_release_at(feed, [row.number for row in rows], datetime.now(timezone.utc))
     base = base_url.rstrip("/")
     return {
         "version": "https://jsonfeed.org/version/1.1",
@@ -99,8 +99,7 @@ def index(db: DbEngine, name: str, base_url: str, public_key: str) -> dict[str, 
         } for row in rows],
         "_civicdp": {"dataset": feed.dataset, "schedule": feed.schedule, "cron": feed.cron,
                      "releases": feed.releases, "loss_micro_per_release": feed.loss_micro,
-                     "next_release_at": (lambda t: t.isoformat() if t else None)(
-                         schedule.next_after(datetime.now(timezone.utc)) if feed.active else None),
+                     "next_release_at": upcoming.isoformat() if upcoming else None,
                      "public_key": public_key},
     }
 

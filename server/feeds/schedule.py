@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import Counter
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
@@ -55,10 +56,14 @@ class Schedule:
     def time_of(self, number: int) -> datetime:
         return self.times[number - 1]
 
-    def next_after(self, now: datetime) -> datetime | None:
-        """The first announced time after ``now`` (None once the announcement is used up)."""
-        index = bisect_right(self.times, _utc(now))
-        return self.times[index] if index < len(self.times) else None
+    def next_after(self, now: datetime, released: Collection[int] = ()) -> datetime | None:
+        """The first announced time after ``now`` whose release (by number) is not in ``released``
+        (None once the announcement is used up). A steward's trigger can make a release before
+        its time: that period is then not the next one."""
+        for index in range(bisect_right(self.times, _utc(now)), len(self.times)):
+            if index + 1 not in released:
+                return self.times[index]
+        return None
 
     def most_in_one_month(self) -> int:
         """The largest number of announced releases in one calendar month (UTC)."""
@@ -106,3 +111,12 @@ def schedule_of(feed: Feed) -> Schedule:
     """The schedule of a stored feed (cached: it is a pure function of the definition)."""
     start = feed.start if feed.start.utcoffset() is not None else feed.start.replace(tzinfo=timezone.utc)
     return _schedule(feed.schedule, start, feed.releases)
+
+
+def next_release_at(feed: Feed, released: Iterable[int], now: datetime) -> datetime | None:
+    """When ``feed``'s next release is due: the first announced time after ``now`` not released yet
+    (``released``: the numbers made so far); None for a stopped feed or a used-up announcement.
+
+    Only times after ``now``: a past period not released is either caught up at the
+    scheduler's next check or was refused or failed (a steward's trigger tries it again)."""
+    return schedule_of(feed).next_after(now, set(released)) if feed.active else None

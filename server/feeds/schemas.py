@@ -38,7 +38,8 @@ class FeedSummary(BaseModel):
     releases: int = Field(description="Releases announced")
     produced: int = Field(description="Releases produced so far")
     latest: int | None = Field(description="Number of the latest release, if any")
-    next_release_at: datetime | None
+    next_release_at: datetime | None = Field(description="The first announced release time after now not "
+                                                         "released yet (a steward may release a period early)")
     epsilon_per_release: float
     url: str
 
@@ -66,7 +67,8 @@ class FeedOverview(BaseModel):
     spent_micro: int = Field(description="Charged to the feed's allocation so far")
     planned_micro: int = Field(description="What the releases neither produced nor charged yet will charge "
                                            "(a failed release tried again is charged again, on top)")
-    next_release_at: datetime | None
+    next_release_at: datetime | None = Field(description="The first announced release time after now not "
+                                                         "released yet (a steward may release a period early)")
     last_refusal: dict[str, Any] | None = Field(description="Period, time and reason of the latest refusal")
     last_failure: dict[str, Any] | None = Field(description="Period, charge and fixed reason of the latest "
                                                             "failed release not released since")

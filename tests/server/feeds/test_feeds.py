@@ -431,3 +431,24 @@ def test_stewards_define_list_and_trigger_on_the_command_line(api: Api, tmp_path
     listed = json.loads(runner.invoke(cli, ["feeds", "list"]).output)
     assert [(f["name"], f["produced"], f["spent_micro"]) for f in listed] == [("cli-feed", 1, LOSS)]
     assert runner.invoke(cli, ["feeds", "trigger", "nope"]).exit_code == 2
+
+
+def test_next_release_at_skips_a_period_released_by_hand_before_its_time(api: Api) -> None:
+    """Issue 15: a steward's trigger makes the next period early; next_release_at must then name the one after."""
+    define(api)
+    service(api).run_due(NOW)  # releases 1 to 3 (due); 4 is tomorrow's
+    times = schedule_of(rows(api, Feed)[0]).times
+
+    def shown() -> set[str | None]:
+        summary = api.get(FEED, "/v1/feeds").json()[0]["next_release_at"]
+        index = api.get(FEED, "/v1/feeds/daily-volumes").json()["_civicdp"]["next_release_at"]
+        overview = api.get(STEWARD, "/v1/feeds/overview").json()[0]["next_release_at"]
+        return {None if t is None else datetime.fromisoformat(t.replace("Z", "+00:00")).isoformat()
+                for t in (summary, index, overview)}
+
+    assert shown() == {times[3].isoformat()}
+    early = api.post(STEWARD, "/v1/feeds/daily-volumes/releases")
+    assert early.status_code == 201 and early.json()["number"] == 4
+    assert shown() == {times[4].isoformat()}, "release 4 is made: the next is 5"
+    assert api.post(STEWARD, "/v1/feeds/daily-volumes/releases").json()["number"] == 5
+    assert shown() == {None}, "every announced release is made"
