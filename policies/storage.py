@@ -18,13 +18,17 @@ truth for every process that enforces the rules -- each server worker, the comma
 
 The adapter's writes go through its own connections and commit at once (on SQLite the
 server keeps the rules in a file of their own, so these writes never wait on a steward's
-open transaction in the state database).
+open transaction in the state database) -- except for changes queued on a session of the
+state database, which are written when it commits, with its audit entry
+(:func:`civicdp.policies.session_rules.changes_with`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +40,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy_adapter import Adapter
 
 RULE_FIELDS = 6
+#: The queue of rule changes (a ``session_rules.SessionChanges``) whose ``changes_with`` block runs in this context.
+QUEUE: contextvars.ContextVar[Any] = contextvars.ContextVar("civicdp_rule_changes", default=None)
 
 
 def version_table(rule_table: str) -> Table:
@@ -59,8 +65,13 @@ class VersionedAdapter(Adapter):
         self._reader = read_engine or engine
         self._table = self._db_class.__table__
         self._fields = [self._table.c[f"v{i}"] for i in range(RULE_FIELDS)]
-        #: The version the last change of this adapter committed (None before any change).
+        #: The version the last change of this adapter committed (None before any change). For a
+        #: change queued on a session: the version its store's memory moves to by mirroring it.
         self.last_version: int | None = None
+        #: The watchers of the stores over this adapter (told to reload after queued changes end).
+        self._watchers: weakref.WeakSet[PolicyVersionWatcher] = weakref.WeakSet()
+        #: Set by a queued change until its store has mirrored it (see PolicyVersionWatcher.loaded).
+        self._mirroring = False
         self._version_lock = threading.Lock()
         self._version_conn: Any = None
         event.listen(engine, "engine_disposed", self._on_dispose)
@@ -192,7 +203,14 @@ class VersionedAdapter(Adapter):
     # -- the adapter interface (auto-save) ------------------------------------------------
 
     def add_policy(self, sec: str, ptype: str, rule: Sequence[str]) -> bool:
-        """Store ``rule``; False (nothing written) if it is stored already."""
+        """Store ``rule``; False (nothing written) if it is stored already.
+
+        Inside ``session_rules.changes_with`` the rule is queued on the session instead (see there).
+        """
+        queue = self._queue()
+        if queue is not None:
+            return self._queued(queue.add(ptype, rule))
+
         def change(conn: Connection) -> bool:
             if conn.execute(select(self._table.c.id).where(self._match(ptype, rule))).first() is not None:
                 return False
@@ -211,7 +229,10 @@ class VersionedAdapter(Adapter):
         return self._write(change)
 
     def remove_policy(self, sec: str, ptype: str, rule: Sequence[str]) -> bool:
-        """Delete every stored copy of ``rule``; False if there was none."""
+        """Delete every stored copy of ``rule``; False if there was none (queued in ``session_rules.changes_with``)."""
+        queue = self._queue()
+        if queue is not None:
+            return self._queued(queue.remove(ptype, rule))
         return self._write(lambda conn: conn.execute(self._table.delete().where(self._match(ptype, rule)))
                            .rowcount > 0)
 
@@ -265,6 +286,27 @@ class VersionedAdapter(Adapter):
         for ptype, *values in rows:
             persist.load_policy_line(", ".join([ptype, *(v for v in values if v is not None)]), model)
 
+    # -- changes queued on a session ------------------------------------------------------
+
+    def _queue(self) -> Any:
+        """The open queue of this adapter's changes in this context (see ``session_rules``), if any."""
+        queue = QUEUE.get()
+        return queue if queue is not None and queue.adapter is self and queue.open else None
+
+    def _queued(self, changed: bool) -> bool:
+        """After a queued change: let the store mirror it without moving the version it loaded."""
+        if changed:
+            loaded = [w.loaded for w in self._watchers]
+            self.last_version = loaded[0] + 1 if len(loaded) == 1 and loaded[0] is not None else None
+            self._mirroring = self.last_version is not None
+        return changed
+
+    def _stale(self) -> None:
+        """Every store on this adapter reloads at its next decision (its memory may differ from the table)."""
+        self._mirroring = False
+        for watcher in list(self._watchers):
+            watcher.stale()
+
 
 class PolicyVersionWatcher(Watcher):
     """A pycasbin watcher over the stored policy version: polled, with no thread of its own.
@@ -279,10 +321,31 @@ class PolicyVersionWatcher(Watcher):
     def __init__(self, adapter: VersionedAdapter, interval: float = 0.0) -> None:
         self.adapter = adapter
         self.interval = max(float(interval), 0.0)
-        self.loaded: int | None = None
+        self._loaded: int | None = None
         self._callback: Callable[[], None] | None = None
         self._checked = float("-inf")
         self._lock = threading.Lock()
+        adapter._watchers.add(self)
+
+    @property
+    def loaded(self) -> int | None:
+        """The stored version the store's rules were loaded at (None: reload at the next poll)."""
+        return self._loaded
+
+    @loaded.setter
+    def loaded(self, version: int | None) -> None:
+        # A change queued on a session is mirrored in memory, but the rules there are still
+        # those of the stored version: it must not look loaded at a version not yet stored.
+        if self.adapter._mirroring:
+            self.adapter._mirroring = False
+            return
+        self._loaded = version
+
+    def stale(self) -> None:
+        """The rules in memory may differ from the stored ones: reload at the next poll, whatever the interval."""
+        with self._lock:
+            self._loaded = None
+            self._checked = float("-inf")
 
     def set_update_callback(self, func: Callable[[], None]) -> None:
         self._callback = func
