@@ -4,9 +4,26 @@ Used by the HTTP routes and the command line alike; every change is recorded wit
 who made it (``actor`` is None for the local command line), and both routes are held to
 the same rules: names the API refuses are refused here too, a grant already held changes
 nothing (and says so), and a revoke that removes nothing is an error (404 over HTTP, a
-non-zero exit on the command line), never a silent success. Role and dataset changes go
-to the policy store, which writes them to the shared rule table first: every server
-process sees them at its next decision (:mod:`civicdp.policies.enforcer`).
+non-zero exit on the command line), never a silent success. Role, rule and dataset changes
+go to the policy store, queued on the caller's session
+(:func:`civicdp.policies.session_rules.changes_with`): the rule rows are written with the change's
+audit entry, in the same transaction where the rules live in the state database (PostgreSQL),
+and on SQLite, whose rules live in a file of their own, in the order that fails safe (an
+entry for a grant that is not in force, never a grant in force without its entry). Once
+committed, every server process sees them at its next decision
+(:mod:`civicdp.policies.enforcer`).
+
+Separation of duties (issue 19): no account holds a data-reading role (analyst, feed
+consumer) beside a steward or oversight role, and an account that ever held a steward or
+oversight role never reads data. A duty grant (and a duty revoke) writes deny rules naming
+the account -- queries, estimates and feed reads, in every agency, whatever it holds --
+which stay when the role goes; a data role is refused to an account that carries them.
+So neither a duty role held in some other agency (where the role's own deny rules do not
+reach the agency the account acts in), nor a revoke followed by a grant, nor an allow rule
+naming the account, gives a steward or an oversight officer an answer. What this cannot
+stop: a steward creates accounts and issues their keys, so it can create an analyst and
+keep the key it was shown. That account is an analyst, and every step of it is in the
+audit log under the steward's name (tests/server/services/test_sod_search.py).
 """
 
 from __future__ import annotations
@@ -17,13 +34,16 @@ from pathlib import Path
 from pydantic import ValidationError
 from sqlmodel import Session, select
 
-from civicdp.policies.actions import Role
+from civicdp.policies.actions import QUERY_ACTIONS, Action, Role
 from civicdp.policies.enforcer import PolicyStore
+from civicdp.policies.objects import WILDCARD
+from civicdp.policies.rulebase import DENY
+from civicdp.policies.session_rules import changes_with
 from civicdp.privacy.loss import PrivacyLoss
 from civicdp.server.state import auth, ledger, registry
 from civicdp.server.state.errors import Conflict, InvalidRequest, NotFound
 from civicdp.server.state.models import Account, ApiKey, BudgetCap, Dataset
-from civicdp.server.services.schemas import AccountCreate, BudgetCapSet, RoleGrant
+from civicdp.server.services.schemas import AccountCreate, BudgetCapSet, PolicyRule, RoleGrant
 from civicdp.server.services.query_service import Caller, record, subject_of
 
 
@@ -92,18 +112,42 @@ def keys_of(session: Session, account_name: str | None = None) -> list[tuple[Api
 def grant_role(session: Session, policies: PolicyStore, actor: Caller | None, account_name: str,
                role: Role, agency: str) -> bool:
     """Grant ``role`` in ``agency``; False (nothing recorded) if the account holds it already."""
+    role = Role(role)
     _validated(RoleGrant, role=role, agency=agency)
     account_named(session, account_name)
-    _check_separation(policies, account_name, Role(role))
-    if not policies.grant(subject_of(account_name), role, agency):
-        return False
-    record(session, actor, "role.grant", account_name, role=role.value, agency=agency)
+    subject = subject_of(account_name)
+    _check_separation(policies, account_name, role)
+    with changes_with(session, policies):
+        if not policies.grant(subject, role, agency):
+            return False
+        if role in DUTY_ROLES:
+            _mark_duty(policies, subject)
+        record(session, actor, "role.grant", account_name, role=role.value, agency=agency)
     return True
 
 
 #: Roles that read data, and roles that must never: no account holds one of each (in any agency).
 DATA_ROLES = frozenset({Role.ANALYST, Role.FEED_CONSUMER})
 DUTY_ROLES = frozenset({Role.STEWARD, Role.OVERSIGHT})
+#: What an account that ever held a duty role is denied, by rules naming it, in every agency and on every object.
+DUTY_DENIALS = (*sorted(QUERY_ACTIONS), Action.FEED_READ)
+
+
+def duty_denials(subject: str) -> list[list[str]]:
+    """The deny rules a steward or oversight grant writes for ``subject`` (as :meth:`PolicyStore.rules` lists them)."""
+    return [[subject, WILDCARD, WILDCARD, action.value, "*", DENY] for action in DUTY_DENIALS]
+
+
+def _mark_duty(policies: PolicyStore, subject: str) -> None:
+    """Deny ``subject`` every read of data for good (rules already present are left as they are)."""
+    for action in DUTY_DENIALS:
+        policies.deny(subject, WILDCARD, WILDCARD, action)
+
+
+def _held_duty(policies: PolicyStore, subject: str) -> bool:
+    """Does ``subject`` carry the deny rules of a duty role (it holds, or once held, steward or oversight)?"""
+    rules = policies.rules()
+    return all(rule in rules for rule in duty_denials(subject))
 
 
 def _check_separation(policies: PolicyStore, account_name: str, role: Role) -> None:
@@ -115,17 +159,40 @@ def _check_separation(policies: PolicyStore, account_name: str, role: Role) -> N
         raise Conflict(f"separation of duties: account '{account_name}' holds the role {other}, so it cannot also "
                        f"hold {role.value} (stewards and oversight never read data; data readers never manage or "
                        "audit). Use another account")
+    if role in DATA_ROLES and _held_duty(policies, subject_of(account_name)):
+        raise Conflict(f"separation of duties: account '{account_name}' has held a steward or oversight role, so it "
+                       f"cannot hold {role.value}: its queries and feed reads are denied for good (deny rules naming "
+                       "it stay when the role is revoked). Use another account")
 
 
 def revoke_role(session: Session, policies: PolicyStore, actor: Caller | None, account_name: str,
                 role: Role, agency: str) -> None:
-    """Revoke ``role`` in ``agency`` (every stored copy); NotFound if the account did not hold it."""
+    """Revoke ``role`` in ``agency`` (every stored copy); NotFound if the account did not hold it.
+
+    Revoking a steward or oversight role leaves (or, for a grant made before they existed,
+    writes) the deny rules naming the account: it never reads data afterwards either.
+    """
     account_named(session, account_name)
-    if not policies.revoke(subject_of(account_name), role, agency):
-        held = ", ".join(f"{r} in {a}" for r, a in policies.roles_of(subject_of(account_name))) or "none"
-        raise NotFound(f"account '{account_name}' does not hold the role {role.value} in agency '{agency}', "
-                       f"so nothing was revoked (its roles: {held})")
-    record(session, actor, "role.revoke", account_name, role=role.value, agency=agency)
+    subject = subject_of(account_name)
+    with changes_with(session, policies):
+        if not policies.revoke(subject, role, agency):
+            held = ", ".join(f"{r} in {a}" for r, a in policies.roles_of(subject)) or "none"
+            raise NotFound(f"account '{account_name}' does not hold the role {role.value} in agency '{agency}', "
+                           f"so nothing was revoked (its roles: {held})")
+        if Role(role) in DUTY_ROLES:
+            _mark_duty(policies, subject)
+        record(session, actor, "role.revoke", account_name, role=Role(role).value, agency=agency)
+
+
+def add_rule(session: Session, policies: PolicyStore, actor: Caller | None, rule: PolicyRule) -> bool:
+    """Add an allow or deny rule, committed with its audit entry; False (nothing recorded) if it is present."""
+    with changes_with(session, policies):
+        add = policies.allow if rule.effect == "allow" else policies.deny
+        if not add(rule.subject, rule.agency, rule.object, rule.action, cap=rule.cap):
+            return False
+        # The rule as one field: its "action" would clash with record()'s own parameter.
+        record(session, actor, "policy.add", rule.object, rule=rule.model_dump())
+    return True
 
 
 def register_dataset(session: Session, policies: PolicyStore, actor: Caller | None, folder: Path,
@@ -138,15 +205,16 @@ def register_dataset(session: Session, policies: PolicyStore, actor: Caller | No
     # A class stated in the metadata wins (issue 14); a column without one keeps the class a
     # steward gave it, or becomes public.
     stated = stated_classes(metadata)
-    for table in metadata.tables.values():
-        for column in table.columns:
-            if column in stated:
-                policies.classify_column(row.name, column, stated[column])
-            else:
-                policies.assign_public_column(row.name, column)
-    record(session, actor, "dataset.register", row.name, version=row.version, path=row.path,
-           **({"accepted": sorted(accept)} if accept else {}),
-           **({"classes": {column: c.value for column, c in sorted(stated.items())}} if stated else {}))
+    with changes_with(session, policies):
+        for table in metadata.tables.values():
+            for column in table.columns:
+                if column in stated:
+                    policies.classify_column(row.name, column, stated[column])
+                else:
+                    policies.assign_public_column(row.name, column)
+        record(session, actor, "dataset.register", row.name, version=row.version, path=row.path,
+               **({"accepted": sorted(accept)} if accept else {}),
+               **({"classes": {column: c.value for column, c in sorted(stated.items())}} if stated else {}))
     return row
 
 
