@@ -35,7 +35,7 @@ ANALYST, AGENCY, DATASET, LIFETIME = "analyst", "agency", "dataset", "lifetime"
 KINDS = (ANALYST, AGENCY, DATASET, LIFETIME)
 #: A feed's allocation on its dataset (subject: the feed's name, period "lifetime"): the
 #: total its definition announced. Charged with the dataset's monthly and lifetime
-#: scopes at each release (server/feeds/service.py), never by a query. Its default cap is 0:
+#: scopes at each release (server/feeds/periods.py), never by a query. Its default cap is 0:
 #: only a ``BudgetCap`` row written when the feed is defined opens it.
 FEED = "feed"
 SCOPE_KINDS = (*KINDS, FEED)
