@@ -21,6 +21,7 @@ from sqlmodel import Session
 
 from civicdp.policies.actions import ColumnClass
 from civicdp.policies.enforcer import PolicyStore
+from civicdp.policies.session_rules import changes_with
 from civicdp.queries.metadata import DatasetMetadata
 from civicdp.server.services.query_service import Caller, record
 from civicdp.server.state import registry
@@ -57,9 +58,8 @@ def classify_column(session: Session, policies: PolicyStore, actor: Caller | Non
     """Put ``column`` of ``dataset`` in ``column_class``, with a ``column.classify`` audit entry.
 
     The column must be declared in the dataset's current metadata (NotFound otherwise). The
-    rule change is written as :func:`civicdp.server.services.admin.grant_role` writes a grant (to be
-    put in ``changes_with(session, policies)`` with them, so it commits with its entry). False
-    (nothing changed or recorded) if the column already has that class.
+    rule change and its entry commit together. False (nothing changed or recorded) if the
+    column already has that class.
     """
     target = parse_class(column_class)
     metadata = registry.metadata_of(registry.get(session, dataset))
@@ -67,10 +67,11 @@ def classify_column(session: Session, policies: PolicyStore, actor: Caller | Non
     if column not in declared:
         raise NotFound(f"dataset '{dataset}' declares no column named '{column[:100]}' in its current metadata "
                        f"(version {metadata.version}); its columns: {', '.join(sorted(declared))}")
-    before = policies.class_of(dataset, column)
-    if before is target:
-        return False
-    policies.classify_column(dataset, column, target)
-    record(session, actor, "column.classify", dataset, dataset=dataset, column=column,
-           **{"from": before.value if before is not None else None, "to": target.value})
+    with changes_with(session, policies):
+        before = policies.class_of(dataset, column)
+        if before is target:
+            return False
+        policies.classify_column(dataset, column, target)
+        record(session, actor, "column.classify", dataset, dataset=dataset, column=column,
+               **{"from": before.value if before is not None else None, "to": target.value})
     return True
