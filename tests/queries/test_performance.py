@@ -112,11 +112,15 @@ def test_nothing_lagged_nothing_flagged_even_at_tiny_epsilon(plain: LocalDataset
         assert not result.tables["services"]["flagged"].any()
 
 
-def test_tiny_epsilon_flags_nothing_even_where_lagged(lagged: LocalDataset) -> None:
-    result = lagged.run({"analysis": "lagged_points", "epsilon": 0.001, "level": "services"})
-    assert result.table.height == 0
+def test_tiny_epsilon_gives_wide_intervals_and_no_false_flag(lagged: LocalDataset) -> None:
+    """At epsilon 0.001 every interval is wide. A flag on a truly lagged service (S3, S7) is not
+    an error, only unlikely (noise alone can push its interval above the threshold: ~4% of runs at
+    95%); a flag on any other service is, with probability at most 1 - confidence = 0.1%."""
+    result = lagged.run({"analysis": "lagged_points", "epsilon": 0.001, "level": "services", "confidence": 0.999})
     services = result.tables["services"]
-    assert (services["ci_high"] - services["ci_low"] > 0.5).all()  # wide intervals, no flags
+    assert (services["ci_high"] - services["ci_low"] > 0.5).all()
+    flagged = set(services.filter(pl.col("flagged"))["service_id"])
+    assert flagged <= {"S3", "S7"}
 
 
 def test_share_late_statistic_and_loss(lagged: LocalDataset) -> None:

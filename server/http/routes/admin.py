@@ -14,7 +14,7 @@ from civicdp.server.http.deps import CurrentCaller, ReadSession, StateDep, Write
 from civicdp.server.state.models import Account
 from civicdp.server.http.routes.common import errors
 from civicdp.server.services.schemas import AccountCreate, AccountOut, KeyOut, PolicyRule, RoleGrant
-from civicdp.server.services.query_service import record, subject_of
+from civicdp.server.services.query_service import subject_of
 
 router = APIRouter(tags=["administration"])
 
@@ -98,8 +98,6 @@ def list_rules(caller: CurrentCaller, state: StateDep) -> list[list[str]]:
              responses=errors(401, 403, 422), summary="Add an allow or deny rule")
 def add_rule(body: PolicyRule, caller: CurrentCaller, state: StateDep, session: WriteSession) -> PolicyRule:
     authorize(state, caller, Action.POLICY_MANAGE, "server")
-    add = state.policies.allow if body.effect == "allow" else state.policies.deny
-    add(body.subject, body.agency, body.object, body.action, cap=body.cap)
-    # The rule as one field: its "action" would clash with record()'s own parameter.
-    record(session, caller, "policy.add", body.object, rule=body.model_dump())
+    # The rule and its audit entry commit together; a rule already present changes nothing.
+    admin.add_rule(session, state.policies, caller, body)
     return body
