@@ -253,6 +253,24 @@ def _rank_order(sources: list[Path], metadata: DatasetMetadata, table: str,
     return keys[_ROW].gather(order).rechunk(), keys[unit].gather(order)
 
 
+def remove_on_demand(cache_dir: Path, dataset_dir: Path, tables: list[str]) -> int:
+    """Delete the files ranked on demand in ``cache_dir`` for these tables of ``dataset_dir``; how many."""
+    prefixes = [_cache_prefix(dataset_dir, table) for table in tables]
+    removed = 0
+    try:
+        entries = list(os.scandir(cache_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        if any(entry.name.startswith(p) and _CACHE_NAME.fullmatch(entry.name[len(p):]) for p in prefixes):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def _state_of(stat: os.stat_result) -> FileState:
     return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
 

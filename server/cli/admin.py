@@ -10,7 +10,7 @@ at its next request; a revoke that removes nothing is an error (exit status 2).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -147,12 +147,56 @@ def roles_revoke(account: str, role: Role, agency: str) -> None:
 def datasets_register(folder: Path, accept_undeclared_nulls: Annotated[bool, typer.Option(
         help="Register although a column not declared nullable has missing values (they are dropped after "
              "bounding); recorded in the audit log")] = False) -> None:
-    """Register (or update) a dataset after checking its folder against its metadata."""
+    """Register (or update) a dataset after checking its folder against its metadata, then prepare it.
+
+    Preparing ranks each table's rows per person into the server's state (CIVICDP_PREPARED_DIR,
+    default data_dir/prepared; the folder is only read), with a progress bar, before the
+    command returns; the version served before is answered until then. Exit status 1 if
+    the preparation fails (the error is stored; the earlier version stays served).
+    """
+    from civicdp.server.intake.prepare import prepare_now
+    from civicdp.server.state.preparations import READY, aware, preparing_registrations
+
     accept = frozenset({"undeclared_nulls"} if accept_undeclared_nulls else set())
-    with _state() as state, session_scope(state.db) as session:
-        row = admin.register_dataset(session, state.policies, None, folder, accept)
-        name, version = row.name, row.version
-    console.print(f"registered {name} version {version}")
+    registered_at = utcnow()
+    with _state() as state:
+        with session_scope(state.db) as session, preparing_registrations(session):
+            row = admin.register_dataset(session, state.policies, None, folder, accept)
+            name, version = row.name, row.version
+        console.print(f"registered {name} version {version}", highlight=False)
+        with _preparing_progress() as progress:
+            prepared = prepare_now(state.db, state.settings, name, progress)
+    if prepared is None or prepared.state == READY:
+        finished = aware(prepared.finished_at) if prepared else None
+        started = aware(prepared.started_at) if prepared else None
+        if finished is not None and finished < registered_at:
+            took = " already (its files are unchanged)"
+        else:
+            took = f" in {(finished - started).total_seconds():.1f} s" if finished and started else ""
+        console.print(f"prepared {name} version {version}{took}; queries are answered on it now", highlight=False)
+    elif prepared.state == "failed":
+        fail(f"{name} version {version} was registered but could not be prepared: {prepared.error}. It is not "
+             "served (the version served before, if any, still is); fix the cause and register again", code=1)
+    else:
+        console.print(f"a newer registration of {name} replaced version {version} before it was prepared",
+                      highlight=False)
+
+
+@contextmanager
+def _preparing_progress() -> Iterator[Callable[[str, int, int, int, int], None]]:
+    """A progress bar over the tables being prepared (each advancing by its steps)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tables]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("preparing", total=1.0, tables="")
+
+        def update(table: str, done: int, total: int, step: int, steps: int) -> None:
+            bar.update(task, completed=(done + step / max(steps, 1)) / max(total, 1),
+                       description=f"preparing {table}", tables=f"table {min(done + 1, total)}/{total}")
+
+        yield update
+        bar.update(task, completed=1.0, description="prepared")
 
 
 @datasets.command("classify")

@@ -146,7 +146,10 @@ def state_files(settings: Settings) -> list[Path]:
     key = settings.audit_key_path
     held = key.with_name(HELD_CHECKPOINT)
     candidates += [settings.secret_path, key, key.with_name(key.name + ".previous"), held,
-                   *sorted(held.parent.glob(f"{held.name}.*.tmp")), folder / "monitors", marker_path(settings)]
+                   *sorted(held.parent.glob(f"{held.name}.*.tmp")), folder / "monitors",
+                   # the tables ranked for queries (issue 14), when they are kept in the state's folder
+                   *([settings.prepared_path] if settings.prepared_path.is_relative_to(folder.resolve()) else []),
+                   marker_path(settings)]
     seen: set[Path] = set()
     found = []
     for path in candidates:

@@ -12,6 +12,7 @@ from civicdp.server.http import errors
 from civicdp.server.http.request_log import AuditMiddleware, audit_checkpoints
 from civicdp.server.services.bootstrap import build_state
 from civicdp.server.feeds.scheduler import start_feeds, stop_feeds
+from civicdp.server.intake.prepare import Preparer
 from civicdp.server.http.methods import AllowHeaderMiddleware
 from civicdp.server.http.lean import LeanQueries
 from civicdp.server.http.anonymous_traffic import AnonymousTraffic, last_summary, summarise_refusals
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = build_state(settings)
         app.state.civicdp = state
         scheduler = start_feeds(state)
+        preparer = app.state.civicdp_preparer = Preparer(state.db, settings).start()  # registered versions
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(audit_checkpoints, state)
             tasks.start_soon(summarise_refusals, state, traffic)
@@ -44,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             finally:
                 tasks.cancel_scope.cancel()
                 stop_feeds(scheduler)
+                preparer.stop()
                 last_summary(state, traffic)
                 state.close()
 

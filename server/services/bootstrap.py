@@ -21,6 +21,7 @@ from civicdp.policies.enforcer import PolicyStore
 from civicdp.policies.storage import VersionedAdapter
 from civicdp.queries.context import EngineLimits
 from civicdp.queries.engine import Engine
+from civicdp.queries.polars_backend import PolarsBackend
 from civicdp.server.state import identity
 from civicdp.server.auditlog.alarms import AuditLogFailed
 from civicdp.server.auditlog.append import ensure_head
@@ -169,7 +170,10 @@ def build_state(settings: Settings, *, init: bool | None = None) -> AppState:
     audit = AuditLog(db, settings.audit_key_path, settings.audit_origin, settings.checkpoint_every_entries,
                      settings.checkpoint_every_minutes, state_check=reconcile_state)
     audit.key  # noqa: B018 - records the signing key's public key (the key itself exists: checked above)
-    engine = Engine(limits=EngineLimits(max_epsilon=settings.max_epsilon, auto_fraction=settings.auto_fraction))
+    # Tables are read from the snapshot prepared at registration (under the state, never the
+    # steward's folder); one registered without preparation is ranked there at its first query.
+    engine = Engine(backend=PolarsBackend(cache_dir=settings.prepared_path),
+                    limits=EngineLimits(max_epsilon=settings.max_epsilon, auto_fraction=settings.auto_fraction))
     timeout = timedelta(minutes=settings.computation_timeout_minutes)
     # Charged computations a crash left behind: audited as abandoned, their charges kept. With
     # the log frozen by a failed integrity check nothing can be recorded: they wait until it

@@ -203,6 +203,21 @@ class ViaTestClient(httpx.BaseTransport):
         return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
 
 
+def wait_prepared(api: Api, dataset: str, seconds: float = 60) -> dict[str, Any]:
+    """Wait until the newest registration of ``dataset`` is prepared (issue 14: an API registration
+    returns at once and is prepared in the background); its preparation status."""
+    deadline = time.monotonic() + seconds
+    while True:
+        answer = api.get(STEWARD, f"/v1/datasets/{dataset}/preparation")
+        assert answer.status_code == 200, answer.text
+        preparation = answer.json()["preparation"]
+        if preparation is None or preparation["state"] not in ("pending", "preparing"):
+            assert preparation is None or preparation["state"] == "ready", preparation
+            return answer.json()
+        assert time.monotonic() < deadline, preparation
+        time.sleep(0.05)
+
+
 def make_dataset_folder(root: Path, frame: pl.DataFrame | None = None,
                         metadata: dict[str, Any] | None = None) -> Path:
     """A dataset (default: the 50-person test dataset) written to ``root/<its name>``."""

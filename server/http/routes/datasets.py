@@ -1,20 +1,67 @@
-"""Datasets: list, read public metadata, register (stewards)."""
+"""Datasets: list, read public metadata, register (stewards), follow a registration's preparation."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, BackgroundTasks, Request, status
+from pydantic import BaseModel, Field
+from sqlmodel import select
 
 from civicdp.policies.actions import Action
 from civicdp.server.services import admin, classification
-from civicdp.server.state import registry
+from civicdp.server.state import preparations, registry
 from civicdp.server.http.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
 from civicdp.server.state.errors import NOT_VISIBLE, AccessDenied, NotFound
 from civicdp.server.http.routes.common import errors
 from civicdp.server.services.schemas import ColumnClassOut, ColumnClassSet, DatasetOut, DatasetRegister
+from civicdp.server.state.models import Dataset, DatasetPreparation
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+class PreparationOut(BaseModel):
+    """One registration's preparation: its state and progress, never anything from the data."""
+
+    id: int
+    version: str
+    state: Literal["pending", "preparing", "ready", "failed", "superseded", "removed"] = Field(
+        description="pending: waiting for a worker; preparing: being built; ready: the version answered; "
+                    "failed: see error (the version served before is still answered); superseded / removed: "
+                    "replaced by a newer registration (its files removed)")
+    tables_done: int
+    tables_total: int
+    current_table: str | None = None
+    requested_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = Field(default=None, description="Why it failed: the table and the cause, no data")
+
+
+class PreparationStatus(BaseModel):
+    dataset: str
+    served_version: str | None = Field(description="The version queries are answered on (null: none yet)")
+    preparation: PreparationOut | None = Field(
+        description="The newest registration's preparation (null: registered before versions were prepared)")
+
+
+class DatasetRegistered(DatasetOut):
+    """The version registered, and its preparation: queries answer the version served before (a new
+    dataset: 503) until it is ready."""
+
+    preparation: PreparationOut | None
+
+
+def _preparation(row: DatasetPreparation | None) -> PreparationOut | None:
+    if row is None:
+        return None
+    return PreparationOut(id=int(row.id), version=row.version, state=row.state,  # type: ignore[arg-type]
+                          tables_done=row.tables_done, tables_total=row.tables_total,
+                          current_table=row.current_table, requested_at=preparations.aware(row.requested_at),
+                          started_at=preparations.aware(row.started_at),
+                          finished_at=preparations.aware(row.finished_at), error=row.error)
 
 
 def _public(row) -> DatasetOut:  # type: ignore[no-untyped-def]
@@ -42,12 +89,32 @@ def get_dataset(name: str, caller: CurrentCaller, state: StateDep, session: Read
         raise AccessDenied(NOT_VISIBLE.format(what="dataset", name=name[:100])) from None
 
 
-@router.post("", response_model=DatasetOut, status_code=status.HTTP_201_CREATED,
+@router.post("", response_model=DatasetRegistered, status_code=status.HTTP_201_CREATED,
              responses=errors(401, 403, 404, 409, 422), summary="Register a dataset folder (stewards)")
-def register_dataset(body: DatasetRegister, caller: CurrentCaller, state: StateDep,
-                     session: WriteSession) -> DatasetOut:
+def register_dataset(body: DatasetRegister, caller: CurrentCaller, state: StateDep, session: WriteSession,
+                     request: Request, background: BackgroundTasks) -> DatasetRegistered:
+    """Checked now; prepared in the background (follow it at ``GET /v1/datasets/{name}/preparation``)."""
     authorize(state, caller, Action.DATASET_MANAGE, "server")
-    return _public(admin.register_dataset(session, state.policies, caller, Path(body.path), frozenset(body.accept)))
+    with preparations.preparing_registrations(session):
+        row = admin.register_dataset(session, state.policies, caller, Path(body.path), frozenset(body.accept))
+    preparation = _preparation(preparations.latest(session, row.name))
+    preparer = getattr(request.app.state, "civicdp_preparer", None)
+    if preparer is not None:
+        background.add_task(preparer.wake)  # after the commit, which precedes the response
+    return DatasetRegistered(**_public(row).model_dump(), preparation=preparation)
+
+
+@router.get("/{name}/preparation", response_model=PreparationStatus, responses=errors(401, 403, 404),
+            summary="The preparation of a dataset's newest registration (stewards)")
+def preparation_status(name: str, caller: CurrentCaller, state: StateDep, session: ReadSession) -> PreparationStatus:
+    authorize(state, caller, Action.DATASET_MANAGE, "server")
+    latest = preparations.latest(session, name)
+    served = session.exec(select(Dataset).where(Dataset.name == name)).first()
+    if latest is None and served is None:
+        raise NotFound(f"no dataset named '{name}'; list them with GET /v1/datasets")
+    waiting = served is not None and preparations.waiting(session, served) is not None
+    return PreparationStatus(dataset=name, served_version=None if served is None or waiting else served.version,
+                             preparation=_preparation(latest))
 
 
 @router.put("/{name}/columns/{column}/class", response_model=ColumnClassOut, responses=errors(401, 403, 404, 422),

@@ -27,7 +27,7 @@ from civicdp.server.state.models import ApiKey, Release
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import (
     ANALYST, COUNT, DATASET, FEED, OTHER_ANALYST, OVERSIGHT, STEWARD, Api, ViaTestClient, assert_charged,
-    count_query, make_dataset_folder, running_api,
+    count_query, make_dataset_folder, running_api, wait_prepared,
 )
 from tests.server.api_fixtures import api, dataset_folder  # noqa: F401 - fixtures
 
@@ -324,6 +324,7 @@ def test_a_steward_registers_a_dataset(api: Api, tmp_path: Path) -> None:
     response = api.post(STEWARD, "/v1/datasets", json={"path": str(folder)})
     assert response.status_code == 201 and response.json()["name"] == "second-services"
     assert [d["name"] for d in api.get(ANALYST, "/v1/datasets").json()] == ["second-services", DATASET]
+    wait_prepared(api, "second-services")  # prepared in the background: answered once ready
     assert api.query(ANALYST, count_query(dataset="second-services")).status_code == 200
     missing = api.post(STEWARD, "/v1/datasets", json={"path": str(tmp_path / "nowhere")})
     assert missing.status_code == 422 and missing.json()["field"] == "metadata"

@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from civicdp.server.state.models import Dataset
-from tests.server.api_fixtures import ANALYST, STEWARD, Api, api, dataset_folder  # noqa: F401 - fixtures
+from tests.server.api_fixtures import ANALYST, STEWARD, Api, api, dataset_folder, wait_prepared  # noqa: F401 - fixtures
 from tests.server.intake.helpers import civicdp, init
 
 KEYS = "tables.events.columns.channel.keys"
@@ -96,6 +96,7 @@ def test_drafted_keys_cannot_be_registered_unconfirmed_and_can_after_confirming(
     assert "proposed_from_data" not in _metadata(folder)
     registered = api.post(STEWARD, "/v1/datasets", json={"path": str(folder)})
     assert registered.status_code == 201, registered.text
+    wait_prepared(api, "imported")  # prepared in the background
     answer = api.query(ANALYST, {"dataset": "imported", "aggregate": "count", "group_by": ["channel"],
                                  "epsilon": 0.5})
     assert answer.status_code == 200, answer.text
