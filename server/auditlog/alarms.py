@@ -76,13 +76,15 @@ class Alarms:
         self.verified: dict[int, tuple[str, ...]] = {}
         self.audit_log: weakref.ReferenceType[AuditLog] | None = None
         self.evidence: Any = None  # civicdp.server.auditlog.reconcile's folded audit trail, valid while the log verifies
+        self.kept: Any = None  # reconcile's folds of the entries the log's last check verified (civicdp.server.auditlog.kept)
+        self.evidence_kept = -1  # how far the folds stored in the database go (reconcile's evidence mark)
 
     def fail_log(self, problem: str) -> Alarm:
         with self.lock:
             if self.log is None:
                 self.log = Alarm(problem, problem, datetime.now(timezone.utc))
                 self.refused = 0
-                self.evidence = None
+                self.evidence = self.kept = None
                 logger.critical("AUDIT LOG INTEGRITY ALARM: %s. Requests that need an audit entry are refused "
                                 "until the stored log verifies again.", problem)
             return self.log
@@ -92,7 +94,7 @@ class Alarms:
             alarm, self.log = self.log, None
             if alarm is None:
                 return None
-            self.evidence = None  # folded while the log was failed: read everything again
+            self.evidence = self.kept = None  # folded while the log was failed: read everything again
             return alarm, self.refused
 
     def count_refused(self) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
+import zlib
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from sqlalchemy import case, func, or_, select
@@ -88,6 +89,20 @@ class AuditFolds:
         self.orphans: dict[int, Fold] = {}  # charges naming a budget row id that is not in the database
         self.claims: dict[int, list[ReleaseClaim]] = defaultdict(list)
         self.upto = -1
+        #: Older claims, of releases up to ``packed_upto``, still compressed (:meth:`unpack` reads them).
+        self.packed: bytes | None = None
+        self.packed_upto = 0
+
+    def unpack(self) -> dict[int, list[ReleaseClaim]]:
+        """Every claim (the packed ones before those folded since), by release id."""
+        if self.packed is not None:
+            older: dict[int, list[ReleaseClaim]] = defaultdict(list)
+            for row in json.loads(zlib.decompress(self.packed)):
+                older[row[1]].append(ReleaseClaim(*row))
+            for release_id, claims in self.claims.items():
+                older[release_id].extend(claims)
+            self.claims, self.packed = older, None
+        return self.claims
 
     def add(self, seq: int, data: bytes | str, key_of: dict[int, ScopeKey]) -> None:
         raw = data.encode() if isinstance(data, str) else data
@@ -108,6 +123,15 @@ class AuditFolds:
         claim = release_claim(seq, entry)
         if claim is not None:
             self.claims[claim.release_id].append(claim)
+
+    def copy(self) -> AuditFolds:
+        copied = AuditFolds()
+        copied.by_key = {key: replace(fold) for key, fold in self.by_key.items()}
+        copied.orphans = {key: replace(fold) for key, fold in self.orphans.items()}
+        copied.claims = defaultdict(list, {rid: list(claims) for rid, claims in self.claims.items()})
+        copied.upto = self.upto
+        copied.packed, copied.packed_upto = self.packed, self.packed_upto
+        return copied
 
 
 def fold_ledger(rows: Iterable[LedgerRow]) -> dict[int, Fold]:

@@ -6,10 +6,11 @@ tree heads are signed as C2SP checkpoints with the server's Ed25519 key
 (:mod:`civicdp.server.auditlog.signing`).
 
 The log only grows. :class:`AuditLog` verifies the stored entries against every signed
-checkpoint when it starts and periodically (:mod:`civicdp.server.auditlog.integrity`),
-checks each entry it reads against its leaf hash, and never signs a checkpoint that does
-not extend the latest one stored (or the one it keeps beside its key, outside the
-database). A failed check is an *alarm* (:mod:`civicdp.server.auditlog.alarms`): the log
+checkpoint when it starts and periodically (:mod:`civicdp.server.auditlog.integrity`) —
+at a start only what was added since the last check recorded its mark
+(:mod:`civicdp.server.auditlog.marks`) —, checks each entry it reads against its leaf
+hash, and never signs a checkpoint that does not extend the latest one stored (or the
+one it keeps beside its key, outside the database). A failed check is an *alarm* (:mod:`civicdp.server.auditlog.alarms`): the log
 is frozen — nothing is appended, no checkpoint signed, every request that needs an entry
 is answered 503 (:class:`AuditLogFailed`) — until the stored log verifies again, which
 is recorded (``audit.integrity_restored``).
@@ -35,7 +36,8 @@ from civicdp.server.auditlog import export as exporting
 from civicdp.server.auditlog.alarms import AuditLogFailed, alarms_for, guard_requests
 from civicdp.server.auditlog.append import append
 from civicdp.server.auditlog.canonical import checked_leaf
-from civicdp.server.auditlog.integrity import LogChecks
+from civicdp.server.auditlog.integrity import Checked, LogChecks
+from civicdp.server.auditlog.marks import EVIDENCE_MARK, LOG_MARK, Marks, ensure_tables
 from civicdp.server.auditlog.signing import LogKeys
 from civicdp.server.auditlog.tree_store import TileStore, TreeProblem, locked_session
 from civicdp.server.state.db import reader, session_scope
@@ -45,7 +47,8 @@ logger = logging.getLogger("civicdp.audit")
 
 #: A check of the state against the log, run after the log's own check when the log opens
 #: and periodically (the server passes :func:`civicdp.server.auditlog.reconcile.check_state`).
-StateCheck = Callable[[DbEngine, "AuditLog"], object]
+#: Called with the database, the log, and whether it is the quick check of a start.
+StateCheck = Callable[[DbEngine, "AuditLog", bool], object]
 
 
 class AuditLog:
@@ -58,10 +61,13 @@ class AuditLog:
     leaf hash and the number it gives itself. Nothing proportional to the log is kept in
     memory, and a restart rebuilds nothing.
 
-    The whole stored log is verified against every signed checkpoint (and the checkpoint
-    kept beside the key) when the log is opened and every ``verify_every_minutes``
-    (:meth:`tick`, driven by the checkpoint timer through :meth:`due`); ``state_check``
-    (the server's reconciliation of budgets and stored answers,
+    The stored log is verified against every signed checkpoint (and the checkpoint kept
+    beside the key) when the log is opened — the entries added since the last check's
+    mark, and below it the stored tree's root, the entries' count and leaf hashes
+    (:meth:`verify_since_mark`) — and by the periodic checks (:meth:`tick`, driven by the
+    checkpoint timer through :meth:`due`), which read the whole log when no process on the
+    database has within ``verify_every_minutes`` (:meth:`verify`). ``state_check`` (the
+    server's reconciliation of budgets and stored answers,
     :mod:`civicdp.server.auditlog.reconcile`) runs at the same times; the read of the
     whole log also compares the stored tree with the entries. A checkpoint is signed only
     if the tree extends the latest one stored, by one signer at a time per database (the
@@ -81,17 +87,20 @@ class AuditLog:
         self.verify_every = timedelta(minutes=verify_every_minutes)
         self.tiles = TileStore(db, checked_leaf)
         self.checks = LogChecks(db, self.tiles, self.keys)
+        self.marks = Marks(db, self.keys)
         self.state_check = state_check
         self._verified = False  # this process has read the whole log and found it sound
+        self.checked_size: int | None = None  # the entries this process's last check of the log verified
         self._lock = threading.RLock()
         self._checkpointed = -1
         self._since_look = 0
         self._last_check: datetime | None = None
+        ensure_tables(db)
         self.alarms = alarms_for(db)
         self.alarms.audit_log = weakref.ref(self)
         guard_requests(db, self.alarms)
         if check_on_start:
-            self.tick(force=True)
+            self._open()
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -128,6 +137,7 @@ class AuditLog:
         alarm, refused = cleared
         logger.warning("audit log verifies again (it failed since %s: %s)", alarm.since, alarm.problem)
         with session_scope(self.db) as session:
+            self.marks.forget(EVIDENCE_MARK, session)  # folded before the alarm: the reconciliation reads all again
             append(session, caller=None, action="audit.integrity_restored", target="audit", decision="restored",
                    detail={"problem": alarm.problem, "since": alarm.since, "refused_requests": refused})
 
@@ -174,29 +184,75 @@ class AuditLog:
         holding exactly what the entries hash to (the entries integrated earlier
         unchanged). Linear in the size of the log, constant in memory.
         """
+        self._check(full=True)
+
+    def verify_since_mark(self) -> None:
+        """Like :meth:`verify`, reading only the entries added since the last check recorded its mark.
+
+        Below the mark: the stored tree's root at the mark, a count of the entries and a
+        comparison of their leaf hashes with the tree (run by the database); anything odd
+        there makes it read the whole log (:meth:`LogChecks.since`). Without a mark that
+        verifies, the whole log is read.
+        """
+        self._check(full=False)
+
+    def _check(self, full: bool) -> None:
+        full = full or self.alarms.log is not None  # only a check of everything clears the log's alarm
         with self._lock:
-            problem = self.checks.whole_log()
-            if problem is not None:
-                self.fail(problem)
+            mark = self.marks.read(LOG_MARK)
+            found: Checked | None = None
+            if not full and mark is not None:
+                found = self.checks.since(mark)
+                if found.suspect:
+                    found = None
+            if found is None:
+                found = self.checks.whole_log()
+            if found.problem is not None:
+                self.fail(found.problem)
             self._verified = True
+            self.checked_size = found.size
+            self.marks.record_check(found.size, found.root, found.checkpoints, full=found.full)
         self._recovered()
 
+    def _verify_quietly(self, full: bool) -> None:
+        try:
+            self._check(full)
+        except AuditLogFailed:
+            pass  # the alarm is raised: readiness reports it
+        except Exception:  # noqa: BLE001 - e.g. the database is down: retried at the next check
+            logger.exception("could not verify the audit log; retrying at the next check")
+
     def tick(self, now: datetime | None = None, *, force: bool = False) -> None:
-        """The periodic checks, when ``verify_every`` has passed (or ``force``): the log, then budgets and answers."""
+        """The periodic checks, when ``verify_every`` has passed (or ``force``): the log, then budgets and answers.
+
+        The log is read whole when no process on this database has done so within
+        ``verify_every`` (or it failed its check); otherwise only what was added since the last check.
+        """
         now = now or datetime.now(timezone.utc)
         if not force and self._last_check is not None and now - self._last_check < self.verify_every:
             return
         self._last_check = now
-        try:
-            self.verify()
-        except AuditLogFailed:
-            pass
-        except Exception:  # noqa: BLE001 - e.g. the database is down: retried at the next check
-            logger.exception("could not verify the audit log; retrying at the next check")
+        mark = self.marks.read(LOG_MARK)
+        self._verify_quietly(full=mark is None or mark.full_at is None or now - mark.full_at >= self.verify_every)
+        self._check_state(quick=False)
+
+    def _open(self) -> None:
+        """The checks when the log opens: what was added since the last check, then budgets and answers.
+
+        The next periodic check comes when the last whole-log check (by any process) is
+        ``verify_every`` old: at once, in the background, if it is older already.
+        """
+        now = datetime.now(timezone.utc)
+        self._verify_quietly(full=False)
+        mark = self.marks.read(LOG_MARK)
+        self._last_check = mark.full_at if mark is not None and mark.full_at is not None else now - self.verify_every
+        self._check_state(quick=True)
+
+    def _check_state(self, quick: bool) -> None:
         if self.state_check is None:
             return
         try:
-            self.state_check(self.db, self)
+            self.state_check(self.db, self, quick)
         except Exception:  # noqa: BLE001
             logger.exception("could not reconcile budgets and stored answers; retrying at the next check")
 

@@ -30,9 +30,11 @@ from sqlmodel import Session
 from civicdp.server.auditlog.alarms import Alarm, alarms_for
 from civicdp.server.auditlog.answers import check_releases
 from civicdp.server.auditlog.append import record
-from civicdp.server.auditlog.budgets import AuditFolds, compare, ledger_summaries
+from civicdp.server.auditlog.budgets import AuditFolds, compare
 from civicdp.server.auditlog.evidence import BudgetRow, Disagreement, LedgerRow, ReleaseRow
 from civicdp.server.auditlog.integrity import snapshot
+from civicdp.server.auditlog.kept import Kept, keep, stored
+from civicdp.server.auditlog.ledger_folds import LedgerFolds
 from civicdp.server.state.db import session_scope
 from civicdp.server.state.models import AuditEntry, Budget, LedgerEntry, Release
 
@@ -57,23 +59,43 @@ def _ledger_rows(session: Session) -> list[LedgerRow]:
                LedgerEntry.spent_after_micro))]
 
 
-def release_rows(session: Session) -> Iterator[ReleaseRow]:
+def release_rows(session: Session, after: int = 0) -> Iterator[ReleaseRow]:
     for row in session.execute(select(Release.id, Release.dataset, Release.dataset_version, Release.query_hash,
-                                      Release.result_json, Release.result_hash).order_by(Release.id)):
+                                      Release.result_json, Release.result_hash)
+                               .where(Release.id > after).order_by(Release.id)):  # type: ignore[arg-type, operator]
         yield ReleaseRow(*row)
 
 
-def _evidence_rows(session: Session, after: int = -1) -> Iterator[tuple[int, str]]:
-    """Stored entries that may be charges or releases, oldest first, from number ``after + 1`` on."""
+def _evidence_rows(session: Session, after: int = -1, below: int | None = None) -> Iterator[tuple[int, str]]:
+    """Stored entries that may be charges or releases, oldest first, numbered ``after + 1`` on (and below ``below``)."""
     query = (select(AuditEntry.seq, AuditEntry.entry_json)
              .where(AuditEntry.seq > after,
                     or_(AuditEntry.entry_json.like('%"ledger":[%'), AuditEntry.entry_json.like('%"release_id":%')))
              .order_by(AuditEntry.seq))
+    if below is not None:
+        query = query.where(AuditEntry.seq < below)
     yield from session.execute(query)
 
 
-def _fold_database(session: Session, folds: AuditFolds | None = None
-                   ) -> tuple[list[Disagreement], AuditFolds]:
+def fold_verified(session: Session, folds: AuditFolds, below: int) -> AuditFolds:
+    """Fold into ``folds`` the entries after its ``upto`` and below ``below`` (a size the log's check verified)."""
+    if below - 1 <= folds.upto:
+        return folds
+    key_of = {b.id: b.key for b in budget_rows(session)}
+    for seq, text in _evidence_rows(session, after=folds.upto, below=below):
+        folds.add(seq, text, key_of)
+    folds.upto = below - 1
+    return folds
+
+
+def _fold_database(session: Session, folds: AuditFolds | None = None, kept: Kept | None = None
+                   ) -> tuple[list[Disagreement], AuditFolds, LedgerFolds, int]:
+    """Fold the entries after ``folds.upto`` and compare: every budget, and the stored answers.
+
+    With ``kept`` (a start), the ledger is folded from ``kept.ledger`` on unless its entries
+    no longer add up to it, and only the answers stored after ``kept.releases`` are
+    checked. Also gives the ledger's folds and the last release checked.
+    """
     budgets = budget_rows(session)
     key_of = {b.id: b.key for b in budgets}
     folds = folds or AuditFolds()
@@ -81,9 +103,17 @@ def _fold_database(session: Session, folds: AuditFolds | None = None
     for seq, text in _evidence_rows(session, after=folds.upto):
         folds.add(seq, text, key_of)
     folds.upto = max(folds.upto, -1 if top is None else int(top))
-    found = compare(budgets, ledger_summaries(session), folds)
-    found += check_releases(release_rows(session), folds.claims)
-    return found, folds
+    if kept is not None and kept.ledger is not None and not kept.ledger.changed(session):
+        ledger = kept.ledger.extend(session)
+    else:
+        ledger = LedgerFolds.full(session)
+    found = compare(budgets, ledger.summaries(), folds)
+    after = 0 if kept is None else kept.releases
+    releases = list(release_rows(session, after))
+    # Packed claims are all of releases up to ``kept.releases``: only a check of those reads them.
+    claims = folds.claims if folds.packed is None or after >= folds.packed_upto else folds.unpack()
+    found += check_releases(releases, claims)
+    return found, folds, ledger, max([after, *(r.id for r in releases)])
 
 
 def reconcile_database(db: DbEngine) -> list[Disagreement]:
@@ -95,15 +125,33 @@ def reconcile_database(db: DbEngine) -> list[Disagreement]:
 # -- in the server --------------------------------------------------------------------------------
 
 
-def check_state(db: DbEngine, log: AuditLog | None = None) -> list[Disagreement]:
-    """Reconcile the database now: hold what disagrees, release what agrees again, audit both."""
+def check_state(db: DbEngine, log: AuditLog | None = None, quick: bool = False) -> list[Disagreement]:
+    """Reconcile the database now: hold what disagrees, release what agrees again, audit both.
+
+    With the server's ``log``, the folds of the entries its last check verified are kept
+    (:mod:`civicdp.server.auditlog.kept`, also in the database); ``quick`` (a start) then
+    folds the ledger from the kept folds and checks only the answers stored since.
+    """
     alarms = alarms_for(db)
-    cached = alarms.evidence if alarms.log is None and isinstance(alarms.evidence, AuditFolds) else None
-    alarms.evidence = None  # taken: a failure part-way leaves nothing half-folded behind
+    ok = alarms.log is None
+    cached = alarms.evidence if ok and isinstance(alarms.evidence, AuditFolds) else None
+    kept = alarms.kept if ok and isinstance(alarms.kept, Kept) else None
+    alarms.evidence = alarms.kept = None  # taken: a failure part-way leaves nothing half-folded behind
+    below = log.checked_size if ok and log is not None else None
     with snapshot(db) as session:
-        found, folds = _fold_database(session, cached)
+        if below is not None:
+            kept = kept or stored(log) or Kept()  # type: ignore[arg-type]
+            kept.folds = fold_verified(session, kept.folds, below)
+            cached = cached or kept.folds.copy()
+        found, folds, ledger, checked = _fold_database(session, cached, kept if quick else None)
+    unchecked = kept.releases if quick and kept is not None else 0  # their alarms stand
     if alarms.log is None:
         alarms.evidence = folds
+        if kept is not None and log is not None:
+            kept.ledger = ledger
+            kept.releases = max(kept.releases, checked) if quick else checked
+            alarms.kept = kept
+            keep(log, kept, only_if_none=quick)
     now = datetime.now(timezone.utc)
     budgets = {f.key: f for f in found if f.kind == "budget"}
     releases = {f.release_id: f for f in found if f.kind == "release"}
@@ -125,7 +173,7 @@ def check_state(db: DbEngine, log: AuditLog | None = None) -> list[Disagreement]
                                                     alarm.recorded if alarm else False)
                 if alarm is None:
                     logger.critical("INTEGRITY ALARM: %s; it is not served", disagreement.line())
-        for release_id in [r for r in alarms.releases if r not in releases]:
+        for release_id in [r for r in alarms.releases if r not in releases and r > unchecked]:
             restored.append((f"release:{release_id}", alarms.releases.pop(release_id)))
         unrecorded = [(f"budget:{a.info.get('budget_id')}", a) for a in alarms.budgets.values() if not a.recorded]
         unrecorded += [(f"release:{r}", a) for r, a in alarms.releases.items() if not a.recorded]

@@ -255,19 +255,24 @@ class TileStore:
 
     # -- reading the whole log -----------------------------------------------------------------
 
-    def scan(self, session: Session, sizes: set[int], batch: int = CHUNK) -> Scan:
+    def scan(self, session: Session, sizes: set[int], batch: int = CHUNK, start: int = 0) -> Scan:
         """Read every stored entry once (in ``session``'s snapshot) and compare it with the stored tree.
 
         Checks each entry (no number missing, hashing to its leaf hash, carrying its own
         number), rebuilds the tiles from the entries and compares them with the stored
         tiles up to the tree's size, and computes the root at each of ``sizes`` that is
         reached. Memory stays O(batch + log n).
+
+        From ``start`` on, the entries before it taken as the stored tree holds them (its
+        right edge at ``start`` is read; :class:`TreeProblem` if a tile of it is missing):
+        the check of the entries added since an earlier check.
         """
         result = Scan(tree_size=self.stored_size(session))
-        builder = TileBuilder()
-        if 0 in sizes:
-            result.roots[0] = builder.root()
-        after = -1
+        builder = TileBuilder(start, self._edges(session, start)) if start else TileBuilder()
+        result.count = builder.size
+        if start in sizes:
+            result.roots[start] = builder.root()
+        after = start - 1
         while True:
             self.reads["entries"] += 1
             rows = session.execute(select(AuditEntry.seq, AuditEntry.entry_json, AuditEntry.leaf_hash)
