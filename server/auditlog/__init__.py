@@ -2,7 +2,7 @@
 consistency, and the reconciliation of the ledger and releases with the log.
 
     slots, canonical     a request's slot; an entry's canonical form and leaf check
-    alarms               the integrity alarms and the refusals they cause
+    alarms               the integrity alarms (shared by the processes on a database) and their refusals
     marks                what earlier checks established, authenticated: a start checks only what is new
     append               appending entries inside the transaction of what they record
     tree_store           the Merkle tree stored as tiles, shared by every process

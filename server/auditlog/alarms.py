@@ -5,23 +5,36 @@ is frozen — nothing is appended, no checkpoint signed, every request that need
 is answered 503 (:class:`AuditLogFailed`) — until it verifies again. Budgets that failed
 reconciliation and stored answers that failed their check are held alone
 (:mod:`civicdp.server.auditlog.reconcile`).
+
+Alarms are shared by the server processes on one database: each process keeps them in
+memory (the checks of every request read them there) and stores every alarm it raises in
+the database (``integrityalarm``, written by a background thread, since an alarm may be
+raised inside a transaction); :meth:`Alarms.refresh` (readiness, the periodic checks)
+takes up those raised by other processes. An alarm is cleared only by a check that
+passes: an alarm taken up from another process also goes when its row does (the process
+that raised it cleared it), while a process whose own alarm's row disappeared checks again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import Engine as DbEngine
+from sqlalchemy import delete, event, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine as DbEngine
+from sqlmodel import Session
 from starlette.exceptions import HTTPException
 
 from civicdp.server.auditlog.canonical import plain
+from civicdp.server.auditlog.marks import IntegrityAlarm, ensure_tables
 from civicdp.server.auditlog.slots import SLOT
+from civicdp.server.state.db import reader
 
 if TYPE_CHECKING:
     from civicdp.server.auditlog.log import AuditLog
@@ -55,6 +68,18 @@ class Alarm:
     since: datetime
     info: dict[str, Any] = field(default_factory=dict)
     recorded: bool = False  # its audit entry has been written
+    adopted: bool = False  # raised by another process (taken up from the database)
+
+
+LOG = "log"
+
+
+def budget_key(key: tuple[str, str, str, str]) -> str:
+    return "budget:" + json.dumps(list(key))
+
+
+def release_key(release_id: int) -> str:
+    return f"release:{release_id}"
 
 
 class Alarms:
@@ -78,6 +103,12 @@ class Alarms:
         self.evidence: Any = None  # civicdp.server.auditlog.reconcile's folded audit trail, valid while the log verifies
         self.kept: Any = None  # reconcile's folds of the entries the log's last check verified (civicdp.server.auditlog.kept)
         self.evidence_kept = -1  # how far the folds stored in the database go (reconcile's evidence mark)
+        self.db: DbEngine | None = None  # where the alarms are shared (set by the server's AuditLog)
+        self.recheck = False  # an alarm raised here lost its row: the next periodic check runs at once
+        self._pending: list[tuple[str, Alarm]] = []
+        self._writing: set[str] = set()
+        self._turn = threading.Condition()
+        self._writer: threading.Thread | None = None
 
     def fail_log(self, problem: str) -> Alarm:
         with self.lock:
@@ -87,7 +118,9 @@ class Alarms:
                 self.evidence = self.kept = None
                 logger.critical("AUDIT LOG INTEGRITY ALARM: %s. Requests that need an audit entry are refused "
                                 "until the stored log verifies again.", problem)
-            return self.log
+            alarm = self.log
+        self.share(LOG, alarm)
+        return alarm
 
     def clear_log(self) -> tuple[Alarm, int] | None:
         with self.lock:
@@ -118,6 +151,120 @@ class Alarms:
     @property
     def any(self) -> bool:
         return self.log is not None or bool(self.budgets) or bool(self.releases)
+
+    # -- shared with the other processes on the database -------------------------------------------
+
+    def _mine(self) -> dict[str, Alarm]:
+        mine = {budget_key(k): a for k, a in self.budgets.items()}
+        mine.update({release_key(r): a for r, a in self.releases.items()})
+        if self.log is not None:
+            mine[LOG] = self.log
+        return mine
+
+    def share(self, key: str, alarm: Alarm) -> None:
+        """Store ``alarm`` for the other processes (in the background: the caller may be inside a transaction)."""
+        if self.db is None or alarm.adopted:
+            return
+        with self._turn:
+            self._pending.append((key, replace(alarm, info=dict(alarm.info))))
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write, name="civicdp-alarms", daemon=True)
+                self._writer.start()
+            self._turn.notify_all()
+
+    def _write(self) -> None:
+        while True:
+            with self._turn:
+                if not self._pending and not self._turn.wait_for(lambda: bool(self._pending), timeout=5):
+                    self._writer = None
+                    return
+                batch, self._pending = self._pending, []
+                self._writing = {key for key, _ in batch}
+            try:
+                assert self.db is not None
+                ensure_tables(self.db)
+                with self.db.connect() as connection:
+                    connection.detach()  # closed when done, not pooled: the writer may outlive the engine's pool
+                    with connection.begin():
+                        for key, alarm in batch:
+                            _upsert(connection, key, alarm)
+            except Exception:  # noqa: BLE001 - the alarm still holds here; the next check shares it again
+                logger.warning("could not share integrity alarms in the database", exc_info=True)
+            finally:
+                with self._turn:
+                    self._writing = set()
+                    self._turn.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until the alarms raised so far are stored (never inside a transaction: the writer needs its turn)."""
+        with self._turn:
+            self._turn.wait_for(lambda: not self._pending and not self._writing, timeout=timeout)
+
+    def unshare(self, key: str, session: Session) -> bool:
+        """Remove the stored alarm ``key`` in ``session``'s transaction; False if no process stored it any more."""
+        return bool(session.execute(delete(IntegrityAlarm).where(IntegrityAlarm.key == key)).rowcount)  # type: ignore[arg-type]
+
+    def refresh(self) -> None:
+        """Take up the alarms other processes raised, and drop those taken up whose rows are gone."""
+        if self.db is None:
+            return
+        try:
+            ensure_tables(self.db)
+            with Session(reader(self.db)) as session:
+                rows = list(session.execute(select(IntegrityAlarm)).scalars())
+        except Exception:  # noqa: BLE001 - readiness still answers from this process's alarms
+            logger.warning("could not read the integrity alarms of the other processes", exc_info=True)
+            return
+        with self._turn:
+            busy = {key for key, _ in self._pending} | self._writing
+        with self.lock:
+            stored = {row.key: row for row in rows}
+            for key, alarm in self._mine().items():
+                if key not in stored and key not in busy:
+                    if alarm.adopted:
+                        self._drop(key)
+                    else:
+                        self.recheck = True
+            for key, row in stored.items():
+                self._adopt(key, row)
+
+    def _drop(self, key: str) -> None:
+        if key == LOG:
+            self.log = None
+            self.evidence = self.kept = None
+        elif key.startswith("release:"):
+            self.releases.pop(int(key.split(":", 1)[1]), None)
+        else:
+            self.budgets.pop(tuple(json.loads(key.split(":", 1)[1])), None)  # type: ignore[arg-type]
+
+    def _adopt(self, key: str, row: IntegrityAlarm) -> None:
+        try:
+            alarm = Alarm(row.problem, row.detail, _utc(row.since), json.loads(row.info), row.recorded, adopted=True)
+            if key == LOG:
+                if self.log is None:
+                    self.log, self.refused = alarm, 0
+                    self.evidence = self.kept = None
+                    logger.critical("AUDIT LOG INTEGRITY ALARM raised by another server process: %s", row.problem)
+            elif key.startswith("release:"):
+                self.releases.setdefault(int(key.split(":", 1)[1]), alarm)
+            elif key.startswith("budget:"):
+                self.budgets.setdefault(tuple(json.loads(key.split(":", 1)[1])), alarm)  # type: ignore[arg-type]
+        except (ValueError, TypeError):
+            logger.warning("ignoring an unreadable integrity alarm row %r", key)
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+def _upsert(connection: Connection, key: str, alarm: Alarm) -> None:
+    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    values = {"key": key, "problem": alarm.problem, "detail": alarm.detail,
+              "since": alarm.since.astimezone(timezone.utc),
+              "info": json.dumps(plain(alarm.info), sort_keys=True), "recorded": alarm.recorded}
+    statement = insert(IntegrityAlarm).values(**values)
+    connection.execute(statement.on_conflict_do_update(index_elements=["key"],
+                                                       set_={k: v for k, v in values.items() if k != "key"}))
 
 
 _ALARMS: dict[str, Alarms] = {}

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session
 
-from civicdp.server.auditlog.alarms import Alarm, Alarms, IntegrityFailure, alarms_for
+from civicdp.server.auditlog.alarms import Alarm, Alarms, IntegrityFailure, alarms_for, release_key
 from civicdp.server.auditlog.append import record
 from civicdp.server.auditlog.canonical import checked_leaf
 from civicdp.server.auditlog.evidence import (
@@ -144,5 +144,7 @@ def check_stored_answer(db: DbEngine, caller: Caller | None, stored: Release) ->
         record(session, caller, "query.run", stored.dataset, "refused", reason=str(failure.detail),
                dataset=stored.dataset, dataset_version=stored.dataset_version, release_id=release_id,
                query_hash=stored.query_hash, loss_micro=0, integrity=detail)
-    alarm.recorded = True
+    if not alarm.recorded:
+        alarm.recorded = True
+        alarms.share(release_key(release_id), alarm)
     raise failure

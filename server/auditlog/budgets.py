@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from sqlalchemy import case, func, or_, select
 from sqlmodel import Session
 
-from civicdp.server.auditlog.alarms import Alarm, Alarms, IntegrityFailure, alarms_for
+from civicdp.server.auditlog.alarms import Alarm, Alarms, IntegrityFailure, alarms_for, budget_key
 from civicdp.server.auditlog.evidence import (
     BudgetRow, Charge, Disagreement, LedgerRow, ReleaseClaim, ScopeKey, charges_of, release_claim,
 )
@@ -248,7 +248,12 @@ def _hold(alarms: Alarms, found: Disagreement) -> Alarm:
             alarm = Alarm(found.problem, found.detail, datetime.now(timezone.utc), found.info)
             alarms.budgets[found.key] = alarm  # type: ignore[index]
             logger.critical("INTEGRITY ALARM: %s; no charge is made to it", found.line())
-        return alarm
+            new = True
+        else:
+            new = False
+    if new:
+        alarms.share(budget_key(found.key), alarm)  # type: ignore[arg-type]
+    return alarm
 
 
 def refuse_disagreeing_budgets(session: Session, dataset: str, budgets: list[ledger.BudgetStatus]) -> None:

@@ -33,7 +33,7 @@ from civicdp.audit.checkpoint import Checkpoint
 from civicdp.audit.merkle import HashTree
 from civicdp.audit.signing import SigningKey
 from civicdp.server.auditlog import export as exporting
-from civicdp.server.auditlog.alarms import AuditLogFailed, alarms_for, guard_requests
+from civicdp.server.auditlog.alarms import LOG, AuditLogFailed, alarms_for, guard_requests
 from civicdp.server.auditlog.append import append
 from civicdp.server.auditlog.canonical import checked_leaf
 from civicdp.server.auditlog.integrity import Checked, LogChecks
@@ -98,6 +98,7 @@ class AuditLog:
         ensure_tables(db)
         self.alarms = alarms_for(db)
         self.alarms.audit_log = weakref.ref(self)
+        self.alarms.db = db  # the alarms raised here are shared with the other processes through it
         guard_requests(db, self.alarms)
         if check_on_start:
             self._open()
@@ -136,13 +137,17 @@ class AuditLog:
             return
         alarm, refused = cleared
         logger.warning("audit log verifies again (it failed since %s: %s)", alarm.since, alarm.problem)
+        self.alarms.flush()
         with session_scope(self.db) as session:
             self.marks.forget(EVIDENCE_MARK, session)  # folded before the alarm: the reconciliation reads all again
-            append(session, caller=None, action="audit.integrity_restored", target="audit", decision="restored",
-                   detail={"problem": alarm.problem, "since": alarm.since, "refused_requests": refused})
+            # Recorded once: by the process that raised it, or that took it up and removes its row.
+            if self.alarms.unshare(LOG, session) or not alarm.adopted:
+                append(session, caller=None, action="audit.integrity_restored", target="audit", decision="restored",
+                       detail={"problem": alarm.problem, "since": alarm.since, "refused_requests": refused})
 
     def integrity(self) -> dict[str, Any]:
-        """The integrity alarms, as readiness reports them."""
+        """The integrity alarms of every process on this database, as readiness reports them."""
+        self.alarms.refresh()
         return self.alarms.report()
 
     # -- tree -----------------------------------------------------------------------------------
@@ -229,9 +234,11 @@ class AuditLog:
         ``verify_every`` (or it failed its check); otherwise only what was added since the last check.
         """
         now = now or datetime.now(timezone.utc)
-        if not force and self._last_check is not None and now - self._last_check < self.verify_every:
+        self.alarms.refresh()
+        if (not force and not self.alarms.recheck and self._last_check is not None
+                and now - self._last_check < self.verify_every):
             return
-        self._last_check = now
+        self._last_check, self.alarms.recheck = now, False
         mark = self.marks.read(LOG_MARK)
         self._verify_quietly(full=mark is None or mark.full_at is None or now - mark.full_at >= self.verify_every)
         self._check_state(quick=False)
@@ -243,6 +250,7 @@ class AuditLog:
         ``verify_every`` old: at once, in the background, if it is older already.
         """
         now = datetime.now(timezone.utc)
+        self.alarms.refresh()  # alarms raised by the processes already running
         self._verify_quietly(full=False)
         mark = self.marks.read(LOG_MARK)
         self._last_check = mark.full_at if mark is not None and mark.full_at is not None else now - self.verify_every

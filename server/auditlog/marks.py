@@ -7,7 +7,10 @@ signing key can derive (:func:`mark_key`): someone who can write to the database
 not hold the key cannot forge or move a mark; deleting one, or putting back an older one,
 only makes the next start check more. A mark that does not verify is ignored.
 
-The table, and an index of the entries' leaf hashes (:data:`LEAF_INDEX`), are created by
+``integrityalarm`` holds the integrity alarms every server process has raised
+(:mod:`civicdp.server.auditlog.alarms`), so that readiness on every worker reports them.
+
+Both tables, and an index of the entries' leaf hashes (:data:`LEAF_INDEX`), are created by
 :func:`ensure_tables` when the log opens (an existing state gets them then), and by
 ``init_db`` once this module is imported.
 """
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, LargeBinary
+from sqlalchemy import BigInteger, Column, Index, LargeBinary, Text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine as DbEngine
 from sqlalchemy.exc import SQLAlchemyError
@@ -51,6 +54,17 @@ class AuditMark(SQLModel, table=True):
     mac: str = Field(max_length=64)
 
 
+class IntegrityAlarm(SQLModel, table=True):
+    """An integrity alarm raised by any server process on this database (readiness reports them all)."""
+
+    key: str = Field(primary_key=True, max_length=400)  # log | budget:<json scope key> | release:<id>
+    problem: str = Field(sa_column=Column(Text, nullable=False))
+    detail: str = Field(sa_column=Column(Text, nullable=False))
+    since: datetime
+    info: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    recorded: bool = False
+
+
 #: The entries' numbers and leaf hashes, apart from their text: the check since a mark compares them
 #: with the stored tree without reading the entries (:func:`civicdp.server.auditlog.integrity.below_mark_differs`).
 LEAF_INDEX = Index("ix_auditentry_seq_leaf_hash", AuditEntry.__table__.c.seq,  # type: ignore[attr-defined]
@@ -61,7 +75,7 @@ _READY_LOCK = threading.Lock()
 
 
 def ensure_tables(db: DbEngine) -> None:
-    """Create the marks' table, and the entries' leaf index, if the state has none yet (once per engine).
+    """Create the marks' and alarms' tables, and the entries' leaf index, if the state has none yet (once per engine).
 
     On a large log made before the index, creating it reads the log once (seconds per million entries).
     """
@@ -70,7 +84,7 @@ def ensure_tables(db: DbEngine) -> None:
     with _READY_LOCK:
         for attempt in (1, 2):  # workers starting at once on a state without them: one creates, the other retries
             try:
-                SQLModel.metadata.create_all(db, tables=[AuditMark.__table__])  # type: ignore[attr-defined]
+                SQLModel.metadata.create_all(db, tables=[AuditMark.__table__, IntegrityAlarm.__table__])  # type: ignore[attr-defined]
                 with db.begin() as connection:
                     connection.exec_driver_sql(f"CREATE INDEX IF NOT EXISTS {LEAF_INDEX.name} "
                                                "ON auditentry (seq, leaf_hash)")

@@ -27,7 +27,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.engine import Engine as DbEngine
 from sqlmodel import Session
 
-from civicdp.server.auditlog.alarms import Alarm, alarms_for
+from civicdp.server.auditlog.alarms import Alarm, alarms_for, budget_key, release_key
 from civicdp.server.auditlog.answers import check_releases
 from civicdp.server.auditlog.append import record
 from civicdp.server.auditlog.budgets import AuditFolds, compare
@@ -133,6 +133,7 @@ def check_state(db: DbEngine, log: AuditLog | None = None, quick: bool = False) 
     folds the ledger from the kept folds and checks only the answers stored since.
     """
     alarms = alarms_for(db)
+    alarms.refresh()  # the alarms other processes raised: cleared here only if this check finds them gone
     ok = alarms.log is None
     cached = alarms.evidence if ok and isinstance(alarms.evidence, AuditFolds) else None
     kept = alarms.kept if ok and isinstance(alarms.kept, Kept) else None
@@ -155,39 +156,51 @@ def check_state(db: DbEngine, log: AuditLog | None = None, quick: bool = False) 
     now = datetime.now(timezone.utc)
     budgets = {f.key: f for f in found if f.kind == "budget"}
     releases = {f.release_id: f for f in found if f.kind == "release"}
-    restored: list[tuple[str, Alarm]] = []
+    raised: list[tuple[str, Alarm]] = []
+    restored: list[tuple[str, str, Alarm]] = []  # audit target, shared key, alarm
     with alarms.lock:
         for key, disagreement in budgets.items():
             alarm = alarms.budgets.get(key)  # type: ignore[arg-type]
             if alarm is None or alarm.detail != disagreement.detail:
                 alarms.budgets[key] = Alarm(disagreement.problem, disagreement.detail,  # type: ignore[index]
                                             alarm.since if alarm else now, disagreement.info)
+                raised.append((budget_key(key), alarms.budgets[key]))  # type: ignore[arg-type, index]
                 logger.critical("INTEGRITY ALARM: %s; no charge is made to it", disagreement.line())
         for key in [k for k in alarms.budgets if k not in budgets]:
-            restored.append((f"budget:{alarms.budgets[key].info.get('budget_id')}", alarms.budgets.pop(key)))
+            alarm = alarms.budgets.pop(key)
+            restored.append((f"budget:{alarm.info.get('budget_id')}", budget_key(key), alarm))
         for release_id, disagreement in releases.items():
             alarm = alarms.releases.get(release_id)  # type: ignore[arg-type]
             if alarm is None or alarm.detail != disagreement.detail:
                 alarms.releases[release_id] = Alarm(disagreement.problem, disagreement.detail,  # type: ignore[index]
                                                     alarm.since if alarm else now, disagreement.info,
                                                     alarm.recorded if alarm else False)
+                raised.append((release_key(release_id), alarms.releases[release_id]))  # type: ignore[arg-type, index]
                 if alarm is None:
                     logger.critical("INTEGRITY ALARM: %s; it is not served", disagreement.line())
         for release_id in [r for r in alarms.releases if r not in releases and r > unchecked]:
-            restored.append((f"release:{release_id}", alarms.releases.pop(release_id)))
-        unrecorded = [(f"budget:{a.info.get('budget_id')}", a) for a in alarms.budgets.values() if not a.recorded]
-        unrecorded += [(f"release:{r}", a) for r, a in alarms.releases.items() if not a.recorded]
+            restored.append((f"release:{release_id}", release_key(release_id), alarms.releases.pop(release_id)))
+        unrecorded = [(f"budget:{a.info.get('budget_id')}", budget_key(k), a)
+                      for k, a in alarms.budgets.items() if not a.recorded]
+        unrecorded += [(f"release:{r}", release_key(r), a) for r, a in alarms.releases.items() if not a.recorded]
+    for key, alarm in raised:
+        alarms.share(key, alarm)
     if alarms.log is not None:
         return found  # the log is frozen: these are recorded once it verifies again
-    for target, alarm in unrecorded:
+    for target, key, alarm in unrecorded:
         with session_scope(db) as session:
             record(session, None, "integrity.alarm", target, "alarm", problem=alarm.problem, found=alarm.detail,
                    since=alarm.since, **_info(alarm))
         alarm.recorded = True
-    for target, alarm in restored:
+        alarms.share(key, alarm)
+    if restored:
+        alarms.flush()
+    for target, key, alarm in restored:
         with session_scope(db) as session:
-            record(session, None, "integrity.restored", target, "restored", problem=alarm.problem,
-                   since=alarm.since, **_info(alarm))
+            # Recorded once: by the process that raised it, or that took it up and removes its row.
+            if alarms.unshare(key, session) or not alarm.adopted:
+                record(session, None, "integrity.restored", target, "restored", problem=alarm.problem,
+                       since=alarm.since, **_info(alarm))
         logger.warning("integrity restored: %s (%s)", target, alarm.problem)
     return found
 

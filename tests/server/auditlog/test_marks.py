@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -20,6 +21,7 @@ from sqlmodel import Session
 
 from civicdp.audit.merkle import leaf_hash
 from civicdp.audit.signing import SigningKey
+from civicdp.server.auditlog.alarms import AuditLogFailed
 from civicdp.server.auditlog.marks import LOG_MARK, Mark, ensure_tables, mark_key, read_mark, write_mark
 from civicdp.server.state.db import make_engine
 from tests.server.api_fixtures import running_api  # noqa: F401 - fixtures
@@ -125,3 +127,21 @@ def test_an_entry_text_edited_below_the_mark_is_caught_by_the_next_check_of_the_
     assert log.failed is None  # the start compares leaf hashes, not texts
     log.tick()
     assert log.failed is not None and "entry 17 does not hash to its stored leaf hash" in log.failed
+
+
+def _alarm_rows(db: Engine) -> list[Any]:
+    with Session(db) as session:
+        return list(session.execute(text("SELECT key, problem FROM integrityalarm")))
+
+
+def test_the_log_alarm_is_stored_for_the_other_processes(tmp_path: Path, db_engine: Engine) -> None:
+    _fill(db_engine, 300)
+    log = _log(db_engine, tmp_path, check_on_start=False)
+    log.checkpoint()
+    with db_engine.begin() as connection:
+        connection.execute(text("DELETE FROM auditentry WHERE seq = 5"))
+    with pytest.raises(AuditLogFailed, match="entry 5 is missing"):
+        log.verify()
+    log.alarms.flush()
+    [(key, problem)] = _alarm_rows(db_engine)
+    assert key == "log" and "entry 5 is missing" in problem
