@@ -162,10 +162,10 @@ def datasets_register(folder: Path, accept_undeclared_nulls: Annotated[bool, typ
     with _state() as state:
         with session_scope(state.db) as session, preparing_registrations(session):
             row = admin.register_dataset(session, state.policies, None, folder, accept)
-            name, version = row.name, row.version
+            name, version, path = row.name, row.version, row.path
         console.print(f"registered {name} version {version}", highlight=False)
         with _preparing_progress() as progress:
-            prepared = prepare_now(state.db, state.settings, name, progress)
+            prepared = prepare_now(state.db, state.settings, name, version, path, progress)
     if prepared is None or prepared.state == READY:
         finished = aware(prepared.finished_at) if prepared else None
         started = aware(prepared.started_at) if prepared else None

@@ -239,15 +239,15 @@ def sweep(db: DbEngine, root: Path, keep: timedelta) -> int:
     return removed
 
 
-def prepare_now(db: DbEngine, settings: Settings, dataset: str, progress: Progress | None = None,
-                poll_seconds: float = 0.5) -> DatasetPreparation | None:
-    """Prepare the dataset's newest registration in this process (the CLI), or follow the worker that
-    claimed it, until it is ready, failed or given up; its row then (None: nothing was registered)."""
+def prepare_now(db: DbEngine, settings: Settings, dataset: str, version: str, path: str,
+                progress: Progress | None = None, poll_seconds: float = 0.5) -> DatasetPreparation | None:
+    """Prepare a registration (dataset, version, folder) in this process (the CLI), or follow the worker
+    that claimed it, until it is ready, failed or given up; its row then (None: none was recorded)."""
     worker = worker_name()
     root, keep = settings.prepared_path, timedelta(seconds=settings.prepared_keep_seconds)
     while True:
         with Session(reader(db)) as session:
-            prep = preparations.latest(session, dataset)
+            prep = preparations.of_registration(session, dataset, version, path)
             if prep is not None:
                 session.expunge(prep)
         if prep is None or prep.state not in OPEN:

@@ -50,16 +50,30 @@ def prepares(session: Session) -> bool:
 def request(session: Session, metadata: DatasetMetadata, folder: Path, document: str, *,
             first: bool) -> DatasetPreparation:
     """Record a registered version as waiting to be prepared; an earlier one still waiting is given up."""
-    now = utcnow()
-    session.execute(update(DatasetPreparation)
-                    .where(DatasetPreparation.dataset == metadata.name, DatasetPreparation.state.in_(OPEN))
-                    .values(state=SUPERSEDED, superseded_at=now, current_table=None))
+    now = give_up_waiting(session, metadata.name)
     row = DatasetPreparation(dataset=metadata.name, version=metadata.version, path=str(folder),
                              metadata_json=document, first=first, tables_total=len(metadata.tables),
                              requested_at=now)
     session.add(row)
     session.flush()
     return row
+
+
+def give_up_waiting(session: Session, dataset: str) -> datetime:
+    """A newer registration: preparations of the dataset still waiting or under way are given up."""
+    now = utcnow()
+    session.execute(update(DatasetPreparation)
+                    .where(DatasetPreparation.dataset == dataset,
+                           DatasetPreparation.state.in_(OPEN))  # type: ignore[attr-defined]
+                    .values(state=SUPERSEDED, superseded_at=now, current_table=None))
+    return now
+
+
+def of_registration(session: Session, dataset: str, version: str, path: str) -> DatasetPreparation | None:
+    """The newest preparation of this version from this folder (what a registration just recorded or found)."""
+    return session.exec(select(DatasetPreparation).where(
+        DatasetPreparation.dataset == dataset, DatasetPreparation.version == version,
+        DatasetPreparation.path == path).order_by(DatasetPreparation.id.desc())).first()  # type: ignore[union-attr]
 
 
 def latest(session: Session, dataset: str) -> DatasetPreparation | None:

@@ -88,6 +88,7 @@ def _register_prepared(session: Session, row: Dataset | None, metadata: DatasetM
         ready = preparations.served(session, row.name)
         if ready is not None and row.version == metadata.version and preparations.unchanged(
                 ready, folder, metadata, document):
+            preparations.give_up_waiting(session, row.name)  # the newest registration is this one
             return row
         _check_accounting(session, _parsed(row.metadata_json), metadata, remove=False)  # removed at the switch
         preparations.request(session, metadata, folder, document, first=False)
@@ -120,7 +121,7 @@ def serve(session: Session, preparation: DatasetPreparation) -> tuple[Dataset, s
             raise Conflict(f"dataset '{metadata.name}' version {metadata.version} is registered with other "
                            "metadata; give the new metadata a new version")
         _check_accounting(session, _parsed(row.metadata_json), metadata)
-        replaced = row.version
+        replaced = None if preparation.first else row.version  # a first version's row held it already
         row.version, row.path, row.metadata_json = metadata.version, preparation.path, preparation.metadata_json
     session.add(row)
     session.flush()

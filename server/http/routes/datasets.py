@@ -97,7 +97,7 @@ def register_dataset(body: DatasetRegister, caller: CurrentCaller, state: StateD
     authorize(state, caller, Action.DATASET_MANAGE, "server")
     with preparations.preparing_registrations(session):
         row = admin.register_dataset(session, state.policies, caller, Path(body.path), frozenset(body.accept))
-    preparation = _preparation(preparations.latest(session, row.name))
+    preparation = _preparation(preparations.of_registration(session, row.name, row.version, row.path))
     preparer = getattr(request.app.state, "civicdp_preparer", None)
     if preparer is not None:
         background.add_task(preparer.wake)  # after the commit, which precedes the response

@@ -267,3 +267,24 @@ def test_the_status_of_an_unknown_dataset_is_404_and_stewards_only(api: Api) -> 
     assert api.get(ANALYST, "/v1/datasets/no-such/preparation").status_code == 403
     legacy = status(api, base_metadata()["name"])  # registered without preparation (the fixture's dataset)
     assert legacy == {"dataset": base_metadata()["name"], "served_version": "1", "preparation": None}
+
+
+def test_registering_the_served_folder_again_prepares_nothing_and_wins(api: Api, tmp_path: Path,
+                                                                        held: threading.Event) -> None:
+    """The newest registration is what is served: the unchanged v1 again gives up a v2 still being prepared."""
+    held.set()
+    v1 = folder_of(tmp_path / "v1")
+    first = register(api, v1)["preparation"]["id"]
+    wait_for(api, READY)
+    held.clear()
+    register(api, folder_of(tmp_path / "v2", "2"))
+    wait_for(api, "preparing")
+    again = register(api, v1)
+    assert again["version"] == "1" and again["preparation"] == {**again["preparation"], "id": first, "state": READY}
+    assert status(api)["preparation"]["state"] == "superseded"
+    held.set()
+    deadline = time.monotonic() + 30
+    while snapshots(api) != [str(first)]:  # v2's worker stops at its next report; nothing of it is left
+        assert time.monotonic() < deadline, snapshots(api)
+        time.sleep(0.05)
+    assert status(api)["served_version"] == "1" and count(api).json()["dataset_version"] == "1"
