@@ -147,9 +147,7 @@ class LogChecks:
         if scan.problem is not None:
             return Checked(scan.problem)
         if len(scan) != head:
-            return Checked(f"the log's counter says {head:,} entries but {len(scan):,} are stored: "
-                           + ("entries were deleted from the database" if len(scan) < head
-                              else "entries were added, or the counter changed, outside the server"))
+            return Checked(_counter_problem(head, len(scan)))
         for size, root, note in stored:
             problem = check_note(size, root, note, scan, keys, f"the signed checkpoint of size {size:,}")
             if problem is not None:
@@ -205,9 +203,7 @@ class LogChecks:
             if scan.problem is not None:
                 return Checked(scan.problem)
             if len(scan) != head:
-                return Checked(f"the log's counter says {head:,} entries but {len(scan):,} are stored: "
-                               + ("entries were deleted from the database" if len(scan) < head
-                                  else "entries were added, or the counter changed, outside the server"))
+                return Checked(_counter_problem(head, len(scan)))
             unchanged = checkpoints_digest([r for r in stored if r[0] <= start]).encode() == mark.data
             for size, root, note in stored:
                 if size <= start and unchanged:
@@ -260,3 +256,9 @@ class LogChecks:
             self.tiles.forget()
             return scan.tree_problem
         return None
+
+
+def _counter_problem(head: int, stored: int) -> str:
+    return (f"the log's counter says {head:,} entries but {stored:,} are stored: "
+            + ("entries were deleted from the database" if stored < head
+               else "entries were added, or the counter changed, outside the server"))

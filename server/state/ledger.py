@@ -244,7 +244,7 @@ def _open_budgets(session: Session, dataset: str, scopes: list[Scope],
 # -- the ledger ---------------------------------------------------------------------------
 
 #: Checks that may refuse to spend from budget rows whose state failed an integrity check
-#: (server/auditlog/reconcile.py registers one). Each is called with the session, the dataset and the
+#: (server/auditlog/budgets.py's install_spend_check, called at start-up, registers one). Each is called with the session, the dataset and the
 #: rows about to be charged, inside the charge's savepoint and before any row is updated,
 #: and raises to refuse; nothing is charged then.
 SPEND_CHECKS: list[Callable[[Session, str, list[BudgetStatus]], None]] = []

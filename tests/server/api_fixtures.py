@@ -274,14 +274,17 @@ def api(tmp_path: Path, dataset_folder: Path) -> Iterator[Api]:
         yield started
 
 
-def wait_until_serving(url: str, process: "subprocess.Popen[bytes]", seconds: float = 30) -> None:
-    """Poll ``url``'s health endpoint until it answers 200; fail if ``process`` exits or time runs out."""
+def wait_until_serving(url: str, process: "subprocess.Popen[bytes]", seconds: float = 30,
+                       path: str = "/v1/health", log: Path | None = None) -> None:
+    """Poll ``url + path`` until it answers 200; fail if ``process`` exits (with the end of ``log``,
+    its stderr, when given) or time runs out."""
     deadline = time.monotonic() + seconds
     while True:
+        assert process.poll() is None, log.read_text(errors="replace")[-3000:] if log else "the server exited"
         try:
-            if httpx.get(f"{url}/v1/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        assert process.poll() is None and time.monotonic() < deadline, "the server did not start"
+        assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.1)

@@ -50,7 +50,7 @@ from civicdp.server.auditlog.reconcile import reconcile_database
 from civicdp.server.state.db import make_engine, reader
 from civicdp.server.state.models import AuditEntry, AuditHead, Budget, Computation, LedgerEntry, Release
 from tests.server.api_fixtures import (
-    ANALYST, MICRO, OVERSIGHT, count_query, make_dataset_folder, prepare_state, settings_for,
+    ANALYST, MICRO, OVERSIGHT, count_query, make_dataset_folder, prepare_state, settings_for, wait_until_serving,
 )
 from tests.server.http.test_workers import _env, _free_port
 from tests.server.racing import ROOT
@@ -87,16 +87,7 @@ def serving(data_dir: Path, database_url: str | None, workers: int,
                                    start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text(errors="replace")[-3000:]
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
+        wait_until_serving(url, process, 120, log=log)
         yield url, process, port
     finally:
         if process.poll() is None:

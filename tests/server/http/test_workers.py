@@ -42,7 +42,7 @@ from civicdp.server.state.models import ApiKey, AuditEntry
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import (  # noqa: F401 - fixtures
     ANALYST, DATASET, OTHER_ANALYST, OVERSIGHT, Api, api, count_query, dataset_folder, make_dataset_folder,
-    prepare_state, settings_for,
+    prepare_state, settings_for, wait_until_serving,
 )
 from tests.server.racing import ROOT
 
@@ -174,16 +174,7 @@ def serving(data_dir: Path, database_url: str | None, workers: int = 1) -> Itera
                                    stderr=errors, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text(errors="replace")[-3000:]
-            try:
-                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
+        wait_until_serving(url, process, 120, path="/v1/ready", log=log)
         yield url, process
     finally:
         if process.poll() is None:
