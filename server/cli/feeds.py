@@ -148,7 +148,7 @@ def verify(
 def fetch(
     name: str,
     api_key: Annotated[str, typer.Option("--api-key", envvar="CIVICDP_API_KEY", help="Your API key")],
-    url: Annotated[str, typer.Option(help="The server")] = "http://127.0.0.1:8000",
+    url: Annotated[str, typer.Option(envvar="CIVICDP_URL", help="The server")] = "http://127.0.0.1:8000",
     release: Annotated[str, typer.Option(help="'latest' or a release number")] = "latest",
     out: Annotated[Path, typer.Option(help="Folder to write <feed>-<number>.json and .json.sig into")] = Path("."),
 ) -> None:
