@@ -13,7 +13,7 @@ take under a minute on two cores (``civicdp demo-data`` is the command line).
 Requests per person are heavy-tailed (mean ~5; capping every person at 10 events
 drops ~19 % of the events), which is the shape the privacy benchmarks rely on.
 
-Two profiles (``generate(..., profile=...)``, ``civicdp demo-data --profile``):
+Three profiles (``generate(..., profile=...)``, ``civicdp demo-data --profile``):
 
 - ``demo`` (the default): waiting times in whole seconds, durations mostly low in
   their [0, 720] bounds, familiar column names.
@@ -24,10 +24,15 @@ Two profiles (``generate(..., profile=...)``, ``civicdp demo-data --profile``):
   heavier tail of requests per person (lognormal sigma 1.1 instead of 0.85, up to 5,000
   requests), and other names for the person, waiting and duration columns
   (:data:`COLUMNS`).
+- ``continuous``: the same heavier tail of requests, with waits and durations that are
+  continuous and skewed: lognormal waits (sigma 1, about the demo's medians, so a long right
+  tail) never rounded, a fifth of them exactly zero (an atom), and every step timed to the
+  microsecond, so durations take (nearly) as many distinct values as there are events. The
+  demo's column names, so every analysis runs on it with its defaults.
 
 The generator is assembled from one module per job: :mod:`~civicdp.synthetic.catalogue`
 (services, departments, centres, channels, planted lags), :mod:`~civicdp.synthetic.profiles`
-(the two shapes), :mod:`~civicdp.synthetic.timing` (calendar and request times),
+(the shapes), :mod:`~civicdp.synthetic.timing` (calendar and request times),
 :mod:`~civicdp.synthetic.demand` (requests per person, planted bundles),
 :mod:`~civicdp.synthetic.handling` (waiting, steps, durations, satisfaction) and
 :mod:`~civicdp.synthetic.declaration` (``metadata.json`` and the ground truth). This module
@@ -127,8 +132,7 @@ def generate(people: int, out: Path, seed: int = 0, profile: str = "demo") -> De
     centre_busy = rng.lognormal(0, 0.15, N_CENTRES) * (1 + 8 * centre_p) ** 0.5
     wait = handling.waiting(rng, channel, centre, seconds, centre_busy / np.median(centre_busy), shape)
     request_us = YEAR_START_US + seconds * US_PER_S
-    step_cols, total_s = handling.steps(rng, cat, service, request_us)
-    hours = total_s / 3600.0
+    step_cols, hours = handling.steps(rng, cat, service, request_us, shape)
     satisfaction = handling.satisfaction(rng, cat, service, channel, wait, hours)
 
     events = pl.DataFrame([

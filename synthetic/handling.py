@@ -26,8 +26,11 @@ def waiting(rng: np.random.Generator, channel: np.ndarray, centre: np.ndarray,
     busy = HOUR_WEIGHTS[0] / HOUR_WEIGHTS[0].max()
     median = 11.0 * centre_busy[centre] * (0.75 + 0.35 * busy[hour])
     median *= np.where(channel == 4, 0.8, 1.0)
-    shape = 2.2
-    wait = rng.gamma(shape, median / (shape - 1 / 3))
+    if profile.wait_sigma:
+        wait = median * rng.lognormal(0.0, profile.wait_sigma, len(median))  # right-skewed, no rounding
+    else:
+        shape = 2.2
+        wait = rng.gamma(shape, median / (shape - 1 / 3))
     tail = rng.random(len(wait)) < 0.005
     wait[tail] += rng.lognormal(np.log(180), 0.5, tail.sum())
     if profile.wait_seconds:
@@ -43,9 +46,12 @@ def soft_cap(hours: np.ndarray, knee: float = 960.0) -> np.ndarray:
     return np.where(hours > knee, knee + room * np.tanh((hours - knee) / room), hours)
 
 
-def steps(rng: np.random.Generator, cat: Catalogue, service: np.ndarray,
-          request_us: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Expand events into consecutive steps; returns step columns and event seconds."""
+def steps(rng: np.random.Generator, cat: Catalogue, service: np.ndarray, request_us: np.ndarray,
+          profile: Profile = PROFILES["demo"]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Expand events into consecutive steps; returns step columns and each event's duration in hours.
+
+    Steps last whole seconds, or whole microseconds (continuous durations) when the profile
+    says ``step_seconds=False``."""
     n = len(service)
     k = cat.n_steps[service]
     ev = np.repeat(np.arange(n, dtype=np.int32), k)
@@ -54,17 +60,18 @@ def steps(rng: np.random.Generator, cat: Catalogue, service: np.ndarray,
     flat = service[ev].astype(np.int32) * MAX_STEPS + step  # (service, step) cell
     share = cat.step_weight.ravel()[flat] * rng.uniform(0.5, 1.5, len(ev))
     hours = cat.target_hours[service] * rng.lognormal(0, 0.5, n) * cat.service_lag[service]
-    seconds_per_share = soft_cap(hours) * 3600 / np.bincount(ev, share, minlength=n)
-    step_s = np.rint(share * seconds_per_share[ev]).astype(np.int64)
-    np.maximum(step_s, 1, out=step_s)
-    end_s = np.cumsum(step_s)
-    end_s -= np.repeat(np.concatenate(([0], end_s[last[:-1]])), k)  # restart per event
+    unit = 1 if profile.step_seconds else US_PER_S  # ticks per second
+    ticks_per_share = soft_cap(hours) * 3600 * unit / np.bincount(ev, share, minlength=n)
+    step_t = np.rint(share * ticks_per_share[ev]).astype(np.int64)
+    np.maximum(step_t, 1, out=step_t)
+    end_t = np.cumsum(step_t)
+    end_t -= np.repeat(np.concatenate(([0], end_t[last[:-1]])), k)  # restart per event
     ended = np.repeat(request_us, k)
-    ended += end_s * US_PER_S
+    ended += end_t * (US_PER_S // unit)
     cols = {"event_index": ev, "step": step + 1,
             "department": cat.step_department.ravel()[flat],
-            "started": ended - step_s * US_PER_S, "ended": ended}
-    return cols, end_s[last]
+            "started": ended - step_t * (US_PER_S // unit), "ended": ended}
+    return cols, end_t[last] / (3600.0 * unit)
 
 
 def satisfaction(rng: np.random.Generator, cat: Catalogue, service: np.ndarray,

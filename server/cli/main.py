@@ -70,9 +70,10 @@ def demo_data(
     people: Annotated[int, typer.Option(min=1, max=50_000_000, help="How many people to simulate")] = 200_000,
     out: Annotated[Path, typer.Option(help="Folder to write the dataset into")] = Path("data/demo"),
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same data)")] = 0,
-    profile: Annotated[str, typer.Option(help="Shape of the data: 'demo', or 'other' (continuous waits with "
+    profile: Annotated[str, typer.Option(help="Shape of the data: 'demo'; 'other' (continuous waits with "
                                               "zeros, durations near the top of their bounds, a heavier tail "
-                                              "of requests, other column names)")] = "demo",
+                                              "of requests, other column names); or 'continuous' (skewed "
+                                              "waits and durations, not whole seconds, the demo's names)")] = "demo",
 ) -> None:
     """Write a realistic synthetic dataset (events, catalogue, steps, planted bundles, metadata)."""
     from civicdp.synthetic.demo_data import PROFILES, generate

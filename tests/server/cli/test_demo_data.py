@@ -319,3 +319,36 @@ def test_profiles_are_checked_and_the_command_takes_one(tmp_path: Path) -> None:
     refused = runner.invoke(app, ["demo-data", "--people", "200", "--out", str(tmp_path / "p"),
                                   "--profile", "nope"])
     assert refused.exit_code != 0 and "unknown profile" in refused.output
+
+
+# -- the continuous profile: skewed waits and durations with no rounding ----------------------
+
+
+@pytest.fixture(scope="module")
+def continuous(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("continuous")
+    generate(PEOPLE, out, seed=SEED, profile="continuous")
+    return out
+
+
+def test_continuous_profile_waits_are_skewed_unrounded_with_an_atom(continuous: Path) -> None:
+    events = pl.read_parquet(continuous / "events.parquet")
+    assert dict(events.schema) == EVENTS_SCHEMA  # the demo's names and types
+    wait = events["waiting_minutes"].drop_nulls()
+    assert 0.17 < (wait == 0).mean() < 0.23  # the atom
+    positive = wait.filter(wait > 0)
+    assert ((positive * 60 - (positive * 60).round()).abs() > 1e-3).mean() > 0.9  # not whole seconds
+    assert positive.n_unique() > 0.99 * positive.len()
+    assert positive.mean() > 1.5 * positive.median()  # a long right tail
+
+
+def test_continuous_profile_durations_are_not_whole_seconds(continuous: Path) -> None:
+    events = pl.read_parquet(continuous / "events.parquet")
+    seconds = events["duration_hours"] * 3600
+    assert ((seconds - seconds.round()).abs() > 1e-3).mean() > 0.9
+    assert events["duration_hours"].n_unique() > 0.99 * events.height
+    steps = pl.read_parquet(continuous / "steps.parquet")
+    lasted = (steps["ended"] - steps["started"]).dt.total_microseconds()
+    assert (lasted % 1_000_000 != 0).mean() > 0.99
+    demo = pl.read_parquet(_demo_events(continuous.parent))["duration_hours"] * 3600
+    assert ((demo - demo.round()).abs() < 1e-6).all()  # the demo's stay in whole seconds
