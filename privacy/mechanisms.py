@@ -17,6 +17,7 @@ from statistics import NormalDist
 from functools import lru_cache
 from typing import Sequence
 
+import numpy as np
 import opendp.accuracy as dp_accuracy
 import opendp.combinators as combinators
 import opendp.domains as domains
@@ -33,6 +34,13 @@ from civicdp.privacy.loss import PrivacyLoss
 ensure_safe_features()
 
 _INT_VECTOR = domains.vector_domain(domains.atom_domain(T="i64"))
+
+
+def _int64s(values: Sequence[int]) -> np.ndarray:
+    """The integers as one int64 array: OpenDP reads it in one copy, a list element by element
+    (~17 us each: 0.1 s for a quantile's 4,801 scores). Values beyond int64 raise, as before."""
+    return np.ascontiguousarray(np.asarray([int(v) for v in values] if not isinstance(values, np.ndarray)
+                                           else values, dtype=np.int64))
 #: Largest Gaussian scale whose accuracy OpenDP computes exactly (beyond it, a closed-form bound).
 _EXACT_GAUSSIAN_SCALE = 64.0
 
@@ -119,7 +127,7 @@ class LaplaceVector:
         return half
 
     def release(self, values: Sequence[int]) -> list[int]:
-        return list(_laplace(_check_scale(self.scale))([int(v) for v in values]))
+        return list(_laplace(_check_scale(self.scale))(_int64s(values)))
 
     name = "discrete Laplace"
 
@@ -176,7 +184,7 @@ class GaussianVector:
         return half
 
     def release(self, values: Sequence[int]) -> list[int]:
-        return list(_gaussian(_check_scale(self.scale))([int(v) for v in values]))
+        return list(_gaussian(_check_scale(self.scale))(_int64s(values)))
 
     name = "discrete Gaussian"
 
@@ -224,10 +232,10 @@ class NoisyMin:
         return self.scale * math.log(max(candidates, 1) / alpha)
 
     def release(self, scores: Sequence[int]) -> int:
-        if not scores:
+        if len(scores) == 0:
             raise InvalidLoss("selection needs at least one candidate")
         # The same sampler either way: zCDP only changes how its loss is read.
-        return int(_noisy_min(_check_scale(self.scale), self.delta is not None)([int(s) for s in scores]))
+        return int(_noisy_min(_check_scale(self.scale), self.delta is not None)(_int64s(scores)))
 
     name = "exponential mechanism (permute-and-flip)"
 
