@@ -45,6 +45,14 @@ class DatasetOut(BaseModel):
     tables: dict[str, Any] = Field(description="Public metadata: columns, key sets and bounds")
 
 
+class DerivedOut(BaseModel):
+    """How an answer was computed from stored releases alone (issue 18): post-processing, free."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+    from_: list[int] = Field(alias="from", description="The stored releases it is computed from")
+    how: str = Field(description="The derivation (roll-up, subset of cells, ratio) and how its interval is bounded")
+
+
 class EstimateOut(BaseModel):
     dataset: str
     loss: Loss
@@ -54,6 +62,8 @@ class EstimateOut(BaseModel):
     accuracy: dict[str, Any]
     notes: list[str]
     cached: bool = Field(description="An identical question was answered before: running it costs nothing")
+    derived: DerivedOut | None = Field(
+        default=None, description="Running it would answer from stored releases, free (as the answer's derived says)")
 
 
 class TableOut(BaseModel):
@@ -67,6 +77,8 @@ class QueryResultOut(BaseModel):
     dataset_version: str
     cached: bool = Field(description="The stored answer to an identical earlier question; nothing was charged")
     charged: Loss = Field(description="What this request charged (zero when cached)")
+    derived: DerivedOut | None = Field(
+        default=None, description="Computed from stored releases of this version, charged nothing; else null")
     loss: Loss = Field(description="The privacy loss of the release itself")
     contributions: int
     confidence: float
