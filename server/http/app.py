@@ -17,6 +17,7 @@ from civicdp.server.http.methods import AllowHeaderMiddleware
 from civicdp.server.http.lean import LeanQueries
 from civicdp.server.http.anonymous_traffic import AnonymousTraffic, last_summary, summarise_refusals
 from civicdp.server.http.limits import RequestLimitsMiddleware, document_limits
+from civicdp.server.http.security_headers import SecurityHeadersMiddleware
 from civicdp.server.http.routes import admin, audit, budgets, datasets, feeds, health, monitors, queries, releases
 from civicdp.server.state.settings import Settings
 
@@ -54,13 +55,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.anonymous_traffic = traffic
     errors.install(app)
     document_limits(app)
-    # Added innermost first: audit (outermost, one entry per request) -> size, structure and
+    # Added innermost first: security headers (outermost, so every answer has them, refusals and
+    # cached answers too) -> audit (one entry per request) -> size, structure and
     # rate limits (before any body is parsed or key looked up) -> complete Allow on 405 -> the
     # lean path of cached answers (server/http/lean.py; everything else passes through) -> routes.
     app.add_middleware(LeanQueries, profile_file=settings.profile_file)
     app.add_middleware(AllowHeaderMiddleware)
     app.add_middleware(RequestLimitsMiddleware, settings=settings, traffic=traffic)
     app.add_middleware(AuditMiddleware, traffic=traffic)
+    app.add_middleware(SecurityHeadersMiddleware)
     for module in (health, datasets, queries, budgets, releases, admin, audit, feeds, monitors):
         app.include_router(module.router, prefix="/v1")
     return app
