@@ -26,6 +26,7 @@ from civicdp.queries.polars_backend import PolarsBackend
 from civicdp.queries.query_plan import Plan, check_maximum, plan_query
 from civicdp.queries.request import parse_request
 from civicdp.queries.results import Estimate, Result
+from civicdp.queries.spark_routing import DatasetBackends, check_supported
 
 __all__ = ["AnalysisPlan", "Engine", "Estimate", "LocalDataset", "Plan", "Result"]
 
@@ -36,6 +37,8 @@ class Engine:
     def __init__(self, backend: Backend | None = None, limits: EngineLimits | None = None) -> None:
         self.backend = backend or PolarsBackend()
         self.limits = limits or EngineLimits()
+        # Plans run on their dataset's declared engine: this backend, or Spark for "engine": "spark".
+        self.routed = DatasetBackends(self.backend)
 
     def plan(self, spec: Any, metadata: DatasetMetadata, dataset_dir: Path,
              budget: float | None = None) -> Plan | AnalysisPlan:
@@ -43,6 +46,7 @@ class Engine:
         aggregate query's epsilon buys, for callers that split one budget over several queries."""
         request = parse_request(spec)
         if isinstance(request, AnalysisSpec):
+            check_supported(self.routed, metadata, request.analysis)
             analysis_plan = ANALYSES[request.analysis].plan(request, metadata, Path(dataset_dir), self.limits)
             check_maximum(analysis_plan.loss, self.limits)
             return analysis_plan
@@ -67,14 +71,14 @@ class Engine:
             before_release(plan)  # e.g. charge the budget; raising stops here, before any noise
         if isinstance(plan, AnalysisPlan):
             try:
-                result = plan.execute(self.backend)
+                result = plan.execute(self.routed)
             except QueryError:
                 raise
             except Exception:
                 # The library's message is not shown: it could quote values from the data.
                 raise dataset_unavailable(None) from None
         else:
-            result = plan.execute(self.backend)  # its backend errors are already the fixed text
+            result = plan.execute(self.routed)  # its backend errors are already the fixed text
         result.seconds = time.perf_counter() - started
         return result
 

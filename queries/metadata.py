@@ -148,6 +148,9 @@ class DatasetMetadata(_Strict):
     catalogue: dict[str, Any] | None = None
     accounting: AccountingMeta = Field(default_factory=AccountingMeta)
     proposed_from_data: ProposedFromData | None = None
+    #: Which backend computes the exact aggregates: Polars on this machine, or Spark
+    #: (queries/spark_backend.py, docs/spark.md), where tables may be URLs or "table:db.name".
+    engine: Literal["polars", "spark"] = "polars"
 
     @model_validator(mode="after")
     def _check(self) -> DatasetMetadata:
