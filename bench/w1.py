@@ -7,8 +7,9 @@ Usage::
 
 Generates (or reuses) the demo dataset, then for each of several runs times the four
 W1 queries through the engine (total epsilon = 1 per person) and the same four
-aggregations in plain Polars without privacy, and prints per-query and total median
-times, the DP / plain ratio, peak memory, and errors against the true (unbounded)
+aggregations in plain Polars without privacy, in paired rounds (each round plain
+Polars, then each setting's four queries), and prints per-query and total median
+times, the median of the rounds' DP / plain ratios, the peak memory of each part, and errors against the true (unbounded)
 answers split into bias (contribution bounding and clipping) and noise. It runs two
 settings: civicdp's own contribution bounds ("tuned") and the anchors' fixed 10 rows
 per person ("fixed-10"). With ``--auto`` the first setting is "auto" instead:
@@ -165,61 +166,95 @@ def errors(name: str, truth: dict, bounded: dict, released: dict) -> tuple[float
             float(np.median(abs(r - b) / safe)))
 
 
+def _reset_peak() -> None:
+    """Reset this process's peak resident memory (Linux: ``clear_refs`` 5 resets VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def _peak_mb() -> float:
+    """Peak resident memory since the last :func:`_reset_peak`, in MB."""
+    with open("/proc/self/status") as handle:
+        line = next(x for x in handle if x.startswith("VmHWM"))
+    return int(line.split()[1]) / 1024
+
+
 def run(data: Path, runs: int, settings: tuple[str, ...] = ("tuned", "fixed-10"), profile: str = "demo",
         split: tuple[float, ...] | None = None) -> None:
+    """``runs`` paired rounds: in each, plain Polars then every setting's four queries, timed and
+    their peak memory taken apart; medians of the totals and of each round's ratio."""
     engine = Engine()
     dataset = LocalDataset(data, engine)
     events = data / dataset.metadata.tables["events"].path
     started = time.perf_counter()
     engine.backend.scan(data, dataset.metadata, "events")  # one-off ranking, cached beside the data
     print(f"prepare (per-person ranking, once per table): {time.perf_counter() - started:.2f} s")
-    plain_times: list[float] = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        plain = plain_polars(events, profile)
-        plain_times.append(time.perf_counter() - t)
-    plain_median = statistics.median(plain_times)
-    print(f"plain Polars, four aggregations: median {plain_median:.3f} s over {runs} runs")
+    all_specs = {}
     for setting in settings:
         specs = {name: named(spec, profile) for name, spec in SETTINGS[setting].items()}
         if split is not None and setting == settings[0]:
             specs = {name: {**spec, "epsilon": eps} for (name, spec), eps in zip(specs.items(), split)}
-        per_query: dict[str, list[float]] = {q: [] for q in specs}
-        totals, errs = [], {q: [] for q in specs}
-        chosen: dict[str, list[int]] = {q: [] for q in specs}
-        how: dict[str, str] = {}
-        for _ in range(runs):
+        all_specs[setting] = specs
+    plain_times: list[float] = []
+    plain_peaks: list[float] = []
+    per_query = {s: {q: [] for q in all_specs[s]} for s in settings}
+    totals = {s: [] for s in settings}
+    peaks = {s: [] for s in settings}
+    results = {s: {q: [] for q in all_specs[s]} for s in settings}
+    plain: dict[str, pl.DataFrame] = {}
+    for _ in range(runs):
+        _reset_peak()
+        t = time.perf_counter()
+        plain = plain_polars(events, profile)
+        plain_times.append(time.perf_counter() - t)
+        plain_peaks.append(_peak_mb())
+        for setting in settings:
+            _reset_peak()
             total = 0.0
-            for name, spec in specs.items():
+            for name, spec in all_specs[setting].items():
                 t = time.perf_counter()
                 result = dataset.run(spec)
                 elapsed = time.perf_counter() - t
-                per_query[name].append(elapsed)
+                per_query[setting][name].append(elapsed)
                 total += elapsed
+                results[setting][name].append(result)
+            totals[setting].append(total)
+            peaks[setting].append(_peak_mb())
+    plain_median = statistics.median(plain_times)
+    print(f"plain Polars, four aggregations: median {plain_median:.3f} s over {runs} paired rounds; "
+          f"peak RSS (median) {statistics.median(plain_peaks):.0f} MB")
+    for setting in settings:
+        specs = all_specs[setting]
+        errs: dict[str, list] = {q: [] for q in specs}
+        chosen: dict[str, list[int]] = {q: [] for q in specs}
+        how: dict[str, str] = {}
+        for name, spec in specs.items():
+            plan = engine.plan(spec, dataset.metadata, data)
+            if plan.auto is not None:
+                how[name] = (f"auto chose among 1..{plan.auto.top}, worst case {1 + plan.auto.worst:.2f}x "
+                             "the fixed bound's predicted error" if plan.selector is not None else
+                             "auto kept the fixed bound (the choice would be too coarse)")
+            for result in results[setting][name]:
                 chosen[name].append(result.contributions)
-                plan = engine.plan(spec, dataset.metadata, data)
-                if plan.auto is not None:
-                    how[name] = (f"auto chose among 1..{plan.auto.top}, worst case {1 + plan.auto.worst:.2f}x "
-                                 "the fixed bound's predicted error" if plan.selector is not None else
-                                 "auto kept the fixed bound (the choice would be too coarse)")
                 errs[name].append(errors(name, _truth(name, plain[name]),
                                          _bounded(engine, plan, name, result.contributions),
                                          _released(name, result.table)))
-            totals.append(total)
         eps = sum(s["epsilon"] for s in specs.values())
         print(f"\n[{setting}] total epsilon = {eps:g}")
         for name in specs:
             e = np.median(np.array(errs[name]), axis=0)
             unit = "min (MAE)" if name == "Q3" else "(median relative)"
-            print(f"  {name}: median {statistics.median(per_query[name]):.3f} s; bound L={chosen[name]}; "
+            print(f"  {name}: median {statistics.median(per_query[setting][name]):.3f} s; bound L={chosen[name]}; "
                   f"error {e[0]:.4f} {unit} = bias {e[1]:.4f} + noise {e[2]:.4f}")
             if name in how:
                 print(f"      {how[name]}")
-        dp_median = statistics.median(totals)
-        print(f"  all four: median {dp_median:.3f} s; plain {plain_median:.3f} s; "
-              f"ratio DP/plain = {dp_median / plain_median:.2f}")
+        ratios = [d / p for d, p in zip(totals[setting], plain_times)]
+        print(f"  all four: median {statistics.median(totals[setting]):.3f} s; plain {plain_median:.3f} s; "
+              f"ratio DP/plain = {statistics.median(ratios):.2f} (median of {runs} paired rounds; "
+              f"range {min(ratios):.2f}-{max(ratios):.2f}); peak RSS (median) "
+              f"{statistics.median(peaks[setting]):.0f} MB vs plain {statistics.median(plain_peaks):.0f} MB")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak memory (RSS): {peak:.0f} MB")
+    print(f"\npeak memory of the whole process (RSS): {peak:.0f} MB")
 
 
 def main() -> None:
