@@ -153,7 +153,7 @@ def plan(kind: Kind, ctx: QueryContext, calibration: Calibration, selector: Nois
     after the selection's share; ``selector`` the selection that share buys.
     """
     metadata = ctx.metadata
-    fixed, limit = metadata.max_contributions, metadata.max_contributions_limit
+    fixed, limit = metadata.row_limit(ctx.spec.table), metadata.max_contributions_limit
     found = model(kind, ctx, calibration)
     if found is None:
         return AutoBound(fixed, (fixed,), None, None,

@@ -274,7 +274,7 @@ def _check_privacy(spec: QuerySpec, limits: EngineLimits) -> None:
 
 def _contributions(spec: QuerySpec, metadata: DatasetMetadata) -> int | None:
     if spec.contributions is None:
-        return metadata.max_contributions
+        return metadata.row_limit(spec.table)  # a linked table's own default (steps per case), if declared
     if spec.contributions == "auto":
         if spec.accuracy is not None:
             raise QueryError("contributions", "a target accuracy needs a fixed contribution bound, "

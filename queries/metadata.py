@@ -40,7 +40,9 @@ class ColumnMeta(_Strict):
     ``column_class`` is the JSON field ``class`` (a Python keyword): the steward's statement
     of how identifying the column is, which registration applies to the policies (SECURITY.md:
     lower caps on quasi-identifiers, no queries on sensitive columns). ``None``: not stated
-    -- public, unless a steward classified the column otherwise.
+    -- public, unless a steward classified the column otherwise. ``ends_case``: the column is
+    missing while a case is open (its end time, or a duration computed from it), so the
+    steward's check counts open cases by it.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, serialize_by_alias=True)  # only "class" in JSON
@@ -52,6 +54,7 @@ class ColumnMeta(_Strict):
     nullable: bool = False
     resolution: float | None = Field(default=None, gt=0)
     column_class: ColumnClassName | None = Field(default=None, alias="class")
+    ends_case: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ColumnMeta:
@@ -98,9 +101,13 @@ class ColumnMeta(_Strict):
 
 
 class TableMeta(_Strict):
+    """One table. ``max_contributions``: a linked table's own default of rows kept per privacy
+    unit (steps per case); without it such a table takes the dataset's ``max_contributions``."""
+
     path: str
     columns: dict[str, ColumnMeta]
     privacy_unit_via: dict[str, str] | None = None
+    max_contributions: int | None = Field(default=None, ge=1, le=100_000)
 
 
 class AccountingMeta(_Strict):
@@ -158,6 +165,13 @@ class DatasetMetadata(_Strict):
             raise ValueError("declare at least one table")
         for tname, table in self.tables.items():
             via = table.privacy_unit_via
+            if table.max_contributions is not None:
+                if via is None:
+                    raise ValueError(f"table '{tname}': a table's own max_contributions is for a table linked "
+                                     "through privacy_unit_via; this table holds the privacy unit, so the "
+                                     "dataset's max_contributions bounds it: remove it here")
+                if table.max_contributions > self.max_contributions_limit:
+                    raise ValueError(f"table '{tname}': max_contributions must not exceed max_contributions_limit")
             if via is None:
                 if self.privacy_unit not in table.columns:
                     raise ValueError(
@@ -178,6 +192,25 @@ class DatasetMetadata(_Strict):
 
     def table(self, name: str) -> TableMeta:
         return self.tables[name]
+
+    def row_limit(self, table: str) -> int:
+        """Rows per privacy unit a query on ``table`` keeps by default."""
+        return self.tables[table].max_contributions or self.max_contributions
+
+    def linked_rows_note(self, table: str, kept: int | None) -> str | None:
+        """For an answer's notes: how a linked table's rows were bounded, and where its default comes from
+        (None for a table that holds the privacy unit itself)."""
+        meta = self.tables[table]
+        via = meta.privacy_unit_via
+        if via is None:
+            return None
+        default = self.row_limit(table)
+        source = (f"tables.{table}.max_contributions" if meta.max_contributions is not None else
+                  "the dataset's max_contributions: the table declares no max_contributions of its own")
+        used = f"at most {kept} of its rows per {self.privacy_unit} were kept" if kept is not None else \
+            f"its rows per {self.privacy_unit} are bounded"
+        return (f"table '{table}' reaches the privacy unit through {via['table']}.{via['on']}: {used} "
+                f"(default {default}, from {source}); rows beyond it are dropped before aggregating")
 
 
 def parse_metadata(raw: dict[str, Any]) -> DatasetMetadata:

@@ -76,6 +76,10 @@ class Plan:
             mechanisms.append(_selector_row(self.selector))
         elif self.auto is not None:
             notes.append(f"contributions 'auto' kept the dataset's bound: {self.auto.reason}")
+        linked = self.context.metadata.linked_rows_note(
+            self.spec.table, None if self.selector else self.calibration.contributions)
+        if linked:
+            notes.append(linked)
         return Estimate(self.loss, "auto" if self.selector else self.calibration.contributions,
                         self.spec.confidence, mechanisms, self.kind.predicted(self.context, self.calibration),
                         notes)
@@ -97,6 +101,9 @@ class Plan:
         exact = _aggregate(backend, request)
         table = self.kind.release(ctx, calibration, exact)
         notes.append(_bounding_note(request))
+        linked = ctx.metadata.linked_rows_note(ctx.spec.table, calibration.contributions)
+        if linked:
+            notes.append(linked)
         return Result(table, self.loss, calibration.contributions, ctx.spec.confidence, mechanisms,
                       ctx.spec, notes, time.perf_counter() - started)
 
@@ -135,7 +142,7 @@ def plan_query(spec: QuerySpec, metadata: DatasetMetadata, dataset_dir: Path, li
     if contributions is None:  # "auto": part of the loss chooses L privately
         auto_budget = budget * limits.auto_fraction  # type: ignore[operator]
         main_epsilon = budget - auto_budget  # type: ignore[operator]
-        contributions = metadata.max_contributions  # reference for estimates only
+        contributions = metadata.row_limit(spec.table)  # reference for estimates only
         calibration = kind.calibrate(ctx, contributions, main_epsilon)
         auto = auto_bound.plan(kind, ctx, calibration,
                                ctx.accounting.selection(BOUND_SCORE_SENSITIVITY, auto_budget))

@@ -154,7 +154,7 @@ def resolve_setting(spec: BundlesSpec | BundleChangesSpec, metadata: DatasetMeta
         raise QueryError("top_k", f"must be between 1 and {min(MAX_TOP_K, space.n_pairs)} (the catalogue has "
                          f"{space.n_pairs:,} pairs), got {top_k}",
                          f"Ask for at most {min(MAX_TOP_K, space.n_pairs)} pairs")
-    max_items = min(metadata.max_contributions, space.n_items) if spec.max_items is None else spec.max_items
+    max_items = min(metadata.row_limit(spec.table), space.n_items) if spec.max_items is None else spec.max_items
     if not 1 <= max_items <= space.n_items:
         raise QueryError("max_items", f"must be between 1 and {space.n_items} (the catalogue's size), "
                          f"got {max_items}", "Give the number of distinct items counted per person")

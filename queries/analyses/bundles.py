@@ -138,8 +138,10 @@ class _Bundles(Analysis):
 
 def _notes(setting: Setting) -> list[str]:
     days = setting.window_seconds // 86400
-    return [f"pairs: two different {setting.item} values used by the same person at most {days} days apart "
-            f"(times to the second), counted once per person"]
+    notes = [f"pairs: two different {setting.item} values used by the same person at most {days} days apart "
+             f"(times to the second), counted once per person"]
+    linked = setting.metadata.linked_rows_note(setting.table, None)  # a linked table: where its limit comes from
+    return notes + ([linked] if linked else [])
 
 
 register(_Bundles("bundles", BundlesSpec))

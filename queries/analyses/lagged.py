@@ -97,6 +97,11 @@ class LaggedPlan(AnalysisPlan):
                 "are dropped before counting, and shares, intervals and flags describe the kept rows only, "
                 "not all the data")
 
+    def _linked_notes(self) -> list[str]:
+        """The steps table's row limit per person and where its default comes from (a linked table)."""
+        notes = (lv.rows.metadata.linked_rows_note(lv.rows.spec.table, lv.rows.contributions) for lv in self.levels)
+        return [note for note in notes if note]
+
     def describe(self) -> Estimate:
         threshold = self.spec.share_threshold
         accuracy: dict[str, Any] = {"unit": "cases", "simultaneous": True, "rule": _rule(self.spec),
@@ -106,7 +111,8 @@ class LaggedPlan(AnalysisPlan):
             accuracy[lv.name] = {"cells": lv.n_cells, "cases_half_width": math.floor(lv.cases_margin),
                                  "cases_needed_to_flag": lv.cases_needed_to_flag(threshold)}
         return Estimate(self.loss, self.levels[0].rows.contributions or 0, self.spec.confidence,
-                        self._mechanisms(), accuracy, [self._family_note(), self._bounding_note()])
+                        self._mechanisms(), accuracy,
+                        [self._family_note(), self._bounding_note(), *self._linked_notes()])
 
     def execute(self, backend: Backend) -> Result:
         return self.release(self.exact_counts(backend))
@@ -121,7 +127,7 @@ class LaggedPlan(AnalysisPlan):
         tables = {lv.name: _release(spec, lv, exact[lv.name]) for lv in self.levels}
         flagged = pl.concat([_flag_rows(name, t, spec) for name, t in tables.items()], how="diagonal_relaxed")
         flagged = flagged.sort(["ci_low", "share_above"], descending=True)
-        notes = [_rule(spec), self._family_note(), self._bounding_note(),
+        notes = [_rule(spec), self._family_note(), self._bounding_note(), *self._linked_notes(),
                  f"flagged: {flagged.height} of {self.n_cells} cells"]
         return Result(flagged, self.loss, self.levels[0].rows.contributions or 0, spec.confidence,
                       self._mechanisms(), spec, notes, tables=tables)

@@ -10,9 +10,8 @@ at its next request; a revoke that removes nothing is an error (exit status 2).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -143,62 +142,6 @@ def roles_revoke(account: str, role: Role, agency: str) -> None:
     console.print(f"revoked {role.value} in {agency} from {account}")
 
 
-@datasets.command("register")
-def datasets_register(folder: Path, accept_undeclared_nulls: Annotated[bool, typer.Option(
-        help="Register although a column not declared nullable has missing values (they are dropped after "
-             "bounding); recorded in the audit log")] = False) -> None:
-    """Register (or update) a dataset after checking its folder against its metadata, then prepare it.
-
-    Preparing ranks each table's rows per person into the server's state (CIVICDP_PREPARED_DIR,
-    default data_dir/prepared; the folder is only read), with a progress bar, before the
-    command returns; the version served before is answered until then. Exit status 1 if
-    the preparation fails (the error is stored; the earlier version stays served).
-    """
-    from civicdp.server.intake.prepare import prepare_now
-    from civicdp.server.state.preparations import READY, aware, preparing_registrations
-
-    accept = frozenset({"undeclared_nulls"} if accept_undeclared_nulls else set())
-    registered_at = utcnow()
-    with _state() as state:
-        with session_scope(state.db) as session, preparing_registrations(session):
-            row = admin.register_dataset(session, state.policies, None, folder, accept)
-            name, version, path = row.name, row.version, row.path
-        console.print(f"registered {name} version {version}", highlight=False)
-        with _preparing_progress() as progress:
-            prepared = prepare_now(state.db, state.settings, name, version, path, progress)
-    if prepared is None or prepared.state == READY:
-        finished = aware(prepared.finished_at) if prepared else None
-        started = aware(prepared.started_at) if prepared else None
-        if finished is not None and finished < registered_at:
-            took = " already (its files are unchanged)"
-        else:
-            took = f" in {(finished - started).total_seconds():.1f} s" if finished and started else ""
-        console.print(f"prepared {name} version {version}{took}; queries are answered on it now", highlight=False)
-    elif prepared.state == "failed":
-        fail(f"{name} version {version} was registered but could not be prepared: {prepared.error}. It is not "
-             "served (the version served before, if any, still is); fix the cause and register again", code=1)
-    else:
-        console.print(f"a newer registration of {name} replaced version {version} before it was prepared",
-                      highlight=False)
-
-
-@contextmanager
-def _preparing_progress() -> Iterator[Callable[[str, int, int, int, int], None]]:
-    """A progress bar over the tables being prepared (each advancing by its steps)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[tables]}"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
-        task = bar.add_task("preparing", total=1.0, tables="")
-
-        def update(table: str, done: int, total: int, step: int, steps: int) -> None:
-            bar.update(task, completed=(done + step / max(steps, 1)) / max(total, 1),
-                       description=f"preparing {table}", tables=f"table {min(done + 1, total)}/{total}")
-
-        yield update
-        bar.update(task, completed=1.0, description="prepared")
-
-
 @datasets.command("classify")
 def datasets_classify(dataset: str, column: str,
                       column_class: Annotated[ColumnClass, typer.Argument(
@@ -213,56 +156,6 @@ def datasets_classify(dataset: str, column: str,
         console.print(f"column {column} of {dataset} is now {column_class.value}")
     else:
         console.print(f"column {column} of {dataset} is {column_class.value} already: nothing changed")
-
-
-@datasets.command("check")
-def datasets_check(folder: Path,
-                   as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False) -> None:
-    """Check a dataset folder as registration would, and report what its declaration does to the data.
-
-    Counts, per column, missing values, rows outside the declared keys (they fall in no
-    group) and values outside the bounds (clipped); per table, rows beyond
-    max_contributions. Reads your files only; registers nothing. Exit status 2 if
-    registration would refuse the folder (values still proposed from the data, not yet
-    confirmed, included), 1 if there are warnings.
-    """
-    from dataclasses import asdict
-
-    from civicdp.server.intake.report import check_folder
-    from civicdp.server.state.dataset_checks import DatasetRefused
-
-    try:
-        report = check_folder(folder)
-    except (DatasetRefused, QueryError, OSError) as exc:
-        fail(f"registration would refuse {folder}: {exc}")
-    warnings = report.warnings()
-    if as_json:
-        console.print_json(json.dumps({"dataset": report.metadata.name, "rows": report.rows,
-                                       "beyond_contributions": report.beyond_contributions,
-                                       "columns": [asdict(c) for c in report.columns], "warnings": warnings,
-                                       "unconfirmed": report.unconfirmed}))
-    else:
-        table = Table("table", "column", "rows", "missing", "outside keys", "below bounds", "above bounds")
-        for c in report.columns:
-            table.add_row(c.table, c.column, f"{c.rows:,}", f"{c.missing:,}", f"{c.outside_keys:,}",
-                          f"{c.below_bounds:,}", f"{c.above_bounds:,}")
-        console.print(table)
-        for name, dropped in report.beyond_contributions.items():
-            console.print(f"{name}: {report.rows[name]:,} rows, {dropped:,} beyond max_contributions="
-                          f"{report.metadata.max_contributions} per person", highlight=False)
-        for line in warnings:
-            console.print(f"warning: {line}", highlight=False)
-        if report.unconfirmed:
-            console.print(f"registration would refuse: {len(report.unconfirmed)} values were read off the data and "
-                          f"are not confirmed ({', '.join(report.unconfirmed)}); review them, then: civicdp datasets "
-                          f"confirm {folder}", highlight=False)
-        else:
-            console.print(f"registration checks pass; register with: civicdp datasets register {folder}",
-                          highlight=False)
-    if report.unconfirmed:
-        raise typer.Exit(2)
-    if warnings:
-        raise typer.Exit(1)
 
 
 @datasets.command("list")

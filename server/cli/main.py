@@ -23,6 +23,7 @@ from civicdp.queries.errors import QueryError
 from civicdp.server.cli.admin import accounts, budgets, datasets, keys, roles
 from civicdp.server.cli.audit import audit
 from civicdp.server.cli.datasets import attach as attach_intake_commands
+from civicdp.server.cli.registration import attach as attach_registration_commands
 from civicdp.server.cli.common import fail, read_json
 from civicdp.server.cli.output import console, print_result, result_json
 from civicdp.server.cli.feeds import feeds
@@ -47,6 +48,7 @@ app.add_typer(accounts, name="accounts")
 app.add_typer(keys, name="keys")
 app.add_typer(roles, name="roles")
 attach_intake_commands(datasets)  # datasets init, datasets confirm
+attach_registration_commands(datasets)  # datasets check, datasets register, datasets findings
 app.add_typer(datasets, name="datasets")
 app.add_typer(budgets, name="budgets")
 app.add_typer(audit, name="audit")

@@ -196,11 +196,12 @@ def add_rule(session: Session, policies: PolicyStore, actor: Caller | None, rule
 
 
 def register_dataset(session: Session, policies: PolicyStore, actor: Caller | None, folder: Path,
-                     accept: frozenset[str] = frozenset()) -> Dataset:
-    """Register the folder's version; ``accept`` names check problems accepted, not fixed (audited)."""
+                     accept: frozenset[str] = frozenset(), publish_shares: bool = False) -> Dataset:
+    """Register the folder's version; ``accept`` names check problems accepted, not fixed, and
+    ``publish_shares`` shows analysts the shares the check found (both audited)."""
     from civicdp.server.services.classification import stated_classes
 
-    row = registry.register(session, folder, accept)
+    row = registry.register(session, folder, accept, publish_shares=publish_shares)
     metadata = registry.metadata_of(row)
     # A class stated in the metadata wins (issue 14); a column without one keeps the class a
     # steward gave it, or becomes public.
@@ -214,6 +215,7 @@ def register_dataset(session: Session, policies: PolicyStore, actor: Caller | No
                     policies.assign_public_column(row.name, column)
         record(session, actor, "dataset.register", row.name, version=row.version, path=row.path,
                **({"accepted": sorted(accept)} if accept else {}),
+               **({"shares_published": True} if publish_shares else {}),
                **({"classes": {column: c.value for column, c in sorted(stated.items())}} if stated else {}))
     return row
 

@@ -36,6 +36,16 @@ class BudgetOut(BaseModel):
     delta: float | None = Field(default=None, description="zCDP datasets: the public delta epsilons are stated at")
 
 
+class SharePublished(BaseModel):
+    """One finding of a version's registration check, as its steward published it."""
+
+    kind: Literal["dropped_keys", "undeclared_nulls", "clipped", "open_cases"]
+    table: str
+    column: str | None
+    share: float = Field(description="Share of the table's rows it touches")
+    accepted: bool = Field(description="Accepted at registration instead of fixed")
+
+
 class DatasetOut(BaseModel):
     name: str
     version: str
@@ -43,6 +53,9 @@ class DatasetOut(BaseModel):
     privacy_unit: str
     max_contributions: int
     tables: dict[str, Any] = Field(description="Public metadata: columns, key sets and bounds")
+    accepted_shares: list[SharePublished] | None = Field(
+        default=None, description="What the registration check found, as shares of rows (rounded to 0.1%), "
+                                  "when the steward published them; null otherwise")
 
 
 class DerivedOut(BaseModel):
@@ -145,10 +158,15 @@ class PolicyRule(BaseModel):
 class DatasetRegister(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(min_length=1, max_length=1000, description="Folder with metadata.json and Parquet files, on the server")
-    accept: list[Literal["undeclared_nulls"]] = Field(
-        default_factory=list, max_length=1,
+    accept: list[Literal["undeclared_nulls", "dropped_keys"]] = Field(
+        default_factory=list, max_length=2,
         description="Check problems accepted rather than fixed (recorded in the audit log): 'undeclared_nulls' - "
-                    "missing values in a column not declared nullable, dropped after bounding")
+                    "missing values in a column not declared nullable, dropped after bounding; 'dropped_keys' - "
+                    "rows whose value is not in a column's declared keys (in no group)")
+    publish_accepted_shares: bool = Field(
+        default=False, description="Show analysts the share of rows each finding of the check touches (dropped "
+                                   "keys, nulls, clipped values, open cases) in the public metadata. The shares "
+                                   "are data: private unless the steward chooses")
 
 
 class ColumnClassSet(BaseModel):

@@ -16,13 +16,17 @@ from civicdp.queries.metadata import DatasetMetadata, load_metadata, parse_metad
 from civicdp.server.state.dataset_checks import DatasetRefused, check_declaration, check_files, check_metadata_file
 from civicdp.server.state.table_checks import check_tables
 from civicdp.server.state.errors import Conflict, InvalidRequest, NotFound
-from civicdp.server.state import preparations
+from civicdp.server.state import preparations, value_checks, version_findings
 from civicdp.server.state.models import Budget, Dataset, DatasetPreparation
 
 
-def register(session: Session, folder: Path, accept: frozenset[str] = frozenset()) -> Dataset:
-    """Register (or update to a new version) the dataset in ``folder``; metadata is validated.
+def register(session: Session, folder: Path, accept: frozenset[str] = frozenset(), *,
+             publish_shares: bool = False) -> Dataset:
+    """Register (or update to a new version) the dataset in ``folder``; metadata and values are checked.
 
+    Rows outside a column's declared keys are refused unless ``accept`` names
+    ``dropped_keys``; what the check found is stored with the version
+    (:mod:`civicdp.server.state.version_findings`), shown to analysts if ``publish_shares``.
     Inside :func:`civicdp.server.state.preparations.preparing_registrations` the version is
     recorded for preparation and served once prepared (:func:`serve`); otherwise at once.
     """
@@ -48,6 +52,7 @@ def register(session: Session, folder: Path, accept: frozenset[str] = frozenset(
         raise InvalidRequest(refused.field, str(refused),
                              "Fix the dataset folder or its metadata.json and register again") from None
     try:
+        found = value_checks.findings(metadata, value_checks.count_values(folder, metadata))
         duplicated = duplicated_owner_keys(folder, metadata)
     except (OSError, pl.exceptions.PolarsError):
         raise Conflict(f"the files of dataset '{metadata.name}' cannot be read as Parquet with the "
@@ -55,12 +60,18 @@ def register(session: Session, folder: Path, accept: frozenset[str] = frozenset(
     if duplicated:
         raise Conflict(f"dataset '{metadata.name}': {duplicated[0]}. Each step must belong to one "
                        "person: give the owner table unique keys (or link the table by another column)")
+    refused = value_checks.refused(found, accept)
+    if refused:  # nothing is replaced: the version served before stays served
+        where, problem, fix = value_checks.refusal(refused[0])
+        more = f" (and {len(refused) - 1} more columns: civicdp datasets check lists them)" if len(refused) > 1 else ""
+        raise InvalidRequest(where, problem + more, fix)
     row = session.exec(select(Dataset).where(Dataset.name == metadata.name)).first()
     document = metadata.model_dump_json()
     if row is not None and row.version == metadata.version and _parsed(row.metadata_json) != metadata:
         # Compared as parsed metadata: a row stored before a field existed equals its default.
         raise Conflict(f"dataset '{metadata.name}' version {metadata.version} is registered with other "
                        "metadata; give the new metadata a new version")
+    version_findings.record(session, metadata.name, metadata.version, str(folder), found, accept, publish_shares)
     if preparations.prepares(session):
         return _register_prepared(session, row, metadata, folder, document)
     if row is None:

@@ -16,21 +16,16 @@ import pyarrow.parquet as pq
 
 from civicdp.queries.metadata import ColumnMeta, DatasetMetadata
 from civicdp.server.state.dataset_checks import DatasetRefused
+from civicdp.server.state.value_checks import ACCEPTABLE  # noqa: F401 - what ``accept`` may name
 
 PARQUET_MAGIC = b"PAR1"
-
-
-#: Problems a steward may accept at registration instead of fixing (``accept``), and what they mean.
-ACCEPTABLE = {
-    "undeclared_nulls": "missing values in a column not declared nullable: they are dropped after each "
-                        "person's rows are bounded (a person with a missing value counts fewer rows)",
-}
 
 
 def check_tables(folder: Path, metadata: DatasetMetadata, accept: frozenset[str] = frozenset()) -> None:
     """Every table file is Parquet and matches its declared columns (names, types, nulls).
 
-    ``accept`` names problems of :data:`ACCEPTABLE` the steward accepts rather than fixes.
+    ``accept`` names problems of :data:`ACCEPTABLE` the steward accepts rather than fixes; the
+    values themselves are counted by :mod:`civicdp.server.state.value_checks`.
     """
     for name, table in metadata.tables.items():
         path = folder / table.path

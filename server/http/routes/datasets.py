@@ -12,7 +12,8 @@ from sqlmodel import select
 
 from civicdp.policies.actions import Action
 from civicdp.server.services import admin, classification
-from civicdp.server.state import preparations, registry
+from civicdp.server.state import preparations, registry, value_checks, version_findings
+from civicdp.server.state.version_findings import DatasetFindings
 from civicdp.server.http.deps import CurrentCaller, ReadSession, StateDep, WriteSession, authorize
 from civicdp.server.state.errors import NOT_VISIBLE, AccessDenied, NotFound
 from civicdp.server.http.routes.common import errors
@@ -47,11 +48,33 @@ class PreparationStatus(BaseModel):
         description="The newest registration's preparation (null: registered before versions were prepared)")
 
 
+class FindingOut(BaseModel):
+    """One effect of the declaration on a version's data, for its steward (exact counts: data)."""
+
+    kind: Literal["dropped_keys", "undeclared_nulls", "clipped", "open_cases"]
+    table: str
+    column: str | None
+    rows: int
+    total: int
+    share: float
+    accepted: bool
+
+
+class FindingsOut(BaseModel):
+    dataset: str
+    version: str
+    published: bool = Field(description="Whether analysts see the shares in the public metadata")
+    findings: list[FindingOut]
+
+
 class DatasetRegistered(DatasetOut):
     """The version registered, and its preparation: queries answer the version served before (a new
     dataset: 503) until it is ready."""
 
     preparation: PreparationOut | None
+    findings: FindingsOut | None = Field(default=None, description="What the check found in the data (stewards)")
+    warnings: list[str] = Field(default_factory=list, description="Clipped values, open cases, linked tables "
+                                "without a row limit of their own: registered, but worth telling analysts")
 
 
 def _preparation(row: DatasetPreparation | None) -> PreparationOut | None:
@@ -64,17 +87,26 @@ def _preparation(row: DatasetPreparation | None) -> PreparationOut | None:
                           finished_at=preparations.aware(row.finished_at), error=row.error)
 
 
-def _public(row) -> DatasetOut:  # type: ignore[no-untyped-def]
+def _findings(row: DatasetFindings | None) -> FindingsOut | None:
+    if row is None:
+        return None
+    return FindingsOut(dataset=row.dataset, version=row.version, published=row.published,
+                       findings=[FindingOut(**f, accepted=f["kind"] in row.accepted)  # type: ignore[arg-type]
+                                 for f in row.findings])
+
+
+def _public(row, session) -> DatasetOut:  # type: ignore[no-untyped-def]
     metadata = registry.metadata_of(row)
     return DatasetOut(name=row.name, version=row.version, description=metadata.description,
                       privacy_unit=metadata.privacy_unit, max_contributions=metadata.max_contributions,
-                      tables={n: t.model_dump(mode="json") for n, t in metadata.tables.items()})
+                      tables={n: t.model_dump(mode="json") for n, t in metadata.tables.items()},
+                      accepted_shares=version_findings.published(session, row.name, row.version))
 
 
 @router.get("", response_model=list[DatasetOut], responses=errors(401),
             summary="The datasets you may use, with their public metadata")
 def list_datasets(caller: CurrentCaller, state: StateDep, session: ReadSession) -> list[DatasetOut]:
-    return [_public(row) for row in registry.all_datasets(session)
+    return [_public(row, session) for row in registry.all_datasets(session)
             if state.policies.check(caller.subject, caller.agency, f"dataset:{row.name}", Action.DATASET_LIST).allowed]
 
 
@@ -84,7 +116,7 @@ def get_dataset(name: str, caller: CurrentCaller, state: StateDep, session: Read
     # One text whether the dataset does not exist or may not be read: existence is not told.
     try:
         authorize(state, caller, Action.DATASET_READ, f"dataset:{name}")
-        return _public(registry.get(session, name))
+        return _public(registry.get(session, name), session)
     except (AccessDenied, NotFound):
         raise AccessDenied(NOT_VISIBLE.format(what="dataset", name=name[:100])) from None
 
@@ -96,12 +128,17 @@ def register_dataset(body: DatasetRegister, caller: CurrentCaller, state: StateD
     """Checked now; prepared in the background (follow it at ``GET /v1/datasets/{name}/preparation``)."""
     authorize(state, caller, Action.DATASET_MANAGE, "server")
     with preparations.preparing_registrations(session):
-        row = admin.register_dataset(session, state.policies, caller, Path(body.path), frozenset(body.accept))
+        row = admin.register_dataset(session, state.policies, caller, Path(body.path), frozenset(body.accept),
+                                     publish_shares=body.publish_accepted_shares)
     preparation = _preparation(preparations.of_registration(session, row.name, row.version, row.path))
+    found = version_findings.of_version(session, row.name, row.version, row.path)
     preparer = getattr(request.app.state, "civicdp_preparer", None)
     if preparer is not None:
         background.add_task(preparer.wake)  # after the commit, which precedes the response
-    return DatasetRegistered(**_public(row).model_dump(), preparation=preparation)
+    public = _public(row, session).model_dump(exclude={"accepted_shares"})
+    return DatasetRegistered(**public, accepted_shares=found and version_findings.published(
+        session, row.name, row.version), preparation=preparation, findings=_findings(found),
+        warnings=value_checks.warnings(registry.metadata_of(row), found.found() if found else []))
 
 
 @router.get("/{name}/preparation", response_model=PreparationStatus, responses=errors(401, 403, 404),
@@ -115,6 +152,19 @@ def preparation_status(name: str, caller: CurrentCaller, state: StateDep, sessio
     waiting = served is not None and preparations.waiting(session, served) is not None
     return PreparationStatus(dataset=name, served_version=None if served is None or waiting else served.version,
                              preparation=_preparation(latest))
+
+
+@router.get("/{name}/findings", response_model=FindingsOut, responses=errors(401, 403, 404),
+            summary="What the registration check found in the served version's data (stewards)")
+def dataset_findings(name: str, caller: CurrentCaller, state: StateDep, session: ReadSession) -> FindingsOut:
+    """Rows outside the keys, undeclared nulls, clipped values and open cases, with counts and shares."""
+    authorize(state, caller, Action.DATASET_MANAGE, "server")
+    row = registry.get(session, name)
+    found = _findings(version_findings.of_version(session, row.name, row.version, row.path))
+    if found is None:
+        raise NotFound(f"dataset '{name}' version {row.version} was registered before findings were kept; "
+                       "register it again to check it")
+    return found
 
 
 @router.put("/{name}/columns/{column}/class", response_model=ColumnClassOut, responses=errors(401, 403, 404, 422),

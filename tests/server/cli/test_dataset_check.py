@@ -29,19 +29,70 @@ def test_a_sound_folder_passes_with_no_warning(tmp_path: Path) -> None:
     assert "registration checks pass" in result.output and "warning" not in result.output
 
 
-def test_rows_outside_the_keys_are_counted_and_warned(tmp_path: Path) -> None:
-    """Leaving a channel out of the keys drops its rows from every answer: the check says how many."""
+def test_rows_outside_the_keys_are_counted_and_refused_unless_accepted(tmp_path: Path) -> None:
+    """Leaving a channel out of the keys drops its rows from every answer: the check says how many and
+    that registration would refuse (exit 2), or, accepted, warns (exit 1)."""
     frame = events_frame()
     metadata = base_metadata()
     metadata["tables"]["events"]["columns"]["channel"]["keys"] = ["counter", "kiosk"]
     folder = write_dataset(tmp_path / "keys", frame, metadata)
     result = _check(folder, "--json")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     report = json.loads(result.output)
     channel = next(c for c in report["columns"] if c["column"] == "channel")
     expected = frame.filter(~pl.col("channel").is_in(["counter", "kiosk"])).height
     assert channel["outside_keys"] == expected > 0
-    assert any("channel" in w and "not in the declared keys" in w for w in report["warnings"])
+    share = f"{expected / frame.height:.1%}"
+    assert [r for r in report["refusals"] if r.startswith("tables.events.columns.channel.keys")
+            and f"{expected:,} of {frame.height:,} rows ({share})" in r and "--accept-dropped-keys" in r]
+    accepted = _check(folder, "--json", "--accept-dropped-keys")
+    assert accepted.exit_code == 1, accepted.output
+    report = json.loads(accepted.output)
+    assert report["refusals"] == [] and any("channel" in w and "accepted" in w for w in report["warnings"])
+
+
+def test_open_cases_are_counted_with_their_share_and_warned(tmp_path: Path) -> None:
+    """A column declared ends_case is missing for open cases: counted per row, warned about durations."""
+    frame = events_frame().with_columns(
+        pl.when(pl.col("event_id") % 4 == 0).then(None).otherwise(pl.col("request_time")).alias("closed"))
+    metadata = base_metadata()
+    metadata["tables"]["events"]["columns"]["closed"] = {
+        "type": "datetime", "bounds": metadata["tables"]["events"]["columns"]["request_time"]["bounds"],
+        "nullable": True, "ends_case": True}
+    folder = write_dataset(tmp_path / "open", frame, metadata)
+    result = _check(folder, "--json")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.output)
+    expected = frame["closed"].null_count()
+    assert report["open_cases"] == {"events": expected} and expected > 0
+    assert [w for w in report["warnings"] if f"{expected:,} of {frame.height:,} rows" in w
+            and "durations describe closed cases only" in w]
+    plain = _check(folder)
+    assert f"{expected:,} open cases" in plain.output
+
+
+def test_linked_rows_beyond_their_table_limit_are_counted_through_the_owner(tmp_path: Path) -> None:
+    """Steps reach their person through events: rows beyond the steps table's own limit per person."""
+    frame = events_frame()
+    steps = pl.DataFrame({"event_id": frame["event_id"].to_list() * 2 + frame["event_id"].head(5).to_list(),
+                          "step": [1] * frame.height + [2] * frame.height + [3] * 5})
+    metadata = base_metadata()
+    metadata["tables"]["steps"] = {"path": "steps.parquet", "privacy_unit_via": {"table": "events", "on": "event_id"},
+                                   "columns": {"event_id": {"type": "int", "identifier": True},
+                                               "step": {"type": "int", "keys": [1, 2, 3]}}}
+    folder = write_dataset(tmp_path / "linked", frame, metadata)
+    steps.write_parquet(folder / "steps.parquet")
+    report = json.loads(_check(folder, "--json").output)
+    per_person = steps.join(frame.select("event_id", "person_id"), on="event_id").group_by("person_id").len().cast({"len": pl.Int64})
+    limit = metadata["max_contributions"]  # the default: the dataset's, the table declares none
+    assert report["beyond_contributions"]["steps"] == int((per_person["len"] - limit).clip(0).sum()) > 0
+    assert any("tables.steps: linked through events, it declares no max_contributions" in w
+               for w in report["warnings"])
+    metadata["tables"]["steps"]["max_contributions"] = 10
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    report = json.loads(_check(folder, "--json").output)
+    assert report["beyond_contributions"]["steps"] == int((per_person["len"] - 10).clip(0).sum())
+    assert not any("declares no max_contributions" in w for w in report["warnings"])
 
 
 def test_clipped_values_and_rows_beyond_the_bound_are_counted(tmp_path: Path) -> None:
