@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from civicdp.server.http import errors
 from civicdp.server.http.request_log import AuditMiddleware, audit_checkpoints
+from civicdp.server.http.console.mount import install as install_console
 from civicdp.server.services.bootstrap import build_state
 from civicdp.server.feeds.scheduler import start_feeds, stop_feeds
 from civicdp.server.intake.prepare import Preparer
@@ -66,4 +67,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(SecurityHeadersMiddleware)
     for module in (health, datasets, queries, budgets, releases, admin, audit, feeds, monitors):
         app.include_router(module.router, prefix="/v1")
+    install_console(app)  # the web console: pages calling the same handlers, under the same policy and log
     return app

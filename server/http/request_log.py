@@ -28,7 +28,9 @@ if TYPE_CHECKING:
     from civicdp.server.http.anonymous_traffic import AnonymousTraffic
 
 logger = logging.getLogger("civicdp.audit")
-NOT_RECORDED = frozenset({"/v1/health", "/v1/ready", "/v1/audit/public-key"})
+NOT_RECORDED = frozenset({"/v1/health", "/v1/ready", "/v1/audit/public-key", "/console/sign-in"})
+#: The web console's pages are recorded like API calls; its static files (scripts, styles) are not.
+CONSOLE, CONSOLE_STATIC = "/console/", "/console/static/"
 
 
 def client_of(scope: Scope) -> str:
@@ -38,7 +40,10 @@ def client_of(scope: Scope) -> str:
 
 
 def is_recorded(path: str) -> bool:
-    """Does a request to ``path`` get an audit entry (everything under /v1 but the public probes)?"""
+    """Does a request to ``path`` get an audit entry (everything under /v1 and the console's pages,
+    but the public probes, the sign-in form and the console's static files)?"""
+    if path.startswith(CONSOLE):
+        return not path.startswith(CONSOLE_STATIC) and path not in NOT_RECORDED
     return (path.startswith("/v1/") or path == "/v1") and path not in NOT_RECORDED
 
 

@@ -1,0 +1,91 @@
+"""Steward pages: datasets and their versions, accounts, keys, roles, caps, feeds, monitors — and changes.
+
+Reads and changes call the ``/v1`` handlers (``routes/admin.py``, ``routes/budgets.py``,
+``routes/datasets.py``, ``routes/feeds.py``, ``routes/monitors.py``), so the policy decides
+and each change commits with its audit entry as it does through the API. Keys are listed
+as the API's key answers show them: prefix, dates, revocation — never a secret or its hash.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+from sqlmodel import select
+
+from civicdp.policies.actions import Action, Role
+from civicdp.server.http.console.deps import ConsoleRoute, FormDep, SignedDep, page
+from civicdp.server.http.deps import ReadSession, StateDep, WriteSession, authorize
+from civicdp.server.http.routes import admin as admin_api
+from civicdp.server.http.routes import budgets as budgets_api
+from civicdp.server.http.routes import datasets as datasets_api
+from civicdp.server.http.routes import feeds as feeds_api
+from civicdp.server.http.routes import monitors as monitors_api
+from civicdp.server.services.schemas import BudgetCapSet, RoleGrant
+from civicdp.server.state.models import Account, ApiKey, DatasetPreparation
+
+router = APIRouter(route_class=ConsoleRoute, include_in_schema=False, prefix="/console/steward")
+
+
+def _keys(state: StateDep, session: ReadSession, signed: SignedDep) -> list[dict[str, Any]]:
+    authorize(state, signed.caller, Action.KEY_MANAGE, "server")
+    rows = session.exec(select(ApiKey.prefix, Account.name, ApiKey.created_at, ApiKey.expires_at, ApiKey.revoked_at)
+                        .join(Account, Account.id == ApiKey.account_id)  # type: ignore[arg-type]
+                        .order_by(Account.name, ApiKey.created_at)).all()
+    return [{"prefix": r[0], "account": r[1], "created_at": r[2], "expires_at": r[3], "revoked_at": r[4]} for r in rows]
+
+
+def _versions(state: StateDep, session: ReadSession, signed: SignedDep) -> list[DatasetPreparation]:
+    authorize(state, signed.caller, Action.DATASET_MANAGE, "server")
+    return list(session.exec(select(DatasetPreparation).order_by(DatasetPreparation.dataset,  # type: ignore[arg-type]
+                                                                 DatasetPreparation.id.desc())))  # type: ignore[union-attr]
+
+
+@router.get("", response_class=HTMLResponse)
+def overview(request: Request, state: StateDep, session: ReadSession, signed: SignedDep,
+             done: str | None = None) -> HTMLResponse:
+    caller = signed.caller
+    return page(request, "steward.html", signed, title="Administration", done=(done or "")[:300],
+                datasets=datasets_api.list_datasets(caller, state, session), versions=_versions(state, session, signed),
+                accounts=admin_api.list_accounts(caller, state, session), keys=_keys(state, session, signed),
+                caps=budgets_api.list_caps(caller, state, session), feeds=feeds_api.overview(caller, state),
+                monitors=monitors_api.list_monitors(caller, state), role_names=[r.value for r in Role])
+
+
+def _done(text: str) -> RedirectResponse:
+    from urllib.parse import urlencode  # noqa: PLC0415 - only here
+
+    return RedirectResponse(f"/console/steward?{urlencode({'done': text})}", status_code=303)
+
+
+@router.post("/cap")
+def set_cap(state: StateDep, session: WriteSession, signed: SignedDep, form: FormDep) -> RedirectResponse:
+    body = BudgetCapSet(dataset=form.get("dataset", ""), scope=form.get("scope", ""),
+                        subject=form.get("subject") or "*", epsilon=form.get("epsilon", ""))  # type: ignore[arg-type]
+    budgets_api.set_cap(body, signed.caller, state, session)
+    return _done(f"Cap set: {body.scope} '{body.subject}' on {body.dataset} is now {body.epsilon:g} "
+                 "(recorded in the audit log as budget.set_cap)")
+
+
+@router.post("/keys/revoke")
+def revoke_key(state: StateDep, session: WriteSession, signed: SignedDep, form: FormDep) -> RedirectResponse:
+    prefix = form.get("prefix", "")[:32]
+    admin_api.revoke_key(prefix, signed.caller, state, session)
+    return _done(f"Key {prefix} revoked (its sessions end now; recorded in the audit log)")
+
+
+@router.post("/roles/grant")
+def grant_role(state: StateDep, session: WriteSession, signed: SignedDep, form: FormDep) -> RedirectResponse:
+    name = form.get("account", "")[:100]
+    grant = RoleGrant(role=form.get("role", ""), agency=form.get("agency", ""))  # type: ignore[arg-type]
+    admin_api.grant_role(name, grant, signed.caller, state, session)
+    return _done(f"Role {grant.role.value} in {grant.agency} granted to {name} (recorded in the audit log)")
+
+
+@router.post("/roles/revoke")
+def revoke_role(state: StateDep, session: WriteSession, signed: SignedDep, form: FormDep) -> RedirectResponse:
+    name, agency = form.get("account", "")[:100], form.get("agency", "")[:100]
+    role = RoleGrant(role=form.get("role", ""), agency=agency or "*").role  # type: ignore[arg-type]
+    admin_api.revoke_role(name, role, agency, signed.caller, state, session)
+    return _done(f"Role {role.value} in {agency} revoked from {name} (recorded in the audit log)")

@@ -1,0 +1,154 @@
+// In-browser verification of the audit log: the same checks as civicdp.audit.bundle.verify_bundle.
+// leaf = SHA-256(0x00 || entry bytes); node = SHA-256(0x01 || left || right) (RFC 9162); checkpoints
+// are C2SP signed notes whose Ed25519 signatures are checked with WebCrypto.
+"use strict";
+(function () {
+  const subtle = crypto.subtle;
+  const PAGE = 20000;
+
+  function b64(text) { return Uint8Array.from(atob(text), (c) => c.charCodeAt(0)); }
+  function hex(bytes) { return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join(""); }
+  function equal(a, b) { return a.length === b.length && a.every((v, i) => v === b[i]); }
+  async function sha(bytes) { return new Uint8Array(await subtle.digest("SHA-256", bytes)); }
+
+  async function leaves(buffer, out) {
+    // Split at newlines; each line is the exact bytes that were hashed.
+    const data = new Uint8Array(buffer);
+    const pending = [];
+    let start = 0;
+    for (let i = 0; i < data.length; i++) {
+      if (data[i] !== 10) continue;
+      const input = new Uint8Array(i - start + 1);
+      input.set(data.subarray(start, i), 1);  // input[0] = 0x00
+      pending.push(sha(input));
+      start = i + 1;
+    }
+    if (start !== data.length) throw new Error("the entries do not end with a newline: cut off or edited");
+    for (const hash of await Promise.all(pending)) out.push(hash);
+    return pending.length;
+  }
+
+  async function node(left, right) {
+    const input = new Uint8Array(65);
+    input[0] = 1; input.set(left, 1); input.set(right, 33);
+    return sha(input);
+  }
+
+  async function levelsOf(leafHashes) {
+    // levels[h][i]: hash of the perfect subtree of leaves [i*2^h, (i+1)*2^h).
+    const levels = [leafHashes];
+    let level = leafHashes;
+    while (level.length > 1) {
+      const pairs = [];
+      for (let i = 0; i + 1 < level.length; i += 2) pairs.push(node(level[i], level[i + 1]));
+      level = await Promise.all(pairs);
+      levels.push(level);
+    }
+    return levels;
+  }
+
+  async function rangeHash(levels, start, end) {
+    const size = end - start;
+    if (size <= 0) return sha(new Uint8Array(0));
+    if ((size & (size - 1)) === 0 && start % size === 0) return levels[Math.log2(size)][start / size];
+    let k = 1;
+    while (k * 2 < size) k *= 2;  // the largest power of two below size
+    return node(await rangeHash(levels, start, start + k), await rangeHash(levels, start + k, end));
+  }
+
+  function parseCheckpoint(text) {
+    const at = text.indexOf("\n\n");
+    if (at < 0) throw new Error("a checkpoint has a body, an empty line, then signature lines");
+    const body = text.slice(0, at + 1);
+    const lines = body.slice(0, -1).split("\n");
+    if (lines.length < 3 || !/^(0|[1-9][0-9]*)$/.test(lines[1])) throw new Error("not a checkpoint body");
+    const signatures = text.slice(at + 2).split("\n").filter((l) => l.startsWith("\u2014 ")).map((line) => {
+      const rest = line.slice(2);
+      const cut = rest.lastIndexOf(" ");
+      const raw = b64(rest.slice(cut + 1));
+      return { name: rest.slice(0, cut), keyId: raw.slice(0, 4), blob: raw.slice(4) };
+    });
+    return { origin: lines[0], size: Number(lines[1]), root: b64(lines[2]), body: new TextEncoder().encode(body), signatures };
+  }
+
+  async function parseKey(text) {
+    const parts = text.trim().split("+");
+    if (parts.length < 3) throw new Error("a public key looks like name+1a2b3c4d+AbC...=");
+    const raw = b64(parts.slice(2).join("+"));
+    if (raw[0] !== 1 || raw.length !== 33) throw new Error("not an Ed25519 verifier key");
+    const key = await subtle.importKey("raw", raw.slice(1), { name: "Ed25519" }, false, ["verify"]);
+    return { name: parts[0], id: parts[1], key };
+  }
+
+  async function signedBy(checkpoint, keys) {
+    for (const key of keys) {
+      for (const sig of checkpoint.signatures) {
+        if (sig.name === key.name && hex(sig.keyId) === key.id &&
+            await subtle.verify({ name: "Ed25519" }, key.key, sig.blob, checkpoint.body)) return key;
+      }
+    }
+    return null;
+  }
+
+  async function run(say) {
+    const keys = [];
+    for (const line of document.getElementById("public-key").value.split("\n")) if (line.trim()) keys.push(await parseKey(line));
+    if (!keys.length) throw new Error("give the log's public key");
+    const held = await (await fetch("/console/audit-log/checkpoints", { credentials: "same-origin" })).json();
+    const hashes = [];
+    for (let after = -1; ;) {
+      const answer = await fetch(`/console/audit-log/entries.jsonl?after=${after}&limit=${PAGE}`, { credentials: "same-origin" });
+      if (!answer.ok) throw new Error(`the server answered ${answer.status} for the entries`);
+      const got = await leaves(await answer.arrayBuffer(), hashes);
+      say(`hashed ${hashes.length.toLocaleString()} entries…`);
+      if (got < PAGE) break;
+      after = hashes.length - 1;
+    }
+    const levels = await levelsOf(hashes);
+    const lines = [];
+    let origin = null;
+    for (const text of held.checkpoints) {
+      const c = parseCheckpoint(text);
+      if (!await signedBy(c, keys)) return { ok: false, lines: [`TAMPERED: the checkpoint of size ${c.size} is not signed by the public key given`] };
+      if (origin !== null && c.origin !== origin) return { ok: false, lines: [`TAMPERED: the checkpoint of size ${c.size} names another log`] };
+      origin = c.origin;
+      if (c.size > hashes.length) return { ok: false, lines: [`TAMPERED: a checkpoint signs ${c.size} entries but the server sent ${hashes.length}: entries were removed`] };
+      if (!equal(await rangeHash(levels, 0, c.size), c.root)) return { ok: false, lines: [`TAMPERED: the entries do not match the signed checkpoint of size ${c.size}: an entry before number ${c.size} was changed, removed, inserted or reordered`] };
+      lines.push(`checkpoint of size ${c.size.toLocaleString()}: signature and root verified`);
+    }
+    if (!held.checkpoints.length) return { ok: false, lines: ["no signed checkpoint yet: nothing vouches for the entries"] };
+    const head = parseCheckpoint(held.checkpoints[held.checkpoints.length - 1]);
+    const trustedText = document.getElementById("trusted").value.trim();
+    if (trustedText) {
+      const t = parseCheckpoint(trustedText.replace(/\r/g, "") + "\n");
+      if (!await signedBy(t, keys)) return { ok: false, lines: ["TAMPERED: your checkpoint is not signed by the public key given"] };
+      if (t.size > hashes.length) return { ok: false, lines: [`TAMPERED: you hold a checkpoint of ${t.size} entries but the log has ${hashes.length}: it was truncated or rolled back`] };
+      if (!equal(await rangeHash(levels, 0, t.size), t.root)) return { ok: false, lines: [`TAMPERED: the first ${t.size} entries do not match the checkpoint you hold: the history you saw was rewritten`] };
+      lines.push(`consistent with your checkpoint of size ${t.size.toLocaleString()}: the log only grew since`);
+    }
+    const beyond = hashes.length - head.size;
+    lines.unshift(`OK: ${head.size.toLocaleString()} entries form the tree whose root the newest checkpoint signs` +
+                  (beyond > 0 ? ` (${beyond.toLocaleString()} newer entries are not signed yet)` : ""));
+    return { ok: true, lines };
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    const form = document.getElementById("verify-form");
+    const result = document.getElementById("verify-result");
+    const progress = document.getElementById("verify-progress");
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      result.className = "hidden";
+      const started = performance.now();
+      let outcome;
+      try { outcome = await run((text) => { progress.textContent = text; }); }
+      catch (error) { outcome = { ok: false, lines: [`could not verify: ${error.message}`] }; }
+      const elapsed = performance.now() - started;
+      document.getElementById("verify-time").textContent = `${Math.round(elapsed)} ms`;
+      result.replaceChildren(...outcome.lines.map((line) => { const p = document.createElement("p"); p.textContent = line; return p; }));
+      result.className = outcome.ok ? "ok" : "refusal";
+      result.dataset.outcome = outcome.ok ? "verified" : "tampered";
+      progress.textContent = "";
+    });
+  });
+})();
