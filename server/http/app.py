@@ -20,6 +20,7 @@ from civicdp.server.http.anonymous_traffic import AnonymousTraffic, last_summary
 from civicdp.server.http.limits import RequestLimitsMiddleware, document_limits
 from civicdp.server.http.security_headers import SecurityHeadersMiddleware
 from civicdp.server.http.routes import admin, audit, budgets, datasets, feeds, health, monitors, queries, releases
+from civicdp.server.http.routes import plans
 from civicdp.server.state.settings import Settings
 
 DESCRIPTION = """Differentially private statistics on public-service use.
@@ -65,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestLimitsMiddleware, settings=settings, traffic=traffic)
     app.add_middleware(AuditMiddleware, traffic=traffic)
     app.add_middleware(SecurityHeadersMiddleware)
-    for module in (health, datasets, queries, budgets, releases, admin, audit, feeds, monitors):
+    for module in (health, datasets, queries, budgets, releases, admin, audit, feeds, monitors, plans):
         app.include_router(module.router, prefix="/v1")
     install_console(app)  # the web console: pages calling the same handlers, under the same policy and log
     return app

@@ -14,6 +14,7 @@ from civicdp.server.state import models  # noqa: F401 - registers the tables
 from civicdp.server.state import feed_models  # noqa: F401 - registers the feed tables
 from civicdp.server.state import ledger_models  # noqa: F401 - registers the charges' cap records
 from civicdp.server.state import monitor_models  # noqa: F401 - registers the monitor tables
+from civicdp.server.state import plan_models  # noqa: F401 - registers the stored workload plans
 from civicdp.server.state import console_models  # noqa: F401 - registers the web console's sessions
 from civicdp.server.state import version_findings  # noqa: F401 - registers the registration findings
 
