@@ -68,9 +68,14 @@ SignedDep = Annotated[sessions.Signed, Depends(signed_in)]
 
 
 def same_origin(request: Request) -> bool:
-    """A post's Origin (or Referer) names this server, or is absent (SameSite=Strict covers that)."""
-    sent = request.headers.get("origin") or request.headers.get("referer")
-    if not sent:
+    """Was a post sent by this server's own page? Browsers say so in ``Sec-Fetch-Site``; without it the
+    Origin must name this server (absent or ``null``, as under ``Referrer-Policy: no-referrer``, the
+    CSRF token and SameSite=Strict decide)."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    sent = request.headers.get("origin")
+    if not sent or sent == "null":
         return True
     origin = urlsplit(sent)
     return f"{origin.scheme}://{origin.netloc}" == f"{request.url.scheme}://{request.url.netloc}"

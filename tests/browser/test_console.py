@@ -1,0 +1,134 @@
+"""The web console in real Chromium: each role signs in and sees only its pages, a query's interval
+chart, a steward's cap change seen by oversight, the log verified in the browser and a tampered copy
+caught. Screenshots of each page go to tests-output/browser/.
+
+These tests change the session's live server (a cap, a release, a checkpoint): later tests must
+not count on its budgets as the demo left them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.browser.conftest import LiveServer, screenshot
+
+pytestmark = pytest.mark.browser
+
+
+def sign_in(page: Any, server: LiveServer, who: str) -> None:
+    page.goto("/console/sign-in")
+    page.fill("input[name=key]", server.keys[who])
+    with page.expect_navigation():
+        page.click("button[type=submit]")
+    assert page.url.endswith("/console/"), page.inner_text("main")
+    assert who in page.inner_text("header")
+
+
+#: Pages each role must be refused (403, the refusal shown), and a page it may open.
+REFUSED = {"ana-health": ["/console/audit", "/console/oversight", "/console/steward"],
+           "feed-health": ["/console/query", "/console/audit", "/console/analyst"],
+           "steward": ["/console/audit", "/console/verify"],
+           "oversight": ["/console/steward", "/console/analyst"]}
+ALLOWED = {"ana-health": "/console/analyst", "feed-health": "/console/feeds", "steward": "/console/steward",
+           "oversight": "/console/oversight"}
+
+
+@pytest.mark.parametrize("who", sorted(REFUSED), ids=sorted(REFUSED))
+def test_each_role_sees_only_what_it_may(page: Any, live_server: LiveServer, who: str) -> None:
+    sign_in(page, live_server, who)
+    screenshot(page, f"console-home-{who}")
+    for path in REFUSED[who]:
+        answer = page.goto(path)
+        assert answer is not None and answer.status == 403, path
+        assert page.locator("#refusal").is_visible()
+    answer = page.goto(ALLOWED[who])
+    assert answer is not None and answer.status == 200
+    screenshot(page, f"console-{who}-{ALLOWED[who].rsplit('/', 1)[1]}")
+
+
+def test_an_analyst_sees_the_estimate_then_the_interval_chart(page: Any, live_server: LiveServer) -> None:
+    sign_in(page, live_server, "ana-health")
+    page.goto("/console/query")
+    page.click("#estimate")
+    assert "epsilon 0.1" in page.inner_text("#estimate-table")
+    screenshot(page, "console-analyst-estimate")
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click("#run")
+    page.wait_for_selector("body[data-charts='1']")
+    assert page.locator("#interval-chart").bounding_box()["height"] > 50
+    assert page.locator("#result tr").count() > 1
+    screenshot(page, "console-analyst-result")
+
+
+def test_a_stewards_cap_change_is_seen_in_the_oversight_view(context: Any, browser: Any,
+                                                             live_server: LiveServer) -> None:
+    steward = context.new_page()
+    sign_in(steward, live_server, "steward")
+    steward.goto("/console/steward")
+    steward.select_option("#cap-form select[name=scope]", "agency")
+    steward.fill("#cap-form input[name=subject]", "health")
+    steward.fill("#cap-form input[name=epsilon]", "4.25")
+    steward.on("dialog", lambda dialog: dialog.accept())
+    steward.click("#cap-form button")
+    assert "Cap set" in steward.inner_text("#done")
+    assert "4.25" in steward.inner_text("#caps")
+    screenshot(steward, "console-steward-cap-set")
+    oversight_context = browser.new_context(base_url=live_server.url)
+    try:
+        oversight = oversight_context.new_page()
+        sign_in(oversight, live_server, "oversight")
+        oversight.goto("/console/audit?action=budget.set_cap")
+        rows = oversight.locator("#entries tr")
+        assert rows.count() >= 2 and "steward" in rows.last.inner_text()
+        rows.last.locator("a").click()
+        assert "4250000" in oversight.inner_text("#raw")
+        screenshot(oversight, "console-oversight-cap-entry")
+        oversight.goto("/console/oversight")
+        oversight.wait_for_selector("body[data-charts]")
+        screenshot(oversight, "console-oversight-budgets")
+    finally:
+        oversight_context.close()
+
+
+def _tampered(route: Any) -> None:
+    """The entries as served, with one character of entry 1 changed."""
+    answer = route.fetch()
+    lines = answer.text().split("\n")
+    if len(lines) > 2:
+        lines[1] = lines[1].replace('"decision":"allowed"', '"decision":"denied"', 1) \
+            if '"decision":"allowed"' in lines[1] else lines[1].replace("a", "b", 1)
+    route.fulfill(response=answer, body="\n".join(lines))
+
+
+def test_the_log_verifies_in_the_browser_and_a_tampered_copy_does_not(page: Any, live_server: LiveServer) -> None:
+    assert live_server.get("oversight", "/v1/audit/checkpoint").status_code == 200  # a signed head to check
+    sign_in(page, live_server, "oversight")
+    page.goto("/console/verify")
+    page.click("#verify-run")
+    page.wait_for_selector("#verify-result[data-outcome]", timeout=60_000)
+    assert page.get_attribute("#verify-result", "data-outcome") == "verified", page.inner_text("#verify-result")
+    assert "OK:" in page.inner_text("#verify-result")
+    screenshot(page, "console-verify-ok")
+    page.route("**/console/audit-log/entries.jsonl*", _tampered)
+    page.evaluate("document.getElementById('verify-result').removeAttribute('data-outcome')")
+    page.click("#verify-run")
+    page.wait_for_selector("#verify-result[data-outcome]", timeout=60_000)
+    assert page.get_attribute("#verify-result", "data-outcome") == "tampered"
+    assert "TAMPERED" in page.inner_text("#verify-result")
+    screenshot(page, "console-verify-tampered")
+
+
+def test_a_feed_consumer_sees_feeds_and_their_releases(page: Any, live_server: LiveServer) -> None:
+    sign_in(page, live_server, "feed-health")
+    page.goto("/console/feeds")
+    links = page.locator("#feeds a")
+    if links.count():
+        links.first.click()
+        screenshot(page, "console-feed")
+        release = page.locator("#releases a").first
+        if release.count():
+            release.click()
+            assert page.inner_text("#signature-status").startswith("Signature valid")
+    screenshot(page, "console-feed-release")
