@@ -9,6 +9,7 @@ import anyio
 from fastapi import FastAPI
 
 from civicdp.server.http import errors
+from civicdp.server.http.docs_pages import install_docs
 from civicdp.server.http.request_log import AuditMiddleware, audit_checkpoints
 from civicdp.server.http.console.mount import install as install_console
 from civicdp.server.services.bootstrap import build_state
@@ -53,9 +54,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 last_summary(state, traffic)
                 state.close()
 
-    app = FastAPI(title="civicdp", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc are served from the package's own assets (docs_pages.py), not FastAPI's CDN pages.
+    app = FastAPI(title="civicdp", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
     app.state.anonymous_traffic = traffic
     errors.install(app)
+    install_docs(app)
     document_limits(app)
     # Added innermost first: security headers (outermost, so every answer has them, refusals and
     # cached answers too) -> audit (one entry per request) -> size, structure and
