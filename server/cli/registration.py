@@ -130,18 +130,19 @@ def datasets_findings(name: str,
 
     with _state() as state, session_scope(state.db) as session:
         row = registry.get(session, name)
-        found = version_findings.of_version(session, row.name, row.version, row.path)
+        version = row.version
+        found = version_findings.of_version(session, row.name, version, row.path)
         if found is None:
-            fail(f"{name} version {row.version} was registered before findings were kept; register it again")
+            fail(f"{name} version {version} was registered before findings were kept; register it again")
         findings, accepted, published = found.findings, found.accepted, found.published
     if as_json:
-        console.print_json(json.dumps({"dataset": name, "version": row.version, "accepted": accepted,
+        console.print_json(json.dumps({"dataset": name, "version": version, "accepted": accepted,
                                        "published": published, "findings": findings}))
         return
     if findings:
         _print_findings(findings, accepted)
     else:
-        console.print(f"{name} version {row.version}: the check found nothing (no dropped keys, nulls, clipped "
+        console.print(f"{name} version {version}: the check found nothing (no dropped keys, nulls, clipped "
                       "values or open cases)", highlight=False)
     console.print("analysts see the shares in the public metadata" if published else
                   "private: analysts do not see these (register with --publish-accepted-shares to show them)",
