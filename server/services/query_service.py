@@ -31,7 +31,7 @@ from civicdp.policies.enforcer import PolicyStore
 from civicdp.queries.engine import AnalysisPlan, Engine, Plan
 from civicdp.queries.errors import DatasetUnavailable, QueryError
 from civicdp.queries.request import Request, parse_request
-from civicdp.server.services import computations
+from civicdp.server.services import computations, derived
 from civicdp.server.state import ledger, registry
 from civicdp.server.state.db import reader, session_scope
 from civicdp.server.auditlog.append import record
@@ -164,10 +164,12 @@ class QueryService:
         _, query_hash = self._query_key(spec)
         with Session(reader(self.db)) as session:
             cached = self._stored(session, row.name, row.version, query_hash) is not None
-        return EstimateOut(dataset=row.name, loss=Loss(**estimate.loss.as_dict()),
-                           contributions=estimate.contributions, confidence=estimate.confidence,
-                           mechanisms=estimate.mechanisms, accuracy=estimate.accuracy, notes=estimate.notes,
-                           cached=cached)
+        out = EstimateOut(dataset=row.name, loss=Loss(**estimate.loss.as_dict()),
+                          contributions=estimate.contributions, confidence=estimate.confidence,
+                          mechanisms=estimate.mechanisms, accuracy=estimate.accuracy, notes=estimate.notes,
+                          cached=cached)
+        # Says whether running it would be answered from stored releases, free.
+        return derived.estimated(out, None if cached else derived.find(self.db, self.policies, caller, plan, row))
 
     def run(self, caller: Caller, raw: Any) -> QueryResultOut:
         spec, plan, row = self._plan(raw)
@@ -184,6 +186,11 @@ class QueryService:
                     refusal = self._precheck(session, row, scopes, plan)
             if stored is not None:
                 return self._cached(caller, stored)
+            # Post-processing of stored releases (a roll-up, a subset, a ratio) is free: answered before any charge.
+            found = None if pending else derived.find(self.db, self.policies, caller, plan, row)
+            if found is not None:
+                return derived.answer(self.db, caller, row, found, canonical, query_hash,
+                                      lambda session: self._budgets(session, row.name, scopes))
             if refusal is not None:  # recorded like a refusal at charge time (outside the read)
                 self._record_refusal(caller, row.name, refusal, query_hash)
                 raise refusal

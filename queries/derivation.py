@@ -1,0 +1,351 @@
+"""Answers derived from stored releases: post-processing, so free (issue 18).
+
+A question that is a deterministic function of answers already released for the same
+dataset version needs no new privacy loss: it is computed from the released (noisy)
+values alone, never from the data. Three shapes are recognised:
+
+- **roll-up**: a count or sum grouped by a coarser level of the public catalogue (its
+  ``path`` table, e.g. service -> department), from a release grouped by the finer level:
+  each coarse cell is the sum of the released values of the fine cells the catalogue
+  assigns to it;
+- **subset**: a release's own cells selected by an extra ``eq``/``in`` filter on a column
+  it groups by (also summed over, when the question does not group by that column);
+- **ratio**: a mean as a released sum divided by a released count of the same column.
+
+Everything else must be the same after validation against the metadata: the table, the
+measured column and its clipping bounds, the filters, and a fixed contribution bound
+("auto" is chosen privately per query), so both questions read the same bounded rows.
+A grouping of the release that the question neither keeps, rolls up nor filters is not
+summed away: rows outside a column's public keys are dropped from grouped answers only.
+A question whose cells are the release's own, only its ``epsilon``, ``accuracy`` or
+``confidence`` changed, is not derived either: the analyst asks for a fresh answer at
+another level and pays for it (the identical question is the cached path's).
+
+Intervals: released noise is independent per cell, so a sum of ``k`` cells carries the
+sum of ``k`` independent noises of the release's family and scale. A sum of discrete
+Laplace (or discrete Gaussian) noises is neither, so no closed form is assumed: the
+half-width is :func:`civicdp.privacy.accuracy.sum_tail_threshold` at ``alpha / 2`` per side
+(the sum's distribution computed by FFT with every truncation added back, never above
+the Chernoff bound; the Chernoff bound itself for sums of more than 200 cells or of discrete
+Gaussian noise of scale above 64, where computing would need too much memory), and for
+one cell the mechanism's own half-width. A mean takes the
+sum's and the count's half-widths at ``alpha / 2`` each and the corners of their ratio
+(:func:`civicdp.privacy.accuracy.ratio`, as the mean kind does: union bound).
+
+A derived answer is offered only when it is at least as accurate as the one asked for:
+its widest half-width within the requested ``accuracy``, or within the fresh answer's
+predicted half-width at the requested ``epsilon``; otherwise the question is paid for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from civicdp.privacy import accuracy
+from civicdp.privacy.mechanisms import GaussianVector, LaplaceVector
+from civicdp.queries.analyses.service_common import catalogue
+from civicdp.queries.context import EngineLimits, QueryContext, resolve
+from civicdp.queries.errors import QueryError
+from civicdp.queries.kinds.base import output
+from civicdp.queries.kinds.statistics import value_bounds
+from civicdp.queries.metadata import DatasetMetadata
+from civicdp.queries.query_plan import Plan
+from civicdp.queries.spec import QuerySpec
+
+#: Maps (fine column, coarse column) to {fine key: coarse key}, or None if the catalogue has no such level.
+Parents = Callable[[str, str], "dict[Any, Any] | None"]
+#: Stored specs are judged as valid at release; a lower per-query maximum set since does not undo them.
+_LIMITS = EngineLimits(max_epsilon=math.inf)
+_NOISES = {"discrete Laplace": "laplace", "discrete Gaussian": "gaussian"}
+_ROLES = {"count": "counts", "sum": "sums"}
+_TOLERANCE = 1e-9
+#: Sums of more cells, or of discrete Gaussian noise of a larger scale, use the Chernoff bound.
+_COMPUTED_CELLS = 200
+_COMPUTED_GAUSSIAN_SCALE = 64.0
+
+
+@dataclass(frozen=True)
+class StoredRelease:
+    """A release of the same dataset version: its id, its question and its stored answer."""
+
+    id: int
+    spec: QuerySpec
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Derived:
+    """A derived answer: the releases it is computed from, how, and its body (a release's shape)."""
+
+    sources: tuple[int, ...]
+    how: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Totals:
+    """Per cell of the question: the derived total (in the release's units) and its half-width."""
+
+    units: list[int]
+    halves: list[float]
+    release: StoredRelease
+    how: str
+    levels: tuple[str, ...] = ()
+
+
+def eligible(plan: Any) -> bool:
+    """Whether a planned question could be derived at all: a count, sum or mean with a fixed bound."""
+    return (isinstance(plan, Plan) and plan.spec.aggregate in ("count", "sum", "mean")
+            and plan.context.contributions is not None)
+
+
+def relevant(question: QuerySpec, stored: QuerySpec) -> bool:
+    """A cheap test on the two specs, before a stored answer is read: could ``stored`` serve ``question``?"""
+    wanted = ("sum", "count") if question.aggregate == "mean" else (question.aggregate,)
+    return (stored.aggregate in wanted and stored.table == question.table and stored.column == question.column
+            and stored.contributions != "auto")
+
+
+def catalogue_parents(metadata: DatasetMetadata, dataset_dir: Path) -> Parents:
+    """The public catalogue's levels, read once per pair of columns (None where it has no such columns)."""
+    found: dict[tuple[str, str], dict[Any, Any] | None] = {}
+
+    def parents(fine: str, coarse: str) -> dict[Any, Any] | None:
+        if (fine, coarse) not in found:
+            try:
+                frame = catalogue(metadata, dataset_dir, fine, (coarse,))
+            except QueryError:
+                found[fine, coarse] = None
+            else:
+                found[fine, coarse] = dict(zip(frame[fine].to_list(), frame[coarse].to_list()))
+        return found[fine, coarse]
+
+    return parents
+
+
+def derive(plan: Plan, releases: Sequence[StoredRelease], parents: Parents) -> Derived | None:
+    """The question of ``plan`` answered from ``releases`` (same dataset version), or None.
+
+    Releases are tried oldest first, so the answer to a question stays the same as more are stored.
+    """
+    if not eligible(plan):
+        return None
+    ctx, ordered = plan.context, sorted(releases, key=lambda r: r.id)
+    if plan.spec.aggregate == "mean":
+        return _mean(plan, ordered, parents)
+    alpha = ctx.alpha
+    resolution = _resolution(ctx, plan.spec.aggregate)
+    target = plan.spec.accuracy if plan.spec.accuracy is not None else _predicted(plan)["half_width"]
+    for release in ordered:
+        totals = _totals(ctx, plan.spec.aggregate, release, parents, alpha)
+        if totals is not None and _within(totals, resolution, target):
+            values = [u * resolution if resolution != 1 else u for u in totals.units]
+            halves = [h * resolution for h in totals.halves]
+            rows = {"value": values, "ci_low": [v - h for v, h in zip(values, halves)],
+                    "ci_high": [v + h for v, h in zip(values, halves)]}
+            return _answer(ctx, [totals], rows, totals.how)
+    return None
+
+
+def _mean(plan: Plan, releases: list[StoredRelease], parents: Parents) -> Derived | None:
+    """A mean as the ratio of a released sum and a released count (each at alpha / 2)."""
+    ctx = plan.context
+    predicted = _predicted(plan)
+    resolution = _resolution(ctx, "sum")
+    sums = [t for r in releases if (t := _totals(ctx, "sum", r, parents, ctx.alpha / 2)) is not None
+            and _within(t, resolution, predicted["sum_half_width"])]
+    counts = [t for r in releases if (t := _totals(ctx, "count", r, parents, ctx.alpha / 2)) is not None
+              and _within(t, 1, predicted["count_half_width"])]
+    if not sums or not counts:
+        return None
+    total, count = sums[0], counts[0]
+    lo, hi = value_bounds(ctx)
+    values, lows, highs = [], [], []
+    for s_units, s_half, c, c_half in zip(total.units, total.halves, count.units, count.halves):
+        s = s_units * resolution
+        interval = accuracy.ratio(s, s_half * resolution, c, c_half, lo, hi)
+        value = min(hi, max(lo, s / c)) if c > 0 else None
+        # Post-processing, as the mean kind does: the estimate never lies outside its interval.
+        values.append(None if value is None else min(interval.high, max(interval.low, value)))
+        lows.append(interval.low)
+        highs.append(interval.high)
+    how = (f"ratio of the released sum {total.release.id} ({total.how}) and the released count "
+           f"{count.release.id} ({count.how}); interval: the corners of sum and count, each within its "
+           "half-width at alpha/2 (union bound)")
+    return _answer(ctx, [total, count], {"value": values, "ci_low": lows, "ci_high": highs}, how)
+
+
+def _totals(ctx: QueryContext, aggregate: str, release: StoredRelease, parents: Parents,
+            alpha: float) -> _Totals | None:
+    """The question's cells as sums of ``release``'s cells, with half-widths at ``alpha``; None if not derivable."""
+    spec = release.spec
+    if spec.aggregate != aggregate or not relevant(ctx.spec, spec):
+        return None
+    try:
+        stored = resolve(spec, ctx.metadata, ctx.dataset_dir, _LIMITS)
+        if aggregate == "sum" and value_bounds(stored) != value_bounds(ctx):
+            return None
+    except QueryError:
+        return None
+    mechanism = _mechanism(ctx, release.body, _ROLES[aggregate])
+    if mechanism is None or stored.contributions != ctx.contributions:
+        return None
+    extra = _extra_filters(ctx, stored)
+    if extra is None:
+        return None
+    mapping = _mapping(ctx, stored, extra, parents)
+    if mapping is None or (ctx.spec.aggregate == aggregate and not mapping.levels and not extra
+                           and {g.name for g in ctx.group_by} == {g.name for g in stored.group_by}):
+        return None  # the release's own cells at another epsilon or confidence: a new question, paid for
+    sums: dict[tuple[Any, ...], list[int]] = {}
+    resolution = _resolution(ctx, aggregate)
+    for row in release.body["rows"]:
+        key = mapping.keys_of(row)
+        if key is None:
+            return None  # a key the catalogue does not place: its rows would be missed
+        if mapping.selected(row):
+            cell = sums.setdefault(key, [0, 0])
+            cell[0] += round(row["value"] / resolution) if resolution != 1 else int(row["value"])
+            cell[1] += 1
+    names = [g.name for g in ctx.group_by]
+    per_cell = [sums.get(tuple(cell[n] for n in names), [0, 0]) for cell in ctx.cells.iter_rows(named=True)]
+    halves = [_half(mechanism, k, alpha) for _, k in per_cell]
+    widest = max((k for _, k in per_cell), default=0)
+    shape = "subset of the cells" if widest <= 1 else f"sums of up to {widest} cells"
+    if mapping.levels:
+        shape = f"roll-up through the public catalogue ({', '.join(mapping.levels)}), {shape},"
+    how = (f"{shape} of release {release.id} ({spec.aggregate} by {', '.join(spec.group_by) or 'nothing'}); "
+           f"interval: {_interval_text(mechanism, widest)}")
+    return _Totals([u for u, _ in per_cell], halves, release, how, mapping.levels)
+
+
+def _extra_filters(ctx: QueryContext, stored: QueryContext) -> list[Any] | None:
+    """The question's filters beyond the release's (None if the release has one the question has not)."""
+    def key(f: Any) -> tuple[Any, ...]:
+        return (f.column, f.bucket, frozenset(f.values) if f.values is not None else None, f.start, f.end)
+
+    mine = {key(f): f for f in ctx.filters}
+    theirs = {key(f) for f in stored.filters}
+    if not theirs <= set(mine):
+        return None
+    return [f for k, f in mine.items() if k not in theirs]
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    """How a release's row maps to a question cell, which rows the extra filters keep, the catalogue levels used."""
+
+    keys_of: Callable[[dict[str, Any]], tuple[Any, ...] | None]
+    selected: Callable[[dict[str, Any]], bool]
+    levels: tuple[str, ...]  # "service -> department" for each catalogue level rolled up
+
+
+def _mapping(ctx: QueryContext, stored: QueryContext, extra: list[Any], parents: Parents) -> _Mapping | None:
+    """How the release's rows give the question's cells (None if they do not)."""
+    fine = [g.name for g in stored.group_by]
+    plain = [g.name for g in stored.group_by if g.bucket is None]
+    sources: dict[str, tuple[str, dict[Any, Any] | None]] = {}  # question column -> (release column, parents)
+    for name in [g.name for g in ctx.group_by] + [_name(f) for f in extra]:
+        if name in sources:
+            continue
+        if name in fine:
+            sources[name] = (name, None)
+            continue
+        level = next(((col, m) for col in plain if col != name and (m := parents(col, name)) is not None), None)
+        if level is None:
+            return None
+        sources[name] = level
+    if any(f.values is None for f in extra) or not set(fine) <= {col for col, _ in sources.values()}:
+        return None  # a time range beyond the release's, or a grouping that would be summed away
+
+    def value(row: dict[str, Any], name: str) -> Any:
+        column, level = sources[name]
+        return row[column] if level is None else level.get(row[column], _MISSING)
+
+    def keys_of(row: dict[str, Any]) -> tuple[Any, ...] | None:
+        key = tuple(value(row, g.name) for g in ctx.group_by)
+        return None if _MISSING in key or any(value(row, _name(f)) is _MISSING for f in extra) else key
+
+    def selected(row: dict[str, Any]) -> bool:
+        return all(value(row, _name(f)) in f.values for f in extra)
+
+    levels = tuple(f"{column} -> {name}" for name, (column, level) in sources.items() if level is not None)
+    return _Mapping(keys_of, selected, levels)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<not in the catalogue>"
+
+
+_MISSING = _Missing()
+
+
+def _name(row_filter: Any) -> str:
+    return f"{row_filter.column}:{row_filter.bucket}" if row_filter.bucket else row_filter.column
+
+
+def _mechanism(ctx: QueryContext, body: dict[str, Any], role: str) -> LaplaceVector | GaussianVector | None:
+    """The release's one noise mechanism, rebuilt from its public description (None if not a plain one)."""
+    rows = body.get("mechanisms") or []
+    if len(rows) != 1 or rows[0].get("role") != role or rows[0].get("mechanism") not in _NOISES:
+        return None
+    row = rows[0]
+    if row["mechanism"] == LaplaceVector.name:
+        return LaplaceVector(int(row["sensitivity"]), float(row["scale"]))
+    return GaussianVector(float(row["sensitivity"]), float(row["scale"]), ctx.metadata.accounting.delta)
+
+
+def _half(mechanism: LaplaceVector | GaussianVector, cells: int, alpha: float) -> float:
+    """Half-width that the sum of ``cells`` independent noises exceeds with probability at most ``alpha``."""
+    if cells == 0:
+        return 0.0
+    if cells == 1:
+        return mechanism.accuracy(alpha)
+    noise = _NOISES[mechanism.name]
+    # The computed tail needs memory growing with the scale for Gaussian noise (it is not put on a lattice)
+    # and with the cells for either: beyond these, the closed-form Chernoff bound (sound, somewhat wider).
+    computed = cells <= _COMPUTED_CELLS and (noise == "laplace" or mechanism.scale <= _COMPUTED_GAUSSIAN_SCALE)
+    bound = accuracy.sum_tail_threshold if computed else accuracy.chernoff_threshold
+    # P(S >= t) <= alpha/2 per side, the noise symmetric: |S| <= t - 1 with probability >= 1 - alpha.
+    return float(bound(noise, mechanism.scale, (1, 1), (cells, 0), alpha / 2) - 1)
+
+
+def _interval_text(mechanism: LaplaceVector | GaussianVector, cells: int) -> str:
+    noise = f"{mechanism.name} noise of scale {mechanism.scale:g} per cell, independent"
+    if cells <= 1:
+        return f"the release's own half-width ({noise})"
+    return f"a tail bound of a sum of up to {cells} independent noises ({noise}), alpha/2 per side"
+
+
+def _predicted(plan: Plan) -> dict[str, Any]:
+    """The fresh answer's predicted accuracy (what :meth:`Plan.describe` shows, without computing its loss)."""
+    return plan.kind.predicted(plan.context, plan.calibration)
+
+
+def _resolution(ctx: QueryContext, aggregate: str) -> float:
+    return 1 if aggregate == "count" else ctx.column.value_resolution  # type: ignore[union-attr]
+
+
+def _within(totals: _Totals, resolution: float, target: float) -> bool:
+    """At least as accurate as asked: no cell wider than ``target`` (answer units)."""
+    widest = max(totals.halves, default=0.0) * resolution
+    return widest <= target * (1 + _TOLERANCE)
+
+
+def _answer(ctx: QueryContext, parts: list[_Totals], columns: dict[str, list[Any]], how: str) -> Derived:
+    table = output(ctx, columns)
+    mechanisms = [{**row, "release_id": part.release.id} for part in parts for row in part.release.body["mechanisms"]]
+    notes = [f"derived from stored releases, no new privacy loss: {how}"]
+    notes += [n for n in parts[0].release.body.get("notes", []) if n.startswith("at most ")]
+    if any(part.levels for part in parts):
+        notes.append("a roll-up counts the rows of the finer keys the public catalogue assigns to each coarser "
+                     "key; rows whose own coarser column disagrees with the catalogue are counted by it")
+    body = {"columns": table.columns, "rows": table.to_dicts(), "loss": {"epsilon": 0.0, "delta": 0.0},
+            "contributions": ctx.contributions, "confidence": ctx.spec.confidence, "mechanisms": mechanisms,
+            "notes": notes, "tables": {}}
+    return Derived(tuple(part.release.id for part in parts), how, body)
