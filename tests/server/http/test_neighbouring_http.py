@@ -74,7 +74,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             for name, folder in folders.items():
                 if name != BASE and name not in refused:
                     admin.register_dataset(session, started.state.policies, None, folder,
-                                           frozenset({"undeclared_nulls"}))  # adversarial data, on purpose
+                                           frozenset({"undeclared_nulls", "dropped_keys"}))  # adversarial, on purpose
         yield Served(started, folders)
 
 
