@@ -179,10 +179,30 @@ def _mean(plan: Plan, releases: list[StoredRelease], parents: Parents) -> Derive
     return _answer(ctx, [total, count], {"value": values, "ci_low": lows, "ci_high": highs}, how)
 
 
-def _totals(ctx: QueryContext, aggregate: str, release: StoredRelease, parents: Parents,
-            alpha: float) -> _Totals | None:
-    """The question's cells as sums of ``release``'s cells, with half-widths at ``alpha``; None if not derivable."""
-    spec = release.spec
+def usable(plan: Plan, stored: QuerySpec, parents: Parents) -> bool:
+    """Whether the question could be computed from a release of ``stored`` (its answer not read yet)."""
+    if not eligible(plan):
+        return False
+    wanted = ("sum", "count") if plan.spec.aggregate == "mean" else (plan.spec.aggregate,)
+    return _shape_fits(plan.spec, stored, parents) and any(
+        _compatible(plan.context, a, stored, parents) is not None for a in wanted)
+
+
+def _shape_fits(question: QuerySpec, stored: QuerySpec, parents: Parents) -> bool:
+    """A quick test on the specs alone (before validating the stored one): each grouping of the release is
+    kept, filtered, or rolled up, and the question is not the release's own cells again."""
+    if (stored.aggregate == question.aggregate and set(stored.group_by) == set(question.group_by)
+            and set(stored.filters) == set(question.filters)):
+        return False
+    kept = set(question.group_by) | {f.column for f in question.filters}
+    coarse = [c for c in (*question.group_by, *(f.column for f in question.filters))
+              if c not in stored.group_by and ":" not in c]
+    return all(g in kept or (":" not in g and any(parents(g, c) is not None for c in coarse))
+               for g in stored.group_by)
+
+
+def _compatible(ctx: QueryContext, aggregate: str, spec: QuerySpec, parents: Parents) -> _Mapping | None:
+    """How a release of ``spec`` (as ``aggregate``) maps to the question's cells; None if it does not."""
     if spec.aggregate != aggregate or not relevant(ctx.spec, spec):
         return None
     try:
@@ -191,16 +211,24 @@ def _totals(ctx: QueryContext, aggregate: str, release: StoredRelease, parents: 
             return None
     except QueryError:
         return None
-    mechanism = _mechanism(ctx, release.body, _ROLES[aggregate])
-    if mechanism is None or stored.contributions != ctx.contributions:
-        return None
     extra = _extra_filters(ctx, stored)
-    if extra is None:
+    if stored.contributions != ctx.contributions or extra is None:
         return None
     mapping = _mapping(ctx, stored, extra, parents)
     if mapping is None or (ctx.spec.aggregate == aggregate and not mapping.levels and not extra
                            and {g.name for g in ctx.group_by} == {g.name for g in stored.group_by}):
         return None  # the release's own cells at another epsilon or confidence: a new question, paid for
+    return mapping
+
+
+def _totals(ctx: QueryContext, aggregate: str, release: StoredRelease, parents: Parents,
+            alpha: float) -> _Totals | None:
+    """The question's cells as sums of ``release``'s cells, with half-widths at ``alpha``; None if not derivable."""
+    spec = release.spec
+    mapping = _compatible(ctx, aggregate, spec, parents)
+    mechanism = None if mapping is None else _mechanism(ctx, release.body, _ROLES[aggregate])
+    if mapping is None or mechanism is None:
+        return None
     sums: dict[tuple[Any, ...], list[int]] = {}
     resolution = _resolution(ctx, aggregate)
     for row in release.body["rows"]:

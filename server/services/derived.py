@@ -41,8 +41,10 @@ from civicdp.server.state.caller import Caller
 from civicdp.server.state.db import reader, session_scope
 from civicdp.server.state.models import Release
 
-#: Stored releases read per question at most (oldest first): bounds the work of a fresh question.
-MAX_SOURCES = 500
+#: Stored questions looked at, and stored answers read, per question at most (oldest first): the work a
+#: fresh question may add is bounded.
+MAX_SOURCES = 2000
+MAX_READ = 64
 _SPECS: dict[tuple[int, str], QuerySpec | None] = {}  # parsed stored questions (a release never changes)
 _SPECS_KEPT = 50_000
 _SPECS_LOCK = threading.Lock()
@@ -61,31 +63,39 @@ class Found:
 
 
 def find(db: DbEngine, policies: PolicyStore, caller: Caller, plan: Any, row: Any) -> Found | None:
-    """The planned question answered from stored releases of ``row``'s version, or None (then it is charged)."""
+    """The planned question answered from stored releases of ``row``'s version, or None (then it is charged).
+
+    Stored questions are judged oldest first, by their text alone, and a stored answer is read
+    only for a question that could serve; the first release (or, for a mean, pair) that does, wins.
+    """
     if not derivation.eligible(plan):
         return None
     spec, epsilon = plan.spec, plan.loss.as_dict()["epsilon"]
+    parents = derivation.catalogue_parents(registry.metadata_of(row), Path(row.path))
+    pairs = spec.aggregate == "mean"  # a mean needs a sum and a count: keep what was read
+    read: list[tuple[Release, derivation.StoredRelease]] = []
     with Session(reader(db)) as session:
         heads = session.execute(
             select(Release.id, Release.query_hash, Release.canonical_query)
-            .where(Release.dataset == row.name, Release.dataset_version == row.version,
-                   *_prefilter(spec))
+            .where(Release.dataset == row.name, Release.dataset_version == row.version, *_prefilter(spec))
             .order_by(Release.id).limit(MAX_SOURCES)).all()  # type: ignore[arg-type]
-        wanted = [ident for ident, query_hash, canonical in heads
-                  if (stored := _spec(ident, query_hash, canonical)) is not None
-                  and derivation.relevant(spec, stored) and _may_run(policies, caller, row.name, stored, epsilon)]
-        if not wanted:
-            return None
-        releases = list(session.exec(select(Release).where(Release.id.in_(wanted))))  # type: ignore[union-attr]
-    stored_releases = [derivation.StoredRelease(int(r.id or 0), _spec(int(r.id or 0), r.query_hash,
-                                                                      r.canonical_query),  # type: ignore[arg-type]
-                                                json.loads(r.result_json)) for r in releases]
-    parents = derivation.catalogue_parents(registry.metadata_of(row), Path(row.path))
-    derived = derivation.derive(plan, stored_releases, parents)
-    if derived is None:
-        return None
-    by_id = {int(r.id or 0): r for r in releases}
-    return Found(derived, tuple(by_id[i] for i in derived.sources))
+        for ident, query_hash, canonical in heads:
+            stored = _spec(ident, query_hash, canonical)
+            if (stored is None or not derivation.usable(plan, stored, parents)
+                    or not _may_run(policies, caller, row.name, stored, epsilon)):
+                continue
+            release = session.get(Release, ident)
+            if release is None:
+                continue
+            read.append((release, derivation.StoredRelease(ident, stored, json.loads(release.result_json))))
+            tried = read if pairs else read[-1:]
+            derived = derivation.derive(plan, [r for _, r in tried], parents)
+            if derived is not None:
+                by_id = {int(r.id or 0): r for r, _ in tried}
+                return Found(derived, tuple(by_id[i] for i in derived.sources))
+            if len(read) >= MAX_READ:
+                return None
+    return None
 
 
 def answer(db: DbEngine, caller: Caller, row: Any, found: Found, canonical: str, query_hash: str,
