@@ -75,6 +75,22 @@ def test_the_estimate_says_it_would_be_derived_and_free(api: Api) -> None:
     assert any("at no cost" in note for note in estimate["notes"])
 
 
+def test_a_mean_is_answered_from_a_stored_sum_and_count(api: Api) -> None:
+    wait = {"dataset": DATASET, "column": "waiting_minutes", "group_by": ["service"], "epsilon": 0.5}
+    total = _ok(api.query(ANALYST, {**wait, "aggregate": "sum"}))
+    count = _ok(api.query(ANALYST, {**wait, "aggregate": "count"}))
+    spent = api.spent_micro(ANALYST)
+    answer = _ok(api.query(ANALYST, {**wait, "aggregate": "mean"}))
+    assert answer["derived"]["from"] == [total["release_id"], count["release_id"]]
+    assert api.spent_micro(ANALYST) == spent
+    sums = {r["service"]: r["value"] for r in total["rows"]}
+    counts = {r["service"]: r["value"] for r in count["rows"]}
+    for row in answer["rows"]:
+        assert row["ci_low"] <= row["value"] <= row["ci_high"]
+        if row["ci_low"] < row["value"] < row["ci_high"]:  # not pulled into its interval
+            assert row["value"] == pytest.approx(sums[row["service"]] / counts[row["service"]])
+
+
 NOT_DERIVED = {
     "another filter": {**BY_DEPARTMENT, "filters": [{"column": "satisfaction", "op": "eq", "value": 5}]},
     "a subset of keys, filtered on an ungrouped column too": {**BY_DEPARTMENT, "filters": [
