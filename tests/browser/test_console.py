@@ -85,8 +85,13 @@ def test_a_stewards_cap_change_is_seen_in_the_oversight_view(context: Any, brows
         rows.last.locator("a").click()
         assert "4250000" in oversight.inner_text("#raw")
         screenshot(oversight, "console-oversight-cap-entry")
+        spec = {"dataset": live_server.dataset, "aggregate": "count", "group_by": ["channel"], "epsilon": 0.031}
+        assert live_server.post("ana-health", "/v1/queries", json=spec).status_code == 200  # a charge to draw
         oversight.goto("/console/oversight")
         oversight.wait_for_selector("body[data-charts]")
+        # A chart per kind of scope the charge moved (analyst, agency, dataset, lifetime) and the refusals'.
+        assert int(oversight.get_attribute("body", "data-charts")) >= 5
+        assert "4.25" in oversight.inner_text("#budgets")
         screenshot(oversight, "console-oversight-budgets")
     finally:
         oversight_context.close()

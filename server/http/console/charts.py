@@ -12,10 +12,12 @@ from typing import Any
 from civicdp.server.services.schemas import BudgetOut
 
 SCOPES = ("analyst", "agency", "dataset", "lifetime", "feed")
+#: The first category of every budget chart: before the first charge it shows.
+START = "before"
 
 
 def _scale(unit: str) -> float:
-    return 1e-9 if unit == "rho" else 1e-6  # the ledger counts nano-rho or micro-epsilon
+    return 1e9 if unit == "rho" else 1e6  # the ledger counts nano-rho or micro-epsilon
 
 
 def budget_charts(budgets: list[BudgetOut], history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -27,7 +29,10 @@ def budget_charts(budgets: list[BudgetOut], history: list[dict[str, Any]]) -> li
         key = (charge["dataset"], charge["scope"])
         label = f"{charge['subject']} ({charge['period']})"
         scale = _scale(units.get(charge["dataset"], "epsilon"))
-        series[key][label].append({"x": _iso(charge["time"]), "y": charge["after_micro"] * scale})
+        points = series[key][label]
+        if not points:  # where the budget stood before its first charge shown, so every line has a start
+            points.append({"x": START, "y": charge["before_micro"] / scale})
+        points.append({"x": _iso(charge["time"]), "y": charge["after_micro"] / scale})
     charts = []
     for (dataset, scope), lines in sorted(series.items(), key=lambda item: (item[0][0], _order(item[0][1]))):
         scale = _scale(units.get(dataset, "epsilon"))
@@ -35,7 +40,7 @@ def budget_charts(budgets: list[BudgetOut], history: list[dict[str, Any]]) -> li
         for label, points in sorted(lines.items()):
             subject, period = label.rsplit(" (", 1)
             cap = caps.get((dataset, scope, subject, period.rstrip(")")))
-            drawn.append({"label": label, "points": points, "cap": None if cap is None else cap * scale})
+            drawn.append({"label": label, "points": points, "cap": None if cap is None else cap / scale})
         charts.append({"dataset": dataset, "scope": scope, "unit": units.get(dataset, "epsilon"), "lines": drawn})
     return charts
 
@@ -70,4 +75,4 @@ def _order(scope: str) -> int:
 
 
 def _iso(value: Any) -> str:
-    return value.isoformat() if isinstance(value, datetime) else str(value)
+    return value.strftime("%Y-%m-%d %H:%M:%S") if isinstance(value, datetime) else str(value)

@@ -5,31 +5,34 @@
   const palette = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"];
 
   function canvasIn(parent, title) {
-    const box = document.createElement("div");
-    box.className = "chart";
     const heading = document.createElement("h3");
     heading.textContent = title;
+    const box = document.createElement("div");
+    box.className = "chart";
     const canvas = document.createElement("canvas");
-    box.append(heading, canvas);
-    parent.append(box);
+    box.append(canvas);
+    parent.append(heading, box);
     return canvas;
   }
 
   function budgetChart(canvas, chart) {
+    // One category per charge time; each budget's spending steps up, its cap is a dashed level line.
+    const times = new Set(chart.lines.flatMap((l) => l.points.map((p) => p.x)));
+    times.delete("before");
+    const labels = ["before", ...[...times].sort()];
     const datasets = [];
     chart.lines.forEach((line, i) => {
       const colour = palette[i % palette.length];
-      datasets.push({ label: line.label, data: line.points, stepped: true, borderColor: colour, backgroundColor: colour });
-      if (line.cap !== null && line.points.length) {
-        const first = line.points[0].x, last = line.points[line.points.length - 1].x;
-        datasets.push({ label: `cap of ${line.label}`, data: [{ x: first, y: line.cap }, { x: last, y: line.cap }],
-                        borderDash: [6, 4], borderColor: colour, pointRadius: 0, fill: false });
+      datasets.push({ label: line.label, data: line.points, stepped: true, spanGaps: true, borderColor: colour,
+                      backgroundColor: colour });
+      if (line.cap !== null) {
+        datasets.push({ label: `cap of ${line.label}`, data: labels.map(() => line.cap), borderDash: [6, 4],
+                        borderColor: colour, pointRadius: 0, fill: false });
       }
     });
-    return new Chart(canvas, { type: "line", data: { datasets },
-      options: { animation: false, maintainAspectRatio: false, parsing: true,
-                 scales: { x: { type: "category", labels: [...new Set(chart.lines.flatMap((l) => l.points.map((p) => p.x)))].sort() },
-                           y: { beginAtZero: true, title: { display: true, text: `${chart.unit} spent` } } } } });
+    return new Chart(canvas, { type: "line", data: { labels, datasets },
+      options: { animation: false, maintainAspectRatio: false,
+                 scales: { y: { beginAtZero: true, title: { display: true, text: `${chart.unit} spent` } } } } });
   }
 
   function refusalChart(canvas, data) {
