@@ -83,6 +83,7 @@ EXPECTED_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
     "POST /v1/policies":                                  (201,    403,        403,           403,       403,  401),
     "POST /v1/datasets":                                  (201,    403,        403,           403,       403,  401),
     "GET /v1/datasets/{name}/preparation":                (200,    403,        403,           403,       403,  401),
+    "GET /v1/datasets/{name}/findings":                   (200,    403,        403,           403,       403,  401),
     "GET /v1/audit/entries":                              (403,    403,        403,           200,       403,  401),
     "GET /v1/audit/ledger":                               (403,    403,        403,           200,       403,  401),
     "GET /v1/audit/checkpoint":                           (403,    403,        403,           200,       403,  401),
@@ -256,6 +257,7 @@ REQUESTS: dict[str, Callable[[Matrix], Request]] = {
         "cap": "*", "effect": "allow"}}),
     "POST /v1/datasets": lambda m: ("POST", "/v1/datasets", {"json": {"path": str(m.folder)}}),  # re-register
     "GET /v1/datasets/{name}/preparation": lambda m: ("GET", f"/v1/datasets/{SHARED}/preparation", {}),
+    "GET /v1/datasets/{name}/findings": lambda m: ("GET", f"/v1/datasets/{SHARED}/findings", {}),
     "GET /v1/audit/entries": lambda m: ("GET", "/v1/audit/entries", {"params": {"limit": 5}}),
     "GET /v1/audit/ledger": lambda m: ("GET", "/v1/audit/ledger", {}),
     "GET /v1/audit/checkpoint": lambda m: ("GET", "/v1/audit/checkpoint", {}),
