@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import anyio
 from fastapi import APIRouter, Body, Query, status
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from civicdp.policies.actions import Action
 from civicdp.queries.errors import QueryError
@@ -21,7 +21,9 @@ from civicdp.server.state.errors import AccessDenied, NotFound
 from civicdp.server.state.monitor_models import Monitor
 from civicdp.server.monitors.service import MonitorService, alert_dict, monitor_dict, release_dict
 from civicdp.server.http.routes.common import errors
+from civicdp.server.services.monitor_schemas import AlertOut, BatchOut, MonitorOut, MonitorReleaseOut, SubscriptionOut
 from civicdp.server.services.query_service import record
+from civicdp.server.services.request_bodies import MonitorRequest
 from civicdp.server.state.db import session_scope
 
 router = APIRouter(prefix="/monitors", tags=["monitors"])
@@ -30,6 +32,8 @@ STREAM_POLL_SECONDS = 0.5
 
 
 class SubscriptionIn(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"callback_url": "https://alerts.health.example/civicdp"},
+                                                              {"callback_url": None}]})
     callback_url: str | None = Field(default=None, max_length=500, pattern=r"^https?://[^\s]+$")
 
 
@@ -72,20 +76,20 @@ def _readable(state: AppState, caller: Caller, row: Monitor, *, need_subscriptio
               "subscribe to this monitor first (POST /v1/monitors/{name}/subscriptions)")
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, responses=errors(401, 403, 404, 409, 422),
+@router.post("", response_model=MonitorOut, status_code=status.HTTP_201_CREATED,
+             responses=errors(401, 403, 404, 409, 422),
              summary="Define a monitor; its total loss for the whole horizon is charged now (stewards)")
-def define_monitor(body: Annotated[dict[str, Any], Body()], caller: CurrentCaller,
-                   state: StateDep) -> dict[str, Any]:
+def define_monitor(body: MonitorRequest, caller: CurrentCaller, state: StateDep) -> dict[str, Any]:
     authorize(state, caller, Action.MONITOR_MANAGE, "server")
     service = _service(state)
     try:
-        return monitor_dict(service.define(caller, body))
+        return monitor_dict(service.define(caller, body.root))
     except QueryError as exc:
-        service.record_refusal(caller, str(body.get("name", "?"))[:100], str(exc), "monitor.define")
+        service.record_refusal(caller, str(body.root.get("name", "?"))[:100], str(exc), "monitor.define")
         raise
 
 
-@router.get("", responses=errors(401, 403, 422), summary="Monitors you may see, with their losses")
+@router.get("", response_model=list[MonitorOut], responses=errors(401, 403, 422), summary="Monitors you may see, with their losses")
 def list_monitors(caller: CurrentCaller, state: StateDep) -> list[dict[str, Any]]:
     service = _service(state)
     if _allowed(state, caller, Action.MONITOR_READ):
@@ -96,19 +100,19 @@ def list_monitors(caller: CurrentCaller, state: StateDep) -> list[dict[str, Any]
     return []
 
 
-@router.get("/{name}", responses=errors(401, 403, 404, 422), summary="One monitor: definition, loss, progress")
+@router.get("/{name}", response_model=MonitorOut, responses=errors(401, 403, 404, 422), summary="One monitor: definition, loss, progress")
 def get_monitor(name: str, caller: CurrentCaller, state: StateDep) -> dict[str, Any]:
     row = _visible(state, caller, name, need_subscription=False)
     return monitor_dict(row)
 
 
-@router.delete("/{name}", responses=errors(401, 403, 404, 422), summary="Stop a monitor (stewards)")
+@router.delete("/{name}", response_model=MonitorOut, responses=errors(401, 403, 404, 422), summary="Stop a monitor (stewards)")
 def stop_monitor(name: str, caller: CurrentCaller, state: StateDep) -> dict[str, Any]:
     authorize(state, caller, Action.MONITOR_MANAGE, "server")
     return monitor_dict(_service(state).deactivate(caller, name))
 
 
-@router.post("/{name}/batches", status_code=status.HTTP_201_CREATED, responses=errors(401, 403, 404, 409, 422),
+@router.post("/{name}/batches", response_model=BatchOut, status_code=status.HTTP_201_CREATED, responses=errors(401, 403, 404, 409, 422),
              summary="Append a batch of events (Parquet body) covering [start, end) (stewards)")
 def append_batch(name: str, start: datetime, end: datetime, caller: CurrentCaller, state: StateDep,
                  data: Annotated[bytes, Body(media_type="application/octet-stream")]) -> dict[str, Any]:
@@ -121,7 +125,7 @@ def append_batch(name: str, start: datetime, end: datetime, caller: CurrentCalle
         raise
 
 
-@router.get("/{name}/releases", responses=errors(401, 403, 404, 422),
+@router.get("/{name}/releases", response_model=list[MonitorReleaseOut], responses=errors(401, 403, 404, 422),
             summary="Released values per step and group, with intervals")
 def list_releases(name: str, caller: CurrentCaller, state: StateDep,
                   after: Annotated[int, Query(ge=-1, le=2**31)] = -1) -> list[dict[str, Any]]:
@@ -130,7 +134,7 @@ def list_releases(name: str, caller: CurrentCaller, state: StateDep,
     return [release_dict(r) for r in service.releases(name, after)]
 
 
-@router.get("/{name}/alerts", responses=errors(401, 403, 404, 422), summary="Alerts raised by the monitor's rules")
+@router.get("/{name}/alerts", response_model=list[AlertOut], responses=errors(401, 403, 404, 422), summary="Alerts raised by the monitor's rules")
 def list_alerts(name: str, caller: CurrentCaller, state: StateDep,
                 after: Annotated[int, Query(ge=0, le=2**62)] = 0) -> list[dict[str, Any]]:
     service = _service(state)
@@ -138,7 +142,9 @@ def list_alerts(name: str, caller: CurrentCaller, state: StateDep,
     return [alert_dict(a, name) for a in service.alerts(name, after)]
 
 
-@router.get("/{name}/alerts/stream", responses=errors(401, 403, 404, 422),
+@router.get("/{name}/alerts/stream", response_class=StreamingResponse,
+            responses={**errors(401, 403, 404, 422), 200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                                                           "description": "Server-sent events: one `alert` event each"}},
             summary="Alerts as server-sent events (text/event-stream); once=true ends after the backlog")
 def stream_alerts(name: str, caller: CurrentCaller, state: StateDep,
                   after: Annotated[int, Query(ge=0, le=2**62)] = 0,
@@ -162,7 +168,7 @@ def stream_alerts(name: str, caller: CurrentCaller, state: StateDep,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-@router.post("/{name}/subscriptions", status_code=status.HTTP_201_CREATED, responses=errors(401, 403, 404, 422),
+@router.post("/{name}/subscriptions", response_model=SubscriptionOut, status_code=status.HTTP_201_CREATED, responses=errors(401, 403, 404, 422),
              summary="Subscribe to a monitor of your agency's alerts (optionally with an HTTP callback)")
 def subscribe(name: str, body: SubscriptionIn, caller: CurrentCaller, state: StateDep) -> dict[str, Any]:
     authorize(state, caller, Action.MONITOR_SUBSCRIBE, "server")

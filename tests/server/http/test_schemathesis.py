@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from civicdp.server.http.app import create_app
-from civicdp.server.http.routes.queries import EXAMPLE
+from civicdp.server.services.request_bodies import QueryRequest
 from tests.conftest import base_metadata
 from tests.server.api_fixtures import ANALYST, ROLES, make_dataset_folder, prepare_state, settings_for
 
@@ -75,7 +75,7 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     """One app per caller, shared by that caller's tests of every operation."""
     root = tmp_path_factory.mktemp("schemathesis")
     metadata = base_metadata()
-    metadata["name"] = EXAMPLE["dataset"]
+    metadata["name"] = QueryRequest.examples[0]["dataset"]
     settings = settings_for(root / "state")
     keys = prepare_state(settings, make_dataset_folder(root / "datasets", metadata=metadata))
     who = request.param
