@@ -8,6 +8,7 @@ not count on its budgets as the demo left them.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,6 +52,10 @@ def test_each_role_sees_only_what_it_may(page: Any, live_server: LiveServer, who
 def test_an_analyst_sees_the_estimate_then_the_interval_chart(page: Any, live_server: LiveServer) -> None:
     sign_in(page, live_server, "ana-health")
     page.goto("/console/query")
+    page.select_option("#examples", label="Bundles (analysis)")  # an analysis is priced the same way
+    page.click("#estimate")
+    assert "epsilon 0.5" in page.inner_text("#estimate-table")
+    page.select_option("#examples", label="Count by channel")
     page.click("#estimate")
     assert "epsilon 0.1" in page.inner_text("#estimate-table")
     screenshot(page, "console-analyst-estimate")
@@ -125,15 +130,18 @@ def test_the_log_verifies_in_the_browser_and_a_tampered_copy_does_not(page: Any,
     screenshot(page, "console-verify-tampered")
 
 
-def test_a_feed_consumer_sees_feeds_and_their_releases(page: Any, live_server: LiveServer) -> None:
+def test_a_feed_consumer_sees_feeds_releases_signatures_and_csv(page: Any, live_server: LiveServer) -> None:
+    feed = {"name": "console-weekly", "dataset": live_server.dataset, "schedule": "weekly", "releases": 2,
+            "agencies": ["health"], "specs": [{"aggregate": "count", "group_by": ["channel"], "epsilon": 0.02}]}
+    assert live_server.post("steward", "/v1/feeds", json=feed).status_code == 201
+    assert live_server.post("steward", "/v1/feeds/console-weekly/releases").status_code == 201
     sign_in(page, live_server, "feed-health")
     page.goto("/console/feeds")
-    links = page.locator("#feeds a")
-    if links.count():
-        links.first.click()
-        screenshot(page, "console-feed")
-        release = page.locator("#releases a").first
-        if release.count():
-            release.click()
-            assert page.inner_text("#signature-status").startswith("Signature valid")
+    page.click("#feeds a:text('console-weekly')")
+    screenshot(page, "console-feed")
+    page.click("#releases a:text('1')")
+    assert page.inner_text("#signature-status").startswith("Signature valid")
     screenshot(page, "console-feed-release")
+    with page.expect_download() as download:
+        page.click("a:text('Download as CSV')")
+    assert "channel" in Path(download.value.path()).read_text()

@@ -34,7 +34,9 @@ RELEASES = 20
 def examples(dataset: str) -> list[tuple[str, str]]:
     """Specs to start from (the README's first questions), as (title, JSON text)."""
     specs = [("Count by channel", {"dataset": dataset, "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1}),
-             ("Count by department", {"dataset": dataset, "aggregate": "count", "group_by": ["department"], "epsilon": 0.1})]
+             ("Count by department", {"dataset": dataset, "aggregate": "count", "group_by": ["department"], "epsilon": 0.1}),
+             ("Bundles (analysis)", {"dataset": dataset, "analysis": "bundles", "window_days": 30, "top_k": 20,
+                                     "epsilon": 0.5})]
     return [(title, json.dumps(spec, indent=2)) for title, spec in specs]
 
 

@@ -15,7 +15,6 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from civicdp.server.auditlog.slots import current_slot
 from civicdp.server.http.console import sessions
 from civicdp.server.http.console.deps import SIGN_IN, ConsoleRoute, FormDep, SignedDep, now, page, same_origin
 from civicdp.server.http.deps import StateDep
@@ -53,12 +52,9 @@ def sign_in(request: Request, state: StateDep, key: Annotated[str, Form(max_leng
                     message="The sign-in form was not this server's own (or has expired). Open the sign-in page "
                             "again and sign in from there.")
     try:
-        token, signed = sessions.sign_in(state, key.strip(), now())
+        token, _ = sessions.sign_in(state, key.strip(), now())
     except AuthenticationFailed:
         return sign_in_page(request, failed=True)
-    slot = current_slot()
-    if slot is not None:
-        slot.caller = signed.caller
     response = RedirectResponse("/console/", status_code=303)
     _cookie(response, request, sessions.COOKIE, token, int(sessions.LIFETIME.total_seconds()))
     response.delete_cookie(PRE, path="/console")

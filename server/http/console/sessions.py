@@ -20,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 from sqlmodel import Session, select
 
 from civicdp.server.auditlog.append import record
+from civicdp.server.auditlog.slots import current_slot
 from civicdp.server.state import auth
 from civicdp.server.state.caller import Caller
 from civicdp.server.state.console_models import ConsoleSession
@@ -69,6 +70,10 @@ def sign_in(state: AppState, presented: str, now: datetime) -> tuple[str, Signed
     expires = now + LIFETIME
     if key.expires_at is not None:
         expires = min(expires, _aware(key.expires_at))  # a session outlives not its key
+    slot = current_slot()
+    if slot is not None:  # the entry names the account and its roles, as an API request's does
+        slot.caller = caller
+        slot.roles = [f"{role}@{agency}" for role, agency in state.policies.roles_of(caller.subject)]
     with session_scope(state.db) as session:
         session.add(ConsoleSession(id_hash=_digest(token), account_id=caller.account_id, key_id=key.id or 0,
                                    csrf=csrf, created_at=now, expires_at=expires))

@@ -29,7 +29,8 @@ def test_the_session_cookie_is_httponly_strict_and_never_the_key(api: Api) -> No
     assert "httponly" in flags and "samesite=strict" in flags and "max-age=" in flags and "path=/console" in flags
     assert "secure" not in flags  # plain http here; over TLS the cookie is Secure
     assert api.keys[ANALYST] not in cookie and api.keys[ANALYST].split("_")[2] not in cookie
-    assert [e.action for e in api.records("console.sign_in")] == ["console.sign_in"]
+    [entry] = api.records("console.sign_in")
+    assert json.loads(entry.entry_json)["who"]["roles"] == ["analyst@health"]
 
 
 def test_a_wrong_key_is_refused_and_recorded(api: Api) -> None:
