@@ -38,6 +38,8 @@ from civicdp.server.state.dataset_checks import MAX_ABS_BOUND, check_declaration
 MAX_KEYS = 1000
 CONTRIBUTION_QUANTILE = 0.95
 ID_NAME = re.compile(r"(^|_)(id|uuid|number|nr|key)$|[a-z](Id|ID|Number|Nr|Key)$|^id", re.IGNORECASE)
+#: A word of a time column's name that says it ends a case (ClosedDate, case_enddate, resolved_at, ...).
+END_NAME = re.compile(r"(^|_)(clos|end|finish|resolv|complet)")
 
 NOTICE = (
     "DRAFT written by civicdp datasets init from {source}. The values named in 'fields' were read off the data itself: "
@@ -218,6 +220,10 @@ def _propose(column: str, kind: str, stats: dict[str, Any], rows: int, person: s
         declared["nullable"] = True
         marks.append("nullable")
         treatment += f"; nullable ({missing:,} missing)"
+        if kind == "datetime" and END_NAME.search(re.sub(r"(?<=[a-z])(?=[A-Z])", "_", column).lower()):
+            # A missing end time is an open case: the check counts them (a statement, not a value).
+            declared["ends_case"] = True
+            treatment += "; ends_case (a missing value is an open case)"
     return declared, treatment.lstrip("; "), marks
 
 

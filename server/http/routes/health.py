@@ -15,6 +15,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from civicdp.queries import spark_session
 from civicdp.server.http.deps import ReadSession, StateDep
 from civicdp.server.services.schemas import Health
 
@@ -38,4 +39,8 @@ def ready(session: ReadSession, state: StateDep) -> Health | JSONResponse:
         return JSONResponse({"status": "audit log failed its integrity check", **integrity}, status_code=503)
     if integrity["held_budgets"] or integrity["refused_releases"]:
         return JSONResponse({"status": "degraded: state failed its integrity check", **integrity})
+    spark = spark_session.status()
+    if spark["started"] or spark["error"]:
+        # The Spark session of "engine": "spark" datasets: where it runs and what starting it cost.
+        return JSONResponse({"status": "ready", "spark": spark})
     return Health(status="ready")

@@ -63,6 +63,27 @@ def test_the_draft_marks_what_it_read_off_the_data_and_the_person_column_is_neve
     assert "not public knowledge" in metadata["proposed_from_data"]["notice"]
 
 
+def test_a_time_column_named_as_an_end_with_missing_values_is_drafted_as_ending_a_case(tmp_path: Path) -> None:
+    rows = 30
+    frame = pl.DataFrame({
+        "person_id": list(range(rows)),
+        "opened": [f"2025-01-{1 + i % 28:02d} 08:00:00" for i in range(rows)],
+        "ClosedDate": [None if i % 5 == 0 else f"2025-02-{1 + i % 28:02d} 08:00:00" for i in range(rows)],
+        "UpdatedDate": [None if i % 5 == 0 else f"2025-02-{1 + i % 28:02d} 09:00:00" for i in range(rows)],
+        "VendorDate": [None if i % 5 == 0 else f"2025-02-{1 + i % 28:02d} 10:00:00" for i in range(rows)],
+    })
+    frame.write_csv(tmp_path / "cases.csv")
+    out = tmp_path / "cases"
+    result = init(tmp_path / "cases.csv", out)
+    assert result.exit_code == 0, result.output
+    columns = _metadata(out)["tables"]["events"]["columns"]
+    assert columns["ClosedDate"]["ends_case"] is True and columns["ClosedDate"]["nullable"] is True
+    assert "ends_case" not in columns["UpdatedDate"] and "ends_case" not in columns["VendorDate"]
+    assert "ends_case" not in columns["opened"]  # no missing values: nothing says it is open
+    report = json.loads(civicdp("datasets", "check", out, "--json").output)
+    assert report["open_cases"] == {"events": rows // 5}
+
+
 def test_check_reports_a_draft_and_says_registration_would_refuse(tmp_path: Path) -> None:
     folder = _draft(tmp_path)
     result = civicdp("datasets", "check", folder, "--json")
