@@ -9,6 +9,8 @@ Example::
     client.estimate({"dataset": "civic-demo", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1})
     frame = client.run({"dataset": "civic-demo", "aggregate": "count", "group_by": ["channel"], "epsilon": 0.1})
     frame.attrs["epsilon"], frame.attrs["budgets"]        # loss charged, budget left
+    plan = client.plan({"dataset": "civic-demo", "parts": [...]})   # a workload within your budget, free
+    frames = client.run_plan(plan["id"])                  # one charge, a DataFrame per part
 
 Errors mirror the server's:
 
@@ -147,6 +149,31 @@ class Client:
         bundles = frame.attrs["tables"]["bundles"]
         bundles.attrs.update({k: v for k, v in frame.attrs.items() if k != "tables"})
         return frame, bundles
+
+    def plan(self, plan: dict[str, Any]) -> dict[str, Any]:
+        """Plan a workload and store it (free, reads no data): each part's loss and predicted
+        accuracy, the total, whether it fits your budgets (``fit``) and what to loosen if not.
+        Run it with :meth:`run_plan` using the returned ``id``."""
+        return self._call("POST", "/plans", json=plan)
+
+    def get_plan(self, plan_id: str) -> dict[str, Any]:
+        """A stored plan, estimated again on the dataset's version served now."""
+        return self._call("GET", f"/plans/{plan_id}")
+
+    def run_plan(self, plan_id: str) -> dict[str, pd.DataFrame]:
+        """Run a stored plan: one charge for every part not yet released, then a DataFrame per part.
+
+        Each frame's ``.attrs`` holds ``cached``, ``derived_from``, ``release_id``, ``confidence``
+        and ``predicted``; every frame's ``.attrs["plan"]`` holds ``charged`` and ``budgets``.
+        """
+        answer = self._call("POST", f"/plans/{plan_id}/run")
+        frames = {}
+        for part in answer["parts"]:
+            frame = pd.DataFrame(part["rows"], columns=part["columns"])
+            frame.attrs.update({k: part[k] for k in ("cached", "derived_from", "release_id", "confidence", "predicted")})
+            frame.attrs["plan"] = {k: answer[k] for k in ("plan_id", "charged", "budgets", "dataset_version")}
+            frames[part["name"]] = frame
+        return frames
 
     def budgets(self, dataset: str | None = None) -> list[dict[str, Any]]:
         """Your budgets: spent and remaining per scope."""

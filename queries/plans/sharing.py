@@ -96,6 +96,8 @@ def rollup_half_width(mechanism: object, members: int, alpha: float) -> float:
     """Half-width of a sum of ``members`` cells' noises at confidence 1 - alpha (two-sided, exact tails)."""
     if members <= 0:
         return 0.0
+    if members == 1:
+        return float(mechanism.accuracy(alpha))  # type: ignore[attr-defined]
     scale = float(mechanism.scale)  # type: ignore[attr-defined]
     return float(sum_tail_threshold(noise_family(mechanism), scale, (1, 1), (members, 0), alpha / 2))
 

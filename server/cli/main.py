@@ -28,6 +28,7 @@ from civicdp.server.cli.common import fail, read_json
 from civicdp.server.cli.output import console, print_result, result_json
 from civicdp.server.cli.feeds import feeds
 from civicdp.server.cli.monitors import monitors
+from civicdp.server.cli.plans import plan as plan_command
 from civicdp.server.state.identity import StateError
 from civicdp.server.state.settings import Settings
 
@@ -54,6 +55,7 @@ app.add_typer(budgets, name="budgets")
 app.add_typer(audit, name="audit")
 app.add_typer(feeds, name="feeds")
 app.add_typer(monitors, name="monitors")
+app.command("plan")(plan_command)
 
 
 
