@@ -163,6 +163,8 @@ def datasets_check(folder: Path, accept_undeclared_nulls: AcceptNulls = False, a
     """
     from dataclasses import asdict
 
+    import polars as pl
+
     from civicdp.server.intake.report import check_folder
     from civicdp.server.state.dataset_checks import DatasetRefused
 
@@ -170,6 +172,9 @@ def datasets_check(folder: Path, accept_undeclared_nulls: AcceptNulls = False, a
         report = check_folder(folder, _accepted(accept_undeclared_nulls, accept_dropped_keys))
     except (DatasetRefused, QueryError, OSError) as exc:
         fail(f"registration would refuse {folder}: {exc}")
+    except pl.exceptions.PolarsError:  # as registration answers it: the files do not read as declared
+        fail(f"registration would refuse {folder}: its files cannot be read as Parquet with the declared columns; "
+             "check them against metadata.json")
     warnings, refusals = report.warnings(), report.refusals()
     if as_json:
         console.print_json(json.dumps({"dataset": report.metadata.name, "rows": report.rows,

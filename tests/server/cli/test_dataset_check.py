@@ -115,3 +115,11 @@ def test_a_folder_registration_would_refuse_exits_2_with_the_reason(tmp_path: Pa
     result = _check(folder)
     assert result.exit_code == 2
     assert "not a Parquet file" in result.output
+
+
+def test_keys_that_cannot_be_compared_with_the_stored_values_are_a_clear_refusal(tmp_path: Path) -> None:
+    metadata = base_metadata()
+    metadata["tables"]["events"]["columns"]["service"]["keys"] = [1, 2]  # the file stores text
+    result = _check(write_dataset(tmp_path / "mismatch", events_frame(), metadata))
+    assert result.exit_code == 2 and "cannot be read as Parquet with the declared columns" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
