@@ -22,7 +22,7 @@ before any budget is charged (:func:`civicdp.queries.spark_routing.check_support
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import polars as pl
@@ -30,7 +30,6 @@ import polars as pl
 from civicdp.queries.backend import AggregateRequest, Measure, RowFilter, person_column
 from civicdp.queries.errors import QueryError
 from civicdp.queries.metadata import DatasetMetadata
-from civicdp.queries.polars_exprs import check_units, format_groups
 from civicdp.queries.spark_rank import RANK, RankedTables
 
 #: The analyses this backend runs: those built from aggregates alone.
@@ -122,85 +121,19 @@ class SparkBackend:
         return profile
 
     def aggregate(self, request: AggregateRequest) -> pl.DataFrame:
-        from pyspark.sql import functions as F
-
-        from civicdp.queries.spark_exprs import group_expr, saturate, units
-
-        meta = request.metadata.tables[request.table]
-        measure = request.measure
-        if measure.kind == "sum":
-            check_units(measure)
-        frame, rank, value = self._kept(request.dataset_dir, request.metadata, request.table, request.filters,
-                                        measure)
-        frame = frame.filter(rank <= request.contributions)
-        if value is not None and not meta.columns[measure.column].nullable:  # type: ignore[index]
-            frame = frame.filter(value.isNotNull())  # declared without nulls: a stray null dropped after bounding
-        groups = [group_expr(g, meta.columns[g.column].type) for g in request.group_by]
-        names = [g.name for g in request.group_by]
-        if measure.kind == "grid":
-            return self._grid(frame, groups, value, request)
-        aggs = [F.count(F.lit(1)).alias("rows")]
-        if measure.kind == "sum":
-            aggs.append(F.sum(units(value, measure)).alias("total"))
-        out = (frame.groupBy(*groups) if groups else frame).agg(*aggs).collect()
-        data: dict[str, list[Any]] = {name: [row[name] for row in out] for name in names}
-        data["rows"] = [int(row["rows"]) for row in out]
-        if measure.kind == "sum":
-            data["total"] = [saturate(row["total"]) for row in out]
-        if not groups and not out:
-            data["rows"] = [0]
-        return format_groups(_frame(data, request), request.group_by)
+        return self.aggregate_many([request])[0]
 
     def aggregate_many(self, requests: Sequence[AggregateRequest]) -> list[pl.DataFrame]:
-        """``[aggregate(r) for r in requests]``; each is one Spark job over the persisted ranked table."""
-        return [self.aggregate(request) for request in requests]
+        """One Spark job per table for all its requests (:mod:`civicdp.queries.spark_many`)."""
+        from civicdp.queries.spark_many import aggregates
 
-    def _grid(self, frame: Any, groups: list[Any], value: Any, request: AggregateRequest) -> pl.DataFrame:
-        """Rows per group and grid position: distinct values counted first, then placed on the grid in Spark."""
-        from pyspark.sql import functions as F
-        from pyspark.sql.types import LongType, StructField, StructType
-
-        names = [g.name for g in request.group_by]
-        distinct = frame.groupBy(*groups, value.alias("__value")).agg(F.count(F.lit(1)).alias("rows"))
-        schema = StructType([*distinct.schema.fields, StructField("position", LongType())])
-        placed = distinct.mapInArrow(_positions(request.measure.grid), schema)
-        out = placed.groupBy(*names, "position").agg(F.sum("rows").alias("rows")).collect()
-        data: dict[str, list[Any]] = {name: [row[name] for row in out] for name in names}
-        data["position"] = [int(row["position"]) for row in out]
-        data["rows"] = [int(row["rows"]) for row in out]
-        return format_groups(_frame(data, request), request.group_by)
-
-
-def _positions(grid: tuple[float, ...]):  # type: ignore[no-untyped-def]
-    """The ``mapInArrow`` function placing each value on the sorted grid: 2i strictly between
-    grid[i-1] and grid[i], 2i + 1 on grid[i] (numpy's binary search, as the Polars backend's)."""
-    import pyarrow as pa
-
-    points = np.asarray(grid, dtype=np.float64)
-
-    def run(batches: Iterator[Any]) -> Iterator[Any]:
-        for batch in batches:
-            x = batch.column("__value").to_numpy(zero_copy_only=False).astype(np.float64)
-            position = np.searchsorted(points, x, side="left") + np.searchsorted(points, x, side="right")
-            yield pa.RecordBatch.from_arrays([*batch.columns, pa.array(position.astype(np.int64))],
-                                             names=[*batch.schema.names, "position"])
-
-    return run
-
-
-def _frame(data: dict[str, list[Any]], request: AggregateRequest) -> pl.DataFrame:
-    """The collected aggregates as the Polars backend's frame: group columns in the keys' types, Int64 counts."""
-    columns = []
-    for group in request.group_by:
-        values = data[group.name]
-        if group.bucket in ("hour", "weekday"):
-            columns.append(pl.Series(group.name, values, dtype=pl.Int64))
-        elif group.bucket:
-            columns.append(pl.Series(group.name, values, dtype=pl.Date))
-        else:
-            dtype = pl.Series(list(group.keys), strict=False).dtype  # as polars_exprs.as_keys casts
-            columns.append(pl.Series(group.name, values, dtype=dtype, strict=False))
-    for name in ("position", "rows", "total"):
-        if name in data:
-            columns.append(pl.Series(name, data[name], dtype=pl.Int64))
-    return pl.DataFrame(columns)
+        by_table: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            by_table.setdefault((str(r.dataset_dir), r.metadata.model_dump_json(), r.table), []).append(i)
+        out: list[pl.DataFrame | None] = [None] * len(requests)
+        for indices in by_table.values():
+            first = requests[indices[0]]
+            ranked = self.ranked(first.dataset_dir, first.metadata, first.table)
+            for i, frame in zip(indices, aggregates(ranked, [requests[i] for i in indices])):
+                out[i] = frame
+        return out  # type: ignore[return-value]

@@ -105,9 +105,9 @@ def ranked(spark: Any, dataset_dir: Path, metadata: DatasetMetadata, table: str)
     meta = metadata.tables[table]
     columns = list(meta.columns)
     unit = person_column(metadata, table)
-    frame = read(spark, dataset_dir, meta.path)
-    schema = StructType([*frame.schema.fields, StructField(_HI, LongType()), StructField(_LO, LongType())])
-    frame = frame.mapInArrow(_hasher(columns, polars_schema(dataset_dir, meta.path)), schema)
+    raw = read(spark, dataset_dir, meta.path)
+    schema = StructType([*raw.schema.fields, StructField(_HI, LongType()), StructField(_LO, LongType())])
+    frame = raw.mapInArrow(_hasher(columns, polars_schema(dataset_dir, meta.path)), schema)
     via = meta.privacy_unit_via
     if via:
         owner_meta = metadata.tables[via["table"]]
@@ -116,7 +116,7 @@ def ranked(spark: Any, dataset_dir: Path, metadata: DatasetMetadata, table: str)
         frame = frame.join(owner, on=via["on"], how="inner")
         people = owner.select(F.col(UNIT).alias("p"))
     else:
-        people = frame.select(F.col(unit).alias("p"))
+        people = raw.select(F.col(unit).alias("p"))
     frame = frame.filter(F.col(unit).isNotNull())
     order = [F.col(_HI), F.col(_LO), F.col(_FILE), F.col(_ROW)]
     kind = dict(people.dtypes)["p"]
