@@ -95,6 +95,7 @@ class _Totals:
     release: StoredRelease
     how: str
     levels: tuple[str, ...] = ()
+    what: str = ""  # the derivation without its interval
 
 
 def eligible(plan: Any) -> bool:
@@ -173,9 +174,8 @@ def _mean(plan: Plan, releases: list[StoredRelease], parents: Parents) -> Derive
         values.append(None if value is None else min(interval.high, max(interval.low, value)))
         lows.append(interval.low)
         highs.append(interval.high)
-    how = (f"ratio of the released sum {total.release.id} ({total.how}) and the released count "
-           f"{count.release.id} ({count.how}); interval: the corners of sum and count, each within its "
-           "half-width at alpha/2 (union bound)")
+    how = (f"ratio of the sum ({total.what}) and the count ({count.what}); interval: the corners of the sum's "
+           "and the count's intervals, each at alpha/2 (union bound)")
     return _answer(ctx, [total, count], {"value": values, "ci_low": lows, "ci_high": highs}, how)
 
 
@@ -246,9 +246,9 @@ def _totals(ctx: QueryContext, aggregate: str, release: StoredRelease, parents: 
     shape = "subset of the cells" if widest <= 1 else f"sums of up to {widest} cells"
     if mapping.levels:
         shape = f"roll-up through the public catalogue ({', '.join(mapping.levels)}), {shape},"
-    how = (f"{shape} of release {release.id} ({spec.aggregate} by {', '.join(spec.group_by) or 'nothing'}); "
-           f"interval: {_interval_text(mechanism, widest)}")
-    return _Totals([u for u, _ in per_cell], halves, release, how, mapping.levels)
+    what = f"{shape} of release {release.id} ({spec.aggregate} by {', '.join(spec.group_by) or 'nothing'})"
+    how = f"{what}; interval: {_interval_text(mechanism, widest)}"
+    return _Totals([u for u, _ in per_cell], halves, release, how, mapping.levels, what)
 
 
 def _extra_filters(ctx: QueryContext, stored: QueryContext) -> list[Any] | None:
