@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from civicdp.server.http import errors
 from civicdp.server.http.docs_pages import install_docs
+from civicdp.server.http.openapi_errors import document_errors
 from civicdp.server.http.request_log import AuditMiddleware, audit_checkpoints
 from civicdp.server.http.console.mount import install as install_console
 from civicdp.server.services.bootstrap import build_state
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     install_docs(app)
     document_limits(app)
+    document_errors(app)
     # Added innermost first: security headers (outermost, so every answer has them, refusals and
     # cached answers too) -> audit (one entry per request) -> size, structure and
     # rate limits (before any body is parsed or key looked up) -> complete Allow on 405 -> the

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, GetJsonSchemaHandler, RootModel
+from pydantic import BaseModel, GetJsonSchemaHandler, RootModel, TypeAdapter
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, core_schema
 
@@ -32,12 +32,17 @@ def _schema_of(models: Sequence[type[BaseModel]], handler: GetJsonSchemaHandler)
 @dataclass(frozen=True)
 class DocumentAs:
     """``Annotated[dict[str, Any], DocumentAs(Model)]``: a value passed on as it is (the bytes of an
-    audit entry, a stored definition), documented by ``Model``."""
+    audit entry, a stored definition, a result's rows), documented as ``Model`` (any type:
+    ``list[Row]``, ``dict[str, Table]``). Nothing is validated or re-serialised by it."""
 
-    model: type[BaseModel]
+    shape: Any
 
     def __get_pydantic_json_schema__(self, schema: CoreSchema, handler: GetJsonSchemaHandler) -> JsonSchemaValue:
-        return _schema_of([self.model], handler)
+        if isinstance(self.shape, type) and issubclass(self.shape, DocumentedObject):
+            return _schema_of(self.shape.models(), handler)  # its models (a RootModel's own hook is not called here)
+        if isinstance(self.shape, type) and issubclass(self.shape, BaseModel):
+            return _schema_of([self.shape], handler)  # a $ref to the model's own schema
+        return dict(handler(TypeAdapter(self.shape).core_schema))
 
 
 class DocumentedObject(RootModel[dict[str, Any]]):

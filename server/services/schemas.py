@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from civicdp.policies.actions import Action, ColumnClass, Role
+from civicdp.queries.metadata import TableMeta
+from civicdp.server.services import documented_shapes as shapes
+from civicdp.server.services.request_bodies import DocumentAs, QueryRequest
+
+#: Values passed on as built (see documented_shapes.py), documented by their shapes.
+Rows = Annotated[list[dict[str, Any]], DocumentAs(list[shapes.ResultRow])]
+Mechanisms = Annotated[list[dict[str, Any]], DocumentAs(list[shapes.Mechanism])]
+PublicTables = Annotated[dict[str, Any], DocumentAs(dict[str, TableMeta])]
+
+
+def examples(*values: dict[str, Any]) -> ConfigDict:
+    """A request model's configuration: extra fields refused, and examples for /docs."""
+    return ConfigDict(extra="forbid", json_schema_extra={"examples": list(values)})
 
 
 class Loss(BaseModel):
@@ -52,7 +65,7 @@ class DatasetOut(BaseModel):
     description: str
     privacy_unit: str
     max_contributions: int
-    tables: dict[str, Any] = Field(description="Public metadata: columns, key sets and bounds")
+    tables: PublicTables = Field(description="Public metadata: columns, key sets and bounds")
     accepted_shares: list[SharePublished] | None = Field(
         default=None, description="What the registration check found, as shares of rows (rounded to 0.1%), "
                                   "when the steward published them; null otherwise")
@@ -71,8 +84,8 @@ class EstimateOut(BaseModel):
     loss: Loss
     contributions: int | str
     confidence: float
-    mechanisms: list[dict[str, Any]]
-    accuracy: dict[str, Any]
+    mechanisms: Mechanisms
+    accuracy: Annotated[dict[str, Any], DocumentAs(shapes.Accuracy)]
     notes: list[str]
     cached: bool = Field(description="An identical question was answered before: running it costs nothing")
     derived: DerivedOut | None = Field(
@@ -81,7 +94,7 @@ class EstimateOut(BaseModel):
 
 class TableOut(BaseModel):
     columns: list[str]
-    rows: list[dict[str, Any]]
+    rows: Annotated[list[dict[str, Any]], DocumentAs(list[shapes.TableRow])]
 
 
 class QueryResultOut(BaseModel):
@@ -96,8 +109,8 @@ class QueryResultOut(BaseModel):
     contributions: int
     confidence: float
     columns: list[str]
-    rows: list[dict[str, Any]] = Field(description="One row per cell: group keys, value, ci_low, ci_high")
-    mechanisms: list[dict[str, Any]]
+    rows: Rows = Field(description="One row per cell: group keys, value, ci_low, ci_high")
+    mechanisms: Mechanisms
     notes: list[str]
     tables: dict[str, TableOut] = Field(default_factory=dict,
                                         description="Further tables of an analysis (e.g. bundles), by name")
@@ -108,14 +121,14 @@ class ReleaseOut(BaseModel):
     id: int
     dataset: str
     dataset_version: str
-    query: dict[str, Any]
+    query: Annotated[dict[str, Any], DocumentAs(QueryRequest)] = Field(description="The question, canonical")
     loss: Loss
     result_hash: str
     created_at: datetime
 
 
 class AccountCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = examples({"name": "ana-health", "agency": "health"})
     name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")
     agency: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -128,7 +141,7 @@ class AccountOut(BaseModel):
 
 
 class KeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = examples({"expires_in_days": 90}, {"expires_in_days": None})
     expires_in_days: int | None = Field(default=90, ge=1, le=3650)
 
 
@@ -140,13 +153,14 @@ class KeyOut(BaseModel):
 
 
 class RoleGrant(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = examples({"role": "analyst", "agency": "health"}, {"role": "oversight", "agency": "*"})
     role: Role
     agency: str = Field(min_length=1, max_length=100, pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]*)$")
 
 
 class PolicyRule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = examples({"subject": "analyst", "agency": "health", "object": "civic-demo",
+                             "action": "query.run", "cap": "0.5", "effect": "allow"})
     subject: str = Field(min_length=1, max_length=100)
     agency: str = Field(min_length=1, max_length=100)
     object: str = Field(min_length=1, max_length=200)
@@ -156,7 +170,9 @@ class PolicyRule(BaseModel):
 
 
 class DatasetRegister(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = examples({"path": "/srv/civicdp/datasets/civic-demo"},
+                            {"path": "/srv/civicdp/datasets/civic-demo", "accept": ["dropped_keys"],
+                             "publish_accepted_shares": True})
     path: str = Field(min_length=1, max_length=1000, description="Folder with metadata.json and Parquet files, on the server")
     accept: list[Literal["undeclared_nulls", "dropped_keys"]] = Field(
         default_factory=list, max_length=2,
@@ -172,7 +188,7 @@ class DatasetRegister(BaseModel):
 class ColumnClassSet(BaseModel):
     """A steward's change of a column's class (issue 14)."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, json_schema_extra={"examples": [{"class": "quasi"}]})
     column_class: ColumnClass = Field(alias="class", description="public, quasi (quasi-identifier: the lower "
                                       "per-query cap) or sensitive (never queried)")
 
@@ -186,7 +202,8 @@ class ColumnClassOut(BaseModel):
 
 
 class BudgetCapSet(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = examples({"dataset": "civic-demo", "scope": "analyst", "subject": "ana-health", "epsilon": 1.5},
+                            {"dataset": "civic-demo", "scope": "lifetime", "epsilon": 8})
     dataset: str = Field(min_length=1, max_length=100)
     scope: str = Field(pattern=r"^(analyst|agency|dataset|lifetime)$")
     subject: str = Field(default="*", min_length=1, max_length=100)
@@ -200,7 +217,8 @@ class Health(BaseModel):
 class AuditEntryOut(BaseModel):
     seq: int
     leaf_hash: str = Field(description="SHA-256(0x00 || entry bytes), hex: the RFC 9162 leaf")
-    entry: dict[str, Any]
+    entry: Annotated[dict[str, Any], DocumentAs(shapes.AuditEntry)] = Field(
+        description="The entry exactly as hashed (its canonical JSON parsed): recompute the leaf hash from it")
 
 
 class AuditEntriesOut(BaseModel):
@@ -210,7 +228,7 @@ class AuditEntriesOut(BaseModel):
 
 class LedgerOut(BaseModel):
     budgets: list[BudgetOut]
-    history: list[dict[str, Any]] = Field(description="Each charge: time, scope, amount, before and after, and the "
+    history: Annotated[list[dict[str, Any]], DocumentAs(list[shapes.LedgerCharge])] = Field(description="Each charge: time, scope, amount, before and after, and the "
                                           "cap in force when it was charged (cap_micro; null if not known)")
 
 

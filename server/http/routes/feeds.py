@@ -22,7 +22,9 @@ from civicdp.server.http.deps import CurrentCaller, StateDep, authorize
 from civicdp.server.auditlog.append import record
 from civicdp.server.state.caller import Caller
 from civicdp.server.state.errors import AccessDenied, Conflict
-from civicdp.server.feeds.schemas import FEED_NAME, FeedDefinition, FeedOverview, FeedReleaseOut, FeedSummary
+from civicdp.server.feeds.schemas import (
+    FEED_NAME, FeedDefinition, FeedIndex, FeedOverview, FeedReleaseDocument, FeedReleaseOut, FeedSummary,
+)
 from civicdp.server.feeds.outcomes import FeedRefused
 from civicdp.server.feeds.reading import release_csv
 from civicdp.server.feeds.service import FeedService
@@ -32,7 +34,8 @@ router = APIRouter(prefix="/feeds", tags=["feeds"])
 FeedName = Annotated[str, Path(pattern=FEED_NAME, description="The feed's name")]
 Which = Annotated[str, Path(pattern=r"^(latest|[0-9]{1,7})$", description="'latest' or a release number")]
 IfNoneMatch = Annotated[str | None, Header(max_length=200, description="An ETag from an earlier answer")]
-_BYTES = {200: {"content": {"application/json": {}, "text/csv": {}},
+_TEXT = {"schema": {"type": "string"}}
+_BYTES = {200: {"model": FeedReleaseDocument, "content": {"application/json": {}, "text/csv": _TEXT},
                 "description": "The release's canonical bytes (signed) or one of its tables as CSV"},
           304: {"description": "Not modified since the ETag sent in If-None-Match"}}
 
@@ -89,7 +92,8 @@ def trigger(name: FeedName, caller: CurrentCaller, state: StateDep) -> FeedRelea
         raise Conflict(refused.reason) from None
 
 
-@router.get("/{name}", responses={**errors(401, 403, 404, 422), 304: {"description": "Not modified"}},
+@router.get("/{name}", responses={**errors(401, 403, 404, 422), 200: {"model": FeedIndex},
+                                  304: {"description": "Not modified"}},
             summary="The feed's releases, newest first, as a JSON Feed 1.1 document (poll with If-None-Match)")
 def index(name: FeedName, request: Request, caller: CurrentCaller, state: StateDep,
           if_none_match: IfNoneMatch = None) -> Response:
@@ -133,7 +137,7 @@ def _fetch(state: StateDep, caller: Caller, name: str, which: str, form: str, qu
 
 
 @router.get("/{name}/releases/{release}/signature", response_class=Response,
-            responses={**errors(401, 403, 404, 422), 200: {"content": {"text/plain": {}},
+            responses={**errors(401, 403, 404, 422), 200: {"content": {"text/plain": _TEXT},
                                                             "description": "'<key name> <base64>'"}},
             summary="A release's detached Ed25519 signature (verify with `civicdp feeds verify`)")
 def signature(name: FeedName, release: Which, caller: CurrentCaller, state: StateDep) -> Response:
