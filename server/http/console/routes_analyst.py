@@ -28,7 +28,7 @@ from civicdp.server.state.models import Release
 
 router = APIRouter(route_class=ConsoleRoute, include_in_schema=False, prefix="/console")
 #: Past releases shown (the newest).
-RELEASES = 20
+RELEASES = 10
 
 
 def examples(dataset: str) -> list[tuple[str, str]]:

@@ -17,6 +17,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
+from sqlalchemy import delete
 from sqlmodel import Session, select
 
 from civicdp.server.auditlog.append import record
@@ -75,6 +76,8 @@ def sign_in(state: AppState, presented: str, now: datetime) -> tuple[str, Signed
         slot.caller = caller
         slot.roles = [f"{role}@{agency}" for role, agency in state.policies.roles_of(caller.subject)]
     with session_scope(state.db) as session:
+        # Sessions that can no longer be used are dropped here, so the table holds only live ones.
+        session.execute(delete(ConsoleSession).where(ConsoleSession.expires_at < now))  # type: ignore[arg-type]
         session.add(ConsoleSession(id_hash=_digest(token), account_id=caller.account_id, key_id=key.id or 0,
                                    csrf=csrf, created_at=now, expires_at=expires))
         record(session, caller, "console.sign_in", "console", key_prefix=key.prefix, expires_at=expires)

@@ -163,3 +163,24 @@ def test_analyst_written_text_renders_as_text(api: Api) -> None:
     pages = oversight.get(f"/console/audit?after={entry.seq - 1}").text + oversight.get(f"/console/audit/{entry.seq}").text
     assert "<script>alert(1)</script>" not in pages
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in pages
+
+
+def test_expired_sessions_are_refused_and_dropped_at_the_next_sign_in(api: Api) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from sqlmodel import Session, select
+
+    from civicdp.server.state.console_models import ConsoleSession
+
+    client = sign_in(api, ANALYST)
+    with Session(api.state.db) as session:
+        [row] = session.exec(select(ConsoleSession)).all()
+        analyst_id = row.account_id
+        row.expires_at = datetime.now(timezone.utc) - timedelta(seconds=1)
+        session.add(row)
+        session.commit()
+    assert client.get("/console/analyst").headers["location"] == "/console/sign-in"
+    sign_in(api, OVERSIGHT)
+    with Session(api.state.db) as session:
+        rows = session.exec(select(ConsoleSession)).all()
+        assert len(rows) == 1 and rows[0].account_id != analyst_id  # the expired one is gone
