@@ -131,3 +131,20 @@ def test_422_answers_are_documented_as_the_servers_errors(schema: dict[str, Any]
         answer = operation["responses"].get("422")
         if answer is not None:
             assert answer["content"][JSON]["schema"]["$ref"].endswith("/ErrorOut"), (method, path)
+
+
+def _validator(schema: dict[str, Any], name: str) -> Any:
+    import jsonschema_rs
+
+    return jsonschema_rs.validator_for({"components": schema["components"], "$ref": f"#/components/schemas/{name}"})
+
+
+def test_every_example_matches_its_schema(schema: dict[str, Any]) -> None:
+    checked = 0
+    for name, node in schema["components"]["schemas"].items():
+        for example in node.get("examples", []):
+            errors = [error.message for error in _validator(schema, name).iter_errors(example)]
+            assert errors == [], (name, example)
+            checked += 1
+    assert checked >= 15
+    assert not _validator(schema, "AccountCreate").is_valid({"name": "x", "agency": "y", "extra": 1}), "checks nothing"
