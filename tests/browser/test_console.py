@@ -113,14 +113,26 @@ def _tampered(route: Any) -> None:
 
 
 def test_the_log_verifies_in_the_browser_and_a_tampered_copy_does_not(page: Any, live_server: LiveServer) -> None:
-    assert live_server.get("oversight", "/v1/audit/checkpoint").status_code == 200  # a signed head to check
+    held = live_server.get("oversight", "/v1/audit/checkpoint")  # a signed head, kept as an officer would
+    assert held.status_code == 200
     sign_in(page, live_server, "oversight")
     page.goto("/console/verify")
+    page.fill("#trusted", held.text)
     page.click("#verify-run")
     page.wait_for_selector("#verify-result[data-outcome]", timeout=60_000)
     assert page.get_attribute("#verify-result", "data-outcome") == "verified", page.inner_text("#verify-result")
     assert "OK:" in page.inner_text("#verify-result")
+    assert "consistent with your checkpoint" in page.inner_text("#verify-result")
     screenshot(page, "console-verify-ok")
+    # A checkpoint the officer holds whose signed text was altered is refused.
+    lines = held.text.split("\n")
+    lines[1] = str(int(lines[1]) - 1)
+    page.fill("#trusted", "\n".join(lines))
+    page.evaluate("document.getElementById('verify-result').removeAttribute('data-outcome')")
+    page.click("#verify-run")
+    page.wait_for_selector("#verify-result[data-outcome]", timeout=60_000)
+    assert "your checkpoint is not signed" in page.inner_text("#verify-result")
+    page.fill("#trusted", "")
     page.route("**/console/audit-log/entries.jsonl*", _tampered)
     page.evaluate("document.getElementById('verify-result').removeAttribute('data-outcome')")
     page.click("#verify-run")
