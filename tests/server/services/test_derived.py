@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlmodel import Session
 
+from civicdp.server.auditlog.reconcile import reconcile_database
 from civicdp.server.services import admin
 from civicdp.server.state.db import session_scope
 from civicdp.server.state.models import Release
@@ -64,6 +65,7 @@ def test_a_roll_up_of_a_stored_release_is_answered_free_marked_and_audited(api: 
     assert again["rows"] == answer["rows"] and api.spent_micro(ANALYST) == spent
     assert [e.decision for e in api.records("query.run")][-2:] == ["derived", "derived"]
     assert _detail(api.records("query.run")[-1])["result_hash"] == detail["result_hash"]
+    assert reconcile_database(api.state.db) == []  # ledger, releases and log still agree
 
 
 def test_the_estimate_says_it_would_be_derived_and_free(api: Api) -> None:
