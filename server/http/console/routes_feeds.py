@@ -36,8 +36,10 @@ def feed(request: Request, name: FeedName, state: StateDep, signed: SignedDep) -
 
 
 @router.get("/{name}/{number}", response_class=HTMLResponse)
-def release(request: Request, name: FeedName, number: Number, state: StateDep, signed: SignedDep) -> HTMLResponse:
-    answer = feeds_api._fetch(state, signed.caller, name, str(number), "json", 0, "main", None)
+async def release(request: Request, name: FeedName, number: Number, state: StateDep,
+                  signed: SignedDep) -> HTMLResponse:
+    answer = await feeds_api.fetch(name, str(number), signed.caller, state, format="json", query=0, table="main",
+                                   if_none_match=None)
     signature = answer.headers.get("civicdp-signature", "")
     try:
         verify_release(bytes(answer.body), signature, state.signing_key.verifier)
@@ -50,8 +52,9 @@ def release(request: Request, name: FeedName, number: Number, state: StateDep, s
 
 
 @router.get("/{name}/{number}/csv")
-def release_csv(name: FeedName, number: Number, state: StateDep, signed: SignedDep) -> Response:
-    answer = feeds_api._fetch(state, signed.caller, name, str(number), "csv", 0, "main", None)
+async def release_csv(name: FeedName, number: Number, state: StateDep, signed: SignedDep) -> Response:
+    answer = await feeds_api.fetch(name, str(number), signed.caller, state, format="csv", query=0, table="main",
+                                   if_none_match=None)
     return Response(answer.body, media_type="text/csv; charset=utf-8",
                     headers={"Content-Disposition": f'attachment; filename="{name}-{number}.csv"'})
 

@@ -9,6 +9,7 @@ as the API's key answers show them: prefix, dates, revocation — never a secret
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -54,8 +55,6 @@ def overview(request: Request, state: StateDep, session: ReadSession, signed: Si
 
 
 def _done(text: str) -> RedirectResponse:
-    from urllib.parse import urlencode  # noqa: PLC0415 - only here
-
     return RedirectResponse(f"/console/steward?{urlencode({'done': text})}", status_code=303)
 
 
