@@ -188,25 +188,32 @@ class PolarsBackend:
         the grid (a search per row) nor each distinct value counted first (a hash of every
         value: as many as rows on continuous data). ``#(values < g)`` and ``#(values <= g)``
         at every grid point give every position's count by differences (:func:`grid_positions`).
+        NumPy sorts a group's values several times faster than a sort inside Polars' ``agg``;
+        it orders NaN last and compares -0.0 equal to 0.0, as Polars' search does.
         """
-        x = value.drop_nulls().sort()
-        grid = pl.lit(pl.Series("grid", grid_values, dtype=pl.Float64))
-        aggs = [x.search_sorted(grid, side="left").alias("__below"),
-                x.search_sorted(grid, side="right").alias("__at_or_below"), x.len().alias("__n")]
         names = [g.name for g in group_by]
-        keyed = groups or [pl.lit(0).alias("__all")]
-        # sorted: one row per non-empty group: [group columns..., __below[m], __at_or_below[m], __n]
-        sorted_ = frame.group_by(keyed).agg(aggs).filter(pl.col("__n") > 0).collect()
-        m = len(grid_values)
-        counts = grid_positions(sorted_["__below"].explode().to_numpy().reshape(-1, m),
-                                sorted_["__at_or_below"].explode().to_numpy().reshape(-1, m),
-                                sorted_["__n"].to_numpy())
+        # values: [group columns..., __value] of the kept rows with a value
+        values = frame.select(*groups, value.alias("__value")).filter(pl.col("__value").is_not_null()).collect()
+        parts = values.partition_by(names, as_dict=True) if names else {(): values}
+        grid = np.asarray(grid_values, dtype=np.float64)
+        keys, below, at_or_below, n = [], [], [], []
+        for key, part in parts.items():
+            if part.height == 0:
+                continue
+            sorted_values = np.sort(part["__value"].to_numpy())
+            keys.append(key)
+            below.append(np.searchsorted(sorted_values, grid, side="left"))
+            at_or_below.append(np.searchsorted(sorted_values, grid, side="right"))
+            n.append(part.height)
+        m = len(grid)
+        counts = grid_positions(np.array(below, dtype=np.int64).reshape(-1, m),
+                                np.array(at_or_below, dtype=np.int64).reshape(-1, m), np.array(n, dtype=np.int64))
         group, position = np.nonzero(counts)
         # out: [group columns..., position, rows], the non-empty positions of each group
-        out = pl.DataFrame([pl.Series("position", position.astype(np.int64)),
+        key_frame = pl.DataFrame([pl.Series(name, [k[i] for k in keys], dtype=values.schema[name])
+                                  for i, name in enumerate(names)])
+        out = pl.DataFrame([*key_frame[group].get_columns(), pl.Series("position", position.astype(np.int64)),
                             pl.Series("rows", counts[group, position].astype(np.int64))])
-        if names:
-            out = pl.concat([sorted_.select(names)[group], out], how="horizontal")
         return format_groups(out, group_by)
 
 
