@@ -8,6 +8,8 @@ not count on its budgets as the demo left them.
 
 from __future__ import annotations
 
+import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +159,36 @@ def test_a_feed_consumer_sees_feeds_releases_signatures_and_csv(page: Any, live_
     with page.expect_download() as download:
         page.click("a:text('Download as CSV')")
     assert "channel" in Path(download.value.path()).read_text()
+
+
+def _tampered_bundle(original: bytes, target: Path) -> Path:
+    """The bundle with one entry of entries.jsonl changed (its checkpoints and proofs left as signed)."""
+    with zipfile.ZipFile(io.BytesIO(original)) as source, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as out:
+        for name in source.namelist():
+            data = source.read(name)
+            if name == "entries.jsonl":
+                lines = data.split(b"\n")
+                lines[2] = lines[2].replace(b'"decision":"allowed"', b'"decision":"denied"', 1) \
+                    if b'"decision":"allowed"' in lines[2] else lines[2].replace(b"a", b"b", 1)
+                data = b"\n".join(lines)
+            out.writestr(name, data)
+    return target
+
+
+def test_an_exported_bundle_verifies_in_the_browser_and_a_tampered_one_does_not(
+        page: Any, live_server: LiveServer, tmp_path: Path) -> None:
+    assert live_server.get("oversight", "/v1/audit/checkpoint").status_code == 200
+    export = live_server.get("oversight", "/v1/audit/export")
+    assert export.status_code == 200
+    good = tmp_path / "audit.zip"
+    good.write_bytes(export.content)
+    sign_in(page, live_server, "oversight")
+    page.goto("/console/verify")
+    for bundle, outcome in ((good, "verified"), (_tampered_bundle(export.content, tmp_path / "tampered.zip"), "tampered")):
+        page.set_input_files("#bundle", str(bundle))
+        page.evaluate("document.getElementById('verify-result').removeAttribute('data-outcome')")
+        page.click("#verify-run")
+        page.wait_for_selector("#verify-result[data-outcome]", timeout=60_000)
+        assert page.get_attribute("#verify-result", "data-outcome") == outcome, page.inner_text("#verify-result")
+        screenshot(page, f"console-verify-bundle-{outcome}")
+    assert "TAMPERED" in page.inner_text("#verify-result")

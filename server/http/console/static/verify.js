@@ -92,10 +92,8 @@
     return null;
   }
 
-  async function run(say) {
-    const keys = [];
-    for (const line of document.getElementById("public-key").value.split("\n")) if (line.trim()) keys.push(await parseKey(line));
-    if (!keys.length) throw new Error("give the log's public key");
+  async function fromServer(say) {
+    // The live log: every entry's exact bytes, every checkpoint the server holds.
     const held = await (await fetch("/console/audit-log/checkpoints", { credentials: "same-origin" })).json();
     const hashes = [];
     const page = (after) => fetch(`/console/audit-log/entries.jsonl?after=${after}&limit=${PAGE}`, { credentials: "same-origin" })
@@ -118,6 +116,32 @@
       after = hashes.length - 1;
     }
     pending.catch(() => {});  // the page after the last one is not needed
+    return { hashes, checkpoints: held.checkpoints, live: true };
+  }
+
+  async function fromBundle(file) {
+    // An exported bundle: entries.jsonl and checkpoints/*.txt, as `civicdp audit verify` reads them.
+    let mark = performance.now();
+    const files = await window.civicdpUnzip(await file.arrayBuffer());
+    spent.fetching += performance.now() - mark;
+    const entries = files.get("entries.jsonl");
+    if (!entries) throw new Error("the bundle has no entries.jsonl");
+    const hashes = [];
+    mark = performance.now();
+    leaves(entries.buffer.slice(entries.byteOffset, entries.byteOffset + entries.byteLength), hashes);
+    spent.hashing += performance.now() - mark;
+    const decoder = new TextDecoder();
+    const names = [...files.keys()].filter((n) => n.startsWith("checkpoints/")).sort();
+    return { hashes, checkpoints: names.map((n) => decoder.decode(files.get(n))), live: false };
+  }
+
+  async function run(say) {
+    const keys = [];
+    for (const line of document.getElementById("public-key").value.split("\n")) if (line.trim()) keys.push(await parseKey(line));
+    if (!keys.length) throw new Error("give the log's public key");
+    const chosen = document.getElementById("bundle").files[0];
+    const { hashes, checkpoints, live } = chosen ? await fromBundle(chosen) : await fromServer(say);
+    const held = { checkpoints };
     let mark = performance.now();
     const levels = levelsOf(hashes);
     spent.hashing += performance.now() - mark;
@@ -128,7 +152,7 @@
       if (!await signedBy(c, keys)) return { ok: false, lines: [`TAMPERED: the checkpoint of size ${c.size} is not signed by the public key given`] };
       if (origin !== null && c.origin !== origin) return { ok: false, lines: [`TAMPERED: the checkpoint of size ${c.size} names another log`] };
       origin = c.origin;
-      if (c.size > hashes.length) return { ok: false, lines: [`TAMPERED: a checkpoint signs ${c.size} entries but the server sent ${hashes.length}: entries were removed`] };
+      if (c.size > hashes.length) return { ok: false, lines: [`TAMPERED: a checkpoint signs ${c.size} entries but there are only ${hashes.length}: entries were removed`] };
       if (!equal(rangeHash(levels, 0, c.size), c.root)) return { ok: false, lines: [`TAMPERED: the entries do not match the signed checkpoint of size ${c.size}: an entry before number ${c.size} was changed, removed, inserted or reordered`] };
       lines.push(`checkpoint of size ${c.size.toLocaleString()}: signature and root verified`);
     }
@@ -143,6 +167,7 @@
       lines.push(`consistent with your checkpoint of size ${t.size.toLocaleString()}: the log only grew since`);
     }
     const beyond = hashes.length - head.size;
+    if (!live && beyond > 0) return { ok: false, lines: [`TAMPERED: the bundle holds ${beyond} entries after its last checkpoint; nothing signed vouches for them: entries were added`] };
     lines.unshift(`OK: ${head.size.toLocaleString()} entries form the tree whose root the newest checkpoint signs` +
                   (beyond > 0 ? ` (${beyond.toLocaleString()} newer entries are not signed yet)` : ""));
     return { ok: true, lines };
