@@ -69,7 +69,8 @@ def one_pass_aggregates(frame: pl.LazyFrame, requests: Sequence[AggregateRequest
             key_texts(group.keys), list(range(len(group.keys))), default=None,
             return_dtype=pl.Int64).alias(f"__code_{name}"))
     data = frame.with_columns(exprs).collect()
-    return [_aggregate(request, data, masks[_mask_key(request, meta)]) for request in requests]
+    positions: dict[tuple, np.ndarray] = {}  # grid positions of a column's kept values, shared by groupings
+    return [_aggregate(request, data, masks[_mask_key(request, meta)], positions) for request in requests]
 
 
 def _columns(request: AggregateRequest) -> set[str]:
@@ -92,7 +93,8 @@ def _mask_key(request: AggregateRequest, meta: TableMeta) -> tuple[str | None, i
     return (column if nullable else None), request.contributions
 
 
-def _aggregate(request: AggregateRequest, data: pl.DataFrame, mask: str) -> pl.DataFrame:
+def _aggregate(request: AggregateRequest, data: pl.DataFrame, mask: str,
+               positions: dict[tuple, np.ndarray]) -> pl.DataFrame:
     (group,) = request.group_by
     measure = request.measure
     keep = data[mask].to_numpy()
@@ -106,6 +108,16 @@ def _aggregate(request: AggregateRequest, data: pl.DataFrame, mask: str) -> pl.D
     if measure.kind == "rows":
         rows = np.bincount(codes[valid], minlength=n_keys)
         return pl.DataFrame([keys, pl.Series("rows", rows.astype(np.int64))])
+    if measure.kind == "grid":
+        # The kept values' positions depend on the column, the bounding and the grid, not the
+        # grouping: computed once for every grouping of the report that asks them.
+        key = (mask, measure.column, measure.grid)
+        if key not in positions:
+            kept = data[measure.column].cast(pl.Float64).to_numpy()[keep]
+            grid = np.asarray(measure.grid, dtype=np.float64)
+            positions[key] = np.searchsorted(grid, kept, side="left") + np.searchsorted(grid, kept, side="right")
+        in_keys = codes[keep] >= 0  # values outside the public keys are dropped
+        return _grid_counts(keys, codes[keep][in_keys], positions[key][in_keys], n_keys, len(measure.grid))
     x = data[measure.column].cast(pl.Float64).to_numpy()[valid]
     c = codes[valid]
     if measure.kind == "sum":
@@ -116,9 +128,12 @@ def _aggregate(request: AggregateRequest, data: pl.DataFrame, mask: str) -> pl.D
         total = np.zeros(n_keys, dtype=np.int64)
         np.add.at(total, c, units.astype(np.int64))
         return pl.DataFrame([keys, pl.Series("rows", rows.astype(np.int64)), pl.Series("total", total)])
-    grid = np.asarray(measure.grid, dtype=np.float64)
-    positions = np.searchsorted(grid, x, side="left") + np.searchsorted(grid, x, side="right")
-    width = 2 * len(grid) + 1
+    raise ValueError(f"unknown measure {measure.kind!r}")
+
+
+def _grid_counts(keys: pl.Series, c: np.ndarray, positions: np.ndarray, n_keys: int, m: int) -> pl.DataFrame:
+    """Rows per (key, grid position), the non-empty ones: [group, position, rows]."""
+    width = 2 * m + 1
     counts = np.bincount(c * width + positions, minlength=n_keys * width).reshape(n_keys, width)
     cell, position = np.nonzero(counts)
     return pl.DataFrame([keys.gather(cell), pl.Series("position", position.astype(np.int64)),
