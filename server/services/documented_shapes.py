@@ -58,6 +58,30 @@ class Accuracy(BaseModel):
     note: str | None = None
 
 
+class PublicColumn(BaseModel):
+    """A column as analysts see it (docs/metadata.md): its type, public keys or bounds, class."""
+
+    type: str = Field(description="int, float, str, datetime or bool")
+    identifier: bool = False
+    keys: list[Scalar] | None = Field(default=None, description="The public key set, if any")
+    bounds: list[float | str] | None = Field(default=None, description="Public clipping bounds (times as ISO text)")
+    nullable: bool = False
+    resolution: float | None = None
+    column_class: str | None = Field(default=None, alias="class", description="public, quasi or sensitive")
+    ends_case: bool = False
+
+
+class PublicTable(BaseModel):
+    """A table's public metadata."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, Any]
+    path: str
+    columns: dict[str, PublicColumn]
+    privacy_unit_via: dict[str, str] | None = None
+    max_contributions: int | None = None
+
+
 class AuditCaller(BaseModel):
     account: str
     account_id: int | None
@@ -92,7 +116,7 @@ class AuditEntry(BaseModel):
 class LedgerCharge(BaseModel):
     """One charge of the ledger."""
 
-    time: datetime
+    time: str = Field(description="When it was charged (ISO 8601, UTC; without an offset on SQLite)")
     dataset: str
     scope: str
     subject: str

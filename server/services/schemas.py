@@ -8,14 +8,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from civicdp.policies.actions import Action, ColumnClass, Role
-from civicdp.queries.metadata import TableMeta
 from civicdp.server.services import documented_shapes as shapes
 from civicdp.server.services.request_bodies import DocumentAs, QueryRequest
 
 #: Values passed on as built (see documented_shapes.py), documented by their shapes.
 Rows = Annotated[list[dict[str, Any]], DocumentAs(list[shapes.ResultRow])]
 Mechanisms = Annotated[list[dict[str, Any]], DocumentAs(list[shapes.Mechanism])]
-PublicTables = Annotated[dict[str, Any], DocumentAs(dict[str, TableMeta])]
+PublicTables = Annotated[dict[str, Any], DocumentAs(dict[str, shapes.PublicTable])]
 
 
 def examples(*values: dict[str, Any]) -> ConfigDict:
