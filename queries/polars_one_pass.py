@@ -22,6 +22,8 @@ from civicdp.queries.metadata import TableMeta
 from civicdp.queries.polars_exprs import row_condition
 from civicdp.queries.polars_rank_cache import RANK
 
+_INT64 = (-(2**63), 2**63 - 1)
+
 
 def fits_one_pass(requests: Sequence[AggregateRequest]) -> bool:
     """Whether :func:`one_pass_aggregates` answers ``requests``: one table, the same filters,
@@ -125,8 +127,12 @@ def _aggregate(request: AggregateRequest, data: pl.DataFrame, mask: str,
         # planning refused resolutions whose sums could overflow: integer units, summed exactly.
         units = np.round((np.clip(x, measure.lower, measure.upper) - measure.offset) / measure.resolution)
         rows = np.bincount(c, minlength=n_keys)
+        # Summed in Int128 and saturated to Int64 as the backend's aggregate sums (np.add.at would
+        # wrap, and is several times slower).
+        sums = (pl.DataFrame([pl.Series("c", c), pl.Series("u", units.astype(np.int64))]).group_by("c")
+                .agg(pl.col("u").cast(pl.Int128).sum().clip(*_INT64).cast(pl.Int64)))
         total = np.zeros(n_keys, dtype=np.int64)
-        np.add.at(total, c, units.astype(np.int64))
+        total[sums["c"].to_numpy()] = sums["u"].to_numpy()
         return pl.DataFrame([keys, pl.Series("rows", rows.astype(np.int64)), pl.Series("total", total)])
     raise ValueError(f"unknown measure {measure.kind!r}")
 
