@@ -5,7 +5,8 @@ A console page is a client of the same code as ``/v1``: its caller comes from th
 exactly as :func:`civicdp.server.http.deps.current_caller` does, so the audit middleware
 records every page view under the account that made it, with the action and rule of the
 policy check the page's handler made. Domain errors become HTML pages with the status the
-API would give (:class:`ConsoleRoute`); a page without a live session redirects to sign-in.
+API would give (:class:`ConsoleRoute`), a failed integrity check a 503 page saying what failed;
+a page without a live session redirects to sign-in.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 from civicdp.policies.errors import PolicyError
 from civicdp.privacy.errors import InvalidLoss
 from civicdp.queries.errors import DatasetUnavailable, QueryError
+from civicdp.server.auditlog.alarms import IntegrityFailure
 from civicdp.server.auditlog.slots import current_slot
 from civicdp.server.http.console import sessions
 from civicdp.server.http.deps import StateDep
@@ -140,6 +142,12 @@ class ConsoleRoute(APIRoute):
                 return page(request, "error.html", None, status_code=403, title="Form refused",
                             message="The form was sent without this page's security token or from another site. "
                                     "Reload the page and send it again.")
+            except IntegrityFailure as failure:
+                # No session is looked up: every database read of a request is refused while the log is failed.
+                answer = page(request, "error.html", None, status_code=failure.status_code,
+                              title="Integrity check failed", message=failure.detail)
+                answer.headers.update(failure.headers or {})
+                return answer
             except Exception as exc:
                 known = _status_of(exc)
                 if known is None:
