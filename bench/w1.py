@@ -9,14 +9,15 @@ Generates (or reuses) the demo dataset, then for each of several runs times the 
 W1 queries through the engine (total epsilon = 1 per person) and the same four
 aggregations in plain Polars without privacy, in paired rounds (each round plain
 Polars, then each setting's four queries), and prints per-query and total median
-times, the median of the rounds' DP / plain ratios, the peak memory of each part, and errors against the true (unbounded)
-answers split into bias (contribution bounding and clipping) and noise. It runs two
+times, the median of the rounds' DP / plain ratios, the peak memory of each part, and
+errors against the true (unbounded) answers split into bias (contribution bounding and clipping) and noise. It runs two
 settings: civicdp's own contribution bounds ("tuned") and the anchors' fixed 10 rows
 per person ("fixed-10"). With ``--auto`` the first setting is "auto" instead:
 ``"contributions": "auto"`` on every query (queries/auto_bound.py chooses, or keeps,
 each bound), with the same split of epsilon as "tuned" (``--split`` sets another one for
 the first setting: epsilons of Q1..Q4, summing to 1). ``--profile other`` runs on the
-generator's data of another shape (its own column names; synthetic/demo_data.py).
+generator's data of another shape (its own column names; synthetic/demo_data.py),
+``--profile continuous`` on its continuous, skewed shape (the demo's column names).
 """
 
 from __future__ import annotations
