@@ -104,6 +104,25 @@ def test_a_stewards_cap_change_is_seen_in_the_oversight_view(context: Any, brows
         oversight_context.close()
 
 
+def test_a_steward_creates_an_account_and_issues_its_key_shown_once(page: Any, live_server: LiveServer) -> None:
+    sign_in(page, live_server, "steward")
+    page.goto("/console/steward")
+    page.on("dialog", lambda dialog: dialog.accept())  # each change is confirmed first
+    page.fill("#account-form input[name=name]", "console-clerk")
+    page.fill("#account-form input[name=agency]", "housing")
+    page.click("#account-form button")
+    assert "Account created" in page.inner_text("#done")
+    assert "console-clerk" in page.inner_text("#accounts")
+    page.select_option("#key-form select[name=account]", "console-clerk")
+    with page.expect_navigation():
+        page.click("#key-form button")
+    secret = page.inner_text("#issued-key")
+    screenshot(page, "console-steward-key-issued")
+    assert live_server.get(None, "/v1/datasets", headers={"Authorization": f"Bearer {secret}"}).status_code != 401
+    page.goto("/console/steward")
+    assert secret not in page.content() and secret.split("_")[1] in page.inner_text("#keys")
+
+
 def _tampered(route: Any) -> None:
     """The entries as served, with one character of entry 1 changed."""
     answer = route.fetch()
