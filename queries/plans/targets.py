@@ -15,11 +15,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from statistics import NormalDist
 
 from civicdp.privacy import accuracy
 from civicdp.privacy.bounding import alpha_fraction, quantile_sensitivity
-from civicdp.privacy.mechanisms import NoisyMin
+from civicdp.privacy.accounting import Additive
+from civicdp.privacy.mechanisms import _EXACT_GAUSSIAN_SCALE, GaussianVector, NoisyMin
 from civicdp.privacy.planning import accuracy_exponent, relative_cost
 from civicdp.queries.context import QueryContext, sum_units
 from civicdp.queries.errors import QueryError
@@ -61,8 +62,37 @@ def for_target(ctx: QueryContext, contributions: int, target: Target) -> Calibra
         return mean_for_target(ctx, contributions, target)
     if aggregate == "quantiles":
         return quantiles_for_targets(ctx, contributions, {q: target for q in ctx.spec.quantiles or ()})
-    spec = ctx.spec.model_copy(update={"epsilon": None, "accuracy": target.half_width})
-    return KINDS[aggregate].calibrate(replace(ctx, spec=spec), contributions, None)
+    half = float(target.half_width)  # type: ignore[arg-type]
+    if aggregate == "sum":
+        lo, hi = value_bounds(ctx)
+        resolution = ctx.column.value_resolution  # type: ignore[union-attr]
+        if half < resolution:
+            raise QueryError("accuracy.half_width", f"below the column's resolution {resolution:g}",
+                             f"Ask for a half-width of at least {resolution:g}")
+        units = sum_units(str(ctx.spec.column), lo, hi, resolution)
+        return Calibration(contributions, {"sums": additive_for(ctx, contributions * units, half / resolution, ctx.alpha)})
+    if half < 1:
+        raise QueryError("accuracy.half_width", "counts are whole numbers, so a half-width below 1 cannot be promised",
+                         "Ask for a half-width of at least 1")
+    return Calibration(contributions, {"counts": additive_for(ctx, contributions, half, ctx.alpha)})
+
+
+def additive_for(ctx: QueryContext, sensitivity: int, half_width: float, alpha: float) -> Additive:
+    """The noise whose (1 - alpha) half-width per cell is at most ``half_width`` (in units of the answer).
+
+    Large discrete Gaussian scales are sized in closed form: OpenDP's exact accuracy sums the
+    distribution (minutes at scales of 10^6), while ``GaussianVector.accuracy`` states
+    ``ceil(scale * z)`` there, a true half-width (see its docstring).
+    """
+    accounting = ctx.accounting
+    if accounting.zcdp:
+        z = NormalDist().inv_cdf(1 - alpha / 2)
+        scale = (half_width - 1) / z
+        if scale > _EXACT_GAUSSIAN_SCALE:
+            mechanism = GaussianVector(float(sensitivity), scale, accounting.delta)
+            assert mechanism.accuracy(alpha) <= half_width
+            return mechanism
+    return accounting.additive_for_accuracy(sensitivity, half_width, alpha)
 
 
 def mean_half_width(ctx: QueryContext, calibration: Calibration, min_rows: int) -> float:
@@ -117,9 +147,8 @@ def mean_for_target(ctx: QueryContext, contributions: int, target: Target) -> Ca
                          "the noise of whole-number counts alone is wider", "Ask for a wider half_width or more min_rows")
     for shrink in (1.0, 0.999, 0.99, 0.97, 0.9, 0.8):  # the conversions round; tighten until the stated interval fits
         calibration = Calibration(contributions, {
-            "sums": ctx.accounting.additive_for_accuracy(contributions * units, max(1.0, best[1] * shrink / resolution),
-                                                         ctx.alpha / 2),
-            "counts": ctx.accounting.additive_for_accuracy(contributions, max(1.0, best[2] * shrink), ctx.alpha / 2),
+            "sums": additive_for(ctx, contributions * units, max(1.0, best[1] * shrink / resolution), ctx.alpha / 2),
+            "counts": additive_for(ctx, contributions, max(1.0, best[2] * shrink), ctx.alpha / 2),
         })
         if mean_half_width(ctx, calibration, n) <= h:
             return calibration

@@ -154,3 +154,18 @@ def test_targets_are_met_at_their_confidence(demo: Path) -> None:
         assert 0.93 <= rates[name] <= 0.975, (name, rates[name])
     for name in ("by_department", "duration", "median", "p90"):
         assert rates[name] >= 0.95, (name, rates[name])
+
+
+def test_a_zcdp_dataset_is_planned_in_rho(demo: Path, tmp_path: Path) -> None:
+    import json  # noqa: PLC0415
+
+    folder = tmp_path / "zcdp"
+    shutil.copytree(demo, folder)
+    metadata = json.loads((folder / "metadata.json").read_text())
+    (folder / "metadata.json").write_text(json.dumps({**metadata, "accounting": {"mode": "zcdp", "delta": 1e-7}}))
+    planned = plan(folder)
+    assert all(g.loss.is_zcdp for g in planned.groups)
+    assert planned.loss.rho == sum(g.loss.rho for g in planned.groups)  # rho adds, exactly
+    assert all(p.predicted["target_met"] for p in planned.parts if p.part.accuracy is not None)
+    noise = {type(m).__name__ for g in planned.groups for m in g.plan.calibration.mechanisms.values()}
+    assert noise == {"GaussianVector", "NoisyMin"}

@@ -16,6 +16,7 @@ import pytest
 from sqlmodel import Session, select
 
 from civicdp.queries.metadata import load_metadata
+from civicdp.server.auditlog.reconcile import reconcile_database
 from civicdp.server.state import ledger
 from civicdp.server.state.models import AuditEntry, Computation, LedgerEntry, Release
 from tests.server.api_fixtures import ANALYST, DATASET, OTHER_ANALYST, STEWARD, Api
@@ -82,6 +83,8 @@ def test_a_run_charges_the_planned_total_once_with_one_entry(api: Api) -> None:
     assert again["charged_amount"] == 0 and all(p["cached"] for p in again["parts"])
     assert api.spent_micro(ANALYST) == {k: before[k] + planned for k in before}
     assert [p["rows"] for p in again["parts"]] == [p["rows"] for p in answer["parts"]]
+    # The ledger and the stored answers agree with the log (what a start and `audit reconcile` check).
+    assert reconcile_database(api.state.db) == []
 
 
 def test_concurrent_runs_of_one_plan_never_double_charge(api: Api) -> None:
