@@ -60,6 +60,8 @@ _TRUNCATION = 1e-13
 _NUMERICAL_SLACK = 1e-9
 #: Noise of scale s is computed on a lattice of step floor(s / _LATTICE_POINTS) (1 below that).
 _LATTICE_POINTS = 64
+#: Beyond this many values in one array (8 MiB each), the tail is not computed: the Chernoff bound is returned.
+MAX_COMPUTED_POINTS = 1 << 20
 NOISES = ("laplace", "gaussian")
 
 
@@ -117,6 +119,31 @@ def _single_pmf(noise: str, scale: float, c: int, half: int) -> np.ndarray:
     return weights.reshape(-1, c).sum(axis=1) / weights.sum()
 
 
+def _window(noise: str, scale: float, k: int) -> tuple[int, float]:
+    """The half-width T (lattice units) of the computed sum of k noises, and each term's truncated mass."""
+    c = _lattice(scale)
+    if noise == "laplace":
+        # Chernoff with lam = c / (2 scale) per lattice unit, using U <= Z / c + 1:
+        # P(|S| >= T) <= 2 exp(-lam T) (e^lam M_Z(1 / (2 scale)))^k.
+        lam = c / (2 * scale)
+        half = math.ceil((math.log(2 / _TRUNCATION) + k * (lam + _laplace_log_mgf(scale, 1 / (2 * scale)))) / lam)
+        p = math.exp(-1.0 / scale)
+        return half, 2 * p ** (c * half) / (1 + p)  # P(|U| > half) for one term
+    # Subgaussian sums: P(S >= T) <= P(sum Z >= c (T - k)) <= exp(-(c (T - k))^2 / (2 k scale^2)), and below.
+    half = k + math.ceil(scale * math.sqrt(2 * k * math.log(2 / _TRUNCATION)) / c)
+    return half, 2 * math.exp(-((c * (half - 1)) ** 2) / (2 * scale * scale))
+
+
+def _points(noise: str, scale: float, k: int) -> int:
+    """How many float64 values computing the sum of k noises holds in one array (the largest)."""
+    if k == 0:
+        return 1
+    half, _ = _window(noise, scale, k)
+    fft = 1 << (2 * half + 1).bit_length()
+    # The discrete Gaussian's weights are summed per lattice cell from every integer: c values per cell.
+    return max(fft, _lattice(scale) * (2 * half + 1)) if noise == "gaussian" else fft
+
+
 @lru_cache(maxsize=128)
 def _sum_pmf(noise: str, scale: float, k: int) -> tuple[np.ndarray, int, float]:
     """pmf of the sum S of k independent copies of U = ceil(Z / c), c = _lattice(scale).
@@ -128,17 +155,7 @@ def _sum_pmf(noise: str, scale: float, k: int) -> tuple[np.ndarray, int, float]:
     if k == 0:
         return np.ones(1), 0, 0.0
     c = _lattice(scale)
-    if noise == "laplace":
-        # Chernoff with lam = c / (2 scale) per lattice unit, using U <= Z / c + 1:
-        # P(|S| >= T) <= 2 exp(-lam T) (e^lam M_Z(1 / (2 scale)))^k.
-        lam = c / (2 * scale)
-        half = math.ceil((math.log(2 / _TRUNCATION) + k * (lam + _laplace_log_mgf(scale, 1 / (2 * scale)))) / lam)
-        p = math.exp(-1.0 / scale)
-        single_lost = 2 * p ** (c * half) / (1 + p)  # P(|U| > half) for one term
-    else:
-        # Subgaussian sums: P(S >= T) <= P(sum Z >= c (T - k)) <= exp(-(c (T - k))^2 / (2 k scale^2)), and below.
-        half = k + math.ceil(scale * math.sqrt(2 * k * math.log(2 / _TRUNCATION)) / c)
-        single_lost = 2 * math.exp(-((c * (half - 1)) ** 2) / (2 * scale * scale))
+    half, single_lost = _window(noise, scale, k)
     single = _single_pmf(noise, scale, c, half)
     size = 1 << (2 * half + 1).bit_length()
     spectrum = np.fft.rfft(np.roll(np.pad(single, (0, size - single.size)), -half)) ** k
@@ -156,8 +173,13 @@ def sum_tail_threshold(noise: str, scale: float, weights: tuple[int, int], count
     The tail is computed, not estimated: on a lattice of step c (exact for scales below
     ``_LATTICE_POINTS``; rounded up otherwise, which only raises the bound), by FFT
     convolution, with every truncated mass and a numerical slack added back. Never above
-    :func:`chernoff_threshold`, which is returned when it is smaller.
+    :func:`chernoff_threshold`, which is returned when it is smaller, and in place of the
+    computation when it would hold more than ``MAX_COMPUTED_POINTS`` values in one array
+    (the discrete Gaussian needs memory growing with its scale, either noise with the counts).
     """
+    _check_noise(noise)
+    if max(_points(noise, scale, k) for k in counts) > MAX_COMPUTED_POINTS:
+        return chernoff_threshold(noise, scale, weights, counts, beta)
     a, b = weights
     c = _lattice(scale)
     pmf1, t1, lost1 = _sum_pmf(noise, scale, counts[0])
