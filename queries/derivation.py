@@ -2,35 +2,51 @@
 
 A question that is a deterministic function of answers already released for the same
 dataset version needs no new privacy loss: it is computed from the released (noisy)
-values alone, never from the data. Three shapes are recognised:
+values alone, never from the data. Two shapes are recognised:
 
 - **roll-up**: a count or sum grouped by a coarser level of the public catalogue (its
   ``path`` table, e.g. service -> department), from a release grouped by the finer level:
   each coarse cell is the sum of the released values of the fine cells the catalogue
   assigns to it;
-- **subset**: a release's own cells selected by an extra ``eq``/``in`` filter on a column
-  it groups by (also summed over, when the question does not group by that column);
-- **ratio**: a mean as a released sum divided by a released count of the same column.
+- **ratio**: a mean as a released sum divided by a released count of the same column
+  (each possibly rolled up).
 
 Everything else must be the same after validation against the metadata: the table, the
-measured column and its clipping bounds, the filters, and a fixed contribution bound
+measured column and its clipping bounds, **the filters**, and a fixed contribution bound
 ("auto" is chosen privately per query), so both questions read the same bounded rows.
-A grouping of the release that the question neither keeps, rolls up nor filters is not
-summed away: rows outside a column's public keys are dropped from grouped answers only.
-A question whose cells are the release's own, only its ``epsilon``, ``accuracy`` or
-``confidence`` changed, is not derived either: the analyst asks for a fresh answer at
-another level and pays for it (the identical question is the cached path's).
+
+Why no subsets: the engine filters, *then* keeps each person's first ``L`` remaining rows.
+A question with a filter the release did not have (even ``eq``/``in`` on a column the
+release groups by) bounds each person among the filtered rows, so a person with rows in
+several cells keeps rows the release dropped: the release's cells are not its answer
+whenever someone has more than ``L`` rows (and no public maximum rows per person is
+declared). With the same filters, a question's cells are either the release's own cells
+(the same question at another epsilon, confidence or order: paid for, or the cached path's)
+or sums of them (a roll-up). A grouping of the release that the question neither keeps
+nor rolls up is not summed away: rows outside a column's public keys are dropped from
+grouped answers only.
+
+What a roll-up answers: the catalogue's grouping, not the data's coarse column. The
+coarse column is always a stored column too, and nothing declared makes it a function of
+the fine one (a row's ``department`` may disagree with the catalogue's for its service, a
+row's service may be outside the declared keys, or null). Refusing every such roll-up would
+remove the shape altogether; so a roll-up is derived only where the metadata fixes it (every
+fine key placed by the catalogue, every coarse key of the question with at least one fine
+key, else the question is paid for), and its notes and ``how`` say exactly what it is: the
+sum of the released cells of the catalogue's fine keys of each coarse key. Its interval
+covers that quantity (a fresh answer's covers the data's coarse column); the two agree
+when every row's coarse column is the catalogue's for its fine key.
 
 Intervals: released noise is independent per cell, so a sum of ``k`` cells carries the
 sum of ``k`` independent noises of the release's family and scale. A sum of discrete
 Laplace (or discrete Gaussian) noises is neither, so no closed form is assumed: the
 half-width is :func:`civicdp.privacy.accuracy.sum_tail_threshold` at ``alpha / 2`` per side
 (the sum's distribution computed by FFT with every truncation added back, never above
-the Chernoff bound; the Chernoff bound itself for sums of more than 200 cells or of discrete
-Gaussian noise of scale above 64, where computing would need too much memory), and for
-one cell the mechanism's own half-width. A mean takes the
-sum's and the count's half-widths at ``alpha / 2`` each and the corners of their ratio
-(:func:`civicdp.privacy.accuracy.ratio`, as the mean kind does: union bound).
+the Chernoff bound; the Chernoff bound itself for sums of more than 200 cells), and for
+one cell the mechanism's own half-width. Half-widths are memoised by (noise, scale, cells,
+alpha), and the widest sum is judged first, so a refused candidate costs one bound. A mean
+takes the sum's and the count's half-widths at ``alpha / 2`` each and the corners of their
+ratio (:func:`civicdp.privacy.accuracy.ratio`, as the mean kind does: union bound).
 
 A derived answer is offered only when it is at least as accurate as the one asked for:
 its widest half-width within the requested ``accuracy``, or within the fresh answer's
@@ -46,9 +62,9 @@ from pathlib import Path
 from typing import Any
 
 from civicdp.privacy import accuracy
-from civicdp.privacy.mechanisms import GaussianVector, LaplaceVector
 from civicdp.queries.analyses.service_common import catalogue
 from civicdp.queries.context import EngineLimits, QueryContext, resolve
+from civicdp.queries.derivation_noise import half_width, interval_text, mechanism_of
 from civicdp.queries.errors import QueryError
 from civicdp.queries.kinds.base import output
 from civicdp.queries.kinds.statistics import value_bounds
@@ -60,12 +76,8 @@ from civicdp.queries.spec import QuerySpec
 Parents = Callable[[str, str], "dict[Any, Any] | None"]
 #: Stored specs are judged as valid at release; a lower per-query maximum set since does not undo them.
 _LIMITS = EngineLimits(max_epsilon=math.inf)
-_NOISES = {"discrete Laplace": "laplace", "discrete Gaussian": "gaussian"}
 _ROLES = {"count": "counts", "sum": "sums"}
 _TOLERANCE = 1e-9
-#: Sums of more cells, or of discrete Gaussian noise of a larger scale, use the Chernoff bound.
-_COMPUTED_CELLS = 200
-_COMPUTED_GAUSSIAN_SCALE = 64.0
 
 
 @dataclass(frozen=True)
@@ -128,22 +140,25 @@ def catalogue_parents(metadata: DatasetMetadata, dataset_dir: Path) -> Parents:
     return parents
 
 
-def derive(plan: Plan, releases: Sequence[StoredRelease], parents: Parents) -> Derived | None:
+def derive(plan: Plan, releases: Sequence[StoredRelease], parents: Parents,
+           judged: dict[Any, _Totals | None] | None = None) -> Derived | None:
     """The question of ``plan`` answered from ``releases`` (same dataset version), or None.
 
     Releases are tried oldest first, so the answer to a question stays the same as more are stored.
+    ``judged`` (one dict per question) keeps each release's verdict, so a caller adding releases one
+    at a time does not judge the earlier ones again.
     """
     if not eligible(plan):
         return None
     ctx, ordered = plan.context, sorted(releases, key=lambda r: r.id)
+    judged = {} if judged is None else judged
     if plan.spec.aggregate == "mean":
-        return _mean(plan, ordered, parents)
-    alpha = ctx.alpha
+        return _mean(plan, ordered, parents, judged)
     resolution = _resolution(ctx, plan.spec.aggregate)
     target = plan.spec.accuracy if plan.spec.accuracy is not None else _predicted(plan)["half_width"]
     for release in ordered:
-        totals = _totals(ctx, plan.spec.aggregate, release, parents, alpha)
-        if totals is not None and _within(totals, resolution, target):
+        totals = _judged(judged, ctx, plan.spec.aggregate, release, parents, ctx.alpha, target)
+        if totals is not None:
             values = [u * resolution if resolution != 1 else u for u in totals.units]
             halves = [h * resolution for h in totals.halves]
             rows = {"value": values, "ci_low": [v - h for v, h in zip(values, halves)],
@@ -152,15 +167,17 @@ def derive(plan: Plan, releases: Sequence[StoredRelease], parents: Parents) -> D
     return None
 
 
-def _mean(plan: Plan, releases: list[StoredRelease], parents: Parents) -> Derived | None:
+def _mean(plan: Plan, releases: list[StoredRelease], parents: Parents,
+          judged: dict[Any, _Totals | None]) -> Derived | None:
     """A mean as the ratio of a released sum and a released count (each at alpha / 2)."""
     ctx = plan.context
     predicted = _predicted(plan)
     resolution = _resolution(ctx, "sum")
-    sums = [t for r in releases if (t := _totals(ctx, "sum", r, parents, ctx.alpha / 2)) is not None
-            and _within(t, resolution, predicted["sum_half_width"])]
-    counts = [t for r in releases if (t := _totals(ctx, "count", r, parents, ctx.alpha / 2)) is not None
-              and _within(t, 1, predicted["count_half_width"])]
+    alpha = ctx.alpha / 2
+    sums = [t for r in releases
+            if (t := _judged(judged, ctx, "sum", r, parents, alpha, predicted["sum_half_width"])) is not None]
+    counts = [t for r in releases
+              if (t := _judged(judged, ctx, "count", r, parents, alpha, predicted["count_half_width"])) is not None]
     if not sums or not counts:
         return None
     total, count = sums[0], counts[0]
@@ -179,6 +196,14 @@ def _mean(plan: Plan, releases: list[StoredRelease], parents: Parents) -> Derive
     return _answer(ctx, [total, count], {"value": values, "ci_low": lows, "ci_high": highs}, how)
 
 
+def _judged(judged: dict[Any, _Totals | None], ctx: QueryContext, aggregate: str, release: StoredRelease,
+            parents: Parents, alpha: float, target: float) -> _Totals | None:
+    key = (release.id, aggregate)
+    if key not in judged:
+        judged[key] = _totals(ctx, aggregate, release, parents, alpha, target)
+    return judged[key]
+
+
 def usable(plan: Plan, stored: QuerySpec, parents: Parents) -> bool:
     """Whether the question could be computed from a release of ``stored`` (its answer not read yet)."""
     if not eligible(plan):
@@ -189,15 +214,15 @@ def usable(plan: Plan, stored: QuerySpec, parents: Parents) -> bool:
 
 
 def _shape_fits(question: QuerySpec, stored: QuerySpec, parents: Parents) -> bool:
-    """A quick test on the specs alone (before validating the stored one): each grouping of the release is
-    kept, filtered, or rolled up, and the question is not the release's own cells again."""
+    """A quick test on the specs alone (before validating the stored one): filters on the same columns,
+    each grouping of the release kept or rolled up, and the question not the release's own cells again."""
+    if {f.column for f in stored.filters} != {f.column for f in question.filters}:
+        return False
     if (stored.aggregate == question.aggregate and set(stored.group_by) == set(question.group_by)
             and set(stored.filters) == set(question.filters)):
         return False
-    kept = set(question.group_by) | {f.column for f in question.filters}
-    coarse = [c for c in (*question.group_by, *(f.column for f in question.filters))
-              if c not in stored.group_by and ":" not in c]
-    return all(g in kept or (":" not in g and any(parents(g, c) is not None for c in coarse))
+    coarse = [c for c in question.group_by if c not in stored.group_by and ":" not in c]
+    return all(g in question.group_by or (":" not in g and any(parents(g, c) is not None for c in coarse))
                for g in stored.group_by)
 
 
@@ -211,22 +236,23 @@ def _compatible(ctx: QueryContext, aggregate: str, spec: QuerySpec, parents: Par
             return None
     except QueryError:
         return None
-    extra = _extra_filters(ctx, stored)
-    if stored.contributions != ctx.contributions or extra is None:
+    # The same filters, so the same rows are bounded (module docstring: why no subsets).
+    if stored.contributions != ctx.contributions or not _same_filters(ctx, stored):
         return None
-    mapping = _mapping(ctx, stored, extra, parents)
-    if mapping is None or (ctx.spec.aggregate == aggregate and not mapping.levels and not extra
+    mapping = _mapping(ctx, stored, parents)
+    if mapping is None or (ctx.spec.aggregate == aggregate and not mapping.levels
                            and {g.name for g in ctx.group_by} == {g.name for g in stored.group_by}):
         return None  # the release's own cells at another epsilon or confidence: a new question, paid for
     return mapping
 
 
 def _totals(ctx: QueryContext, aggregate: str, release: StoredRelease, parents: Parents,
-            alpha: float) -> _Totals | None:
-    """The question's cells as sums of ``release``'s cells, with half-widths at ``alpha``; None if not derivable."""
+            alpha: float, target: float) -> _Totals | None:
+    """The question's cells as sums of ``release``'s cells, with half-widths at ``alpha``; None if not
+    derivable or if a cell would be wider than ``target`` (answer units)."""
     spec = release.spec
     mapping = _compatible(ctx, aggregate, spec, parents)
-    mechanism = None if mapping is None else _mechanism(ctx, release.body, _ROLES[aggregate])
+    mechanism = None if mapping is None else mechanism_of(release.body, _ROLES[aggregate], ctx.metadata.accounting.delta)
     if mapping is None or mechanism is None:
         return None
     sums: dict[tuple[Any, ...], list[int]] = {}
@@ -235,51 +261,50 @@ def _totals(ctx: QueryContext, aggregate: str, release: StoredRelease, parents: 
         key = mapping.keys_of(row)
         if key is None:
             return None  # a key the catalogue does not place: its rows would be missed
-        if mapping.selected(row):
-            cell = sums.setdefault(key, [0, 0])
-            cell[0] += round(row["value"] / resolution) if resolution != 1 else int(row["value"])
-            cell[1] += 1
+        cell = sums.setdefault(key, [0, 0])
+        cell[0] += round(row["value"] / resolution) if resolution != 1 else int(row["value"])
+        cell[1] += 1
     names = [g.name for g in ctx.group_by]
     per_cell = [sums.get(tuple(cell[n] for n in names), [0, 0]) for cell in ctx.cells.iter_rows(named=True)]
-    halves = [_half(mechanism, k, alpha) for _, k in per_cell]
-    widest = max((k for _, k in per_cell), default=0)
-    shape = "subset of the cells" if widest <= 1 else f"sums of up to {widest} cells"
+    sizes = [k for _, k in per_cell]
+    if 0 in sizes:
+        return None  # a coarse key with no fine key in the catalogue: nothing released answers it
+    widest = max(sizes, default=0)
+    # The widest sum is the widest interval: judged first, so a refused release costs one bound.
+    if half_width(mechanism, widest, alpha) * resolution > target * (1 + _TOLERANCE):
+        return None
+    halves = [half_width(mechanism, k, alpha) for k in sizes]
+    shape = "the cells" if widest <= 1 else f"sums of up to {widest} cells"
     if mapping.levels:
-        shape = f"roll-up through the public catalogue ({', '.join(mapping.levels)}), {shape},"
+        shape = (f"roll-up through the public catalogue ({', '.join(mapping.levels)}): {shape}, each the sum of "
+                 "the released cells of the catalogue's finer keys of that key,")
     what = f"{shape} of release {release.id} ({spec.aggregate} by {', '.join(spec.group_by) or 'nothing'})"
-    how = f"{what}; interval: {_interval_text(mechanism, widest)}"
+    how = f"{what}; interval: {interval_text(mechanism, widest)}"
     return _Totals([u for u, _ in per_cell], halves, release, how, mapping.levels, what)
 
 
-def _extra_filters(ctx: QueryContext, stored: QueryContext) -> list[Any] | None:
-    """The question's filters beyond the release's (None if the release has one the question has not)."""
+def _same_filters(ctx: QueryContext, stored: QueryContext) -> bool:
+    """Whether the question and the release filter the same rows (the filters as validated)."""
     def key(f: Any) -> tuple[Any, ...]:
         return (f.column, f.bucket, frozenset(f.values) if f.values is not None else None, f.start, f.end)
 
-    mine = {key(f): f for f in ctx.filters}
-    theirs = {key(f) for f in stored.filters}
-    if not theirs <= set(mine):
-        return None
-    return [f for k, f in mine.items() if k not in theirs]
+    return {key(f) for f in ctx.filters} == {key(f) for f in stored.filters}
 
 
 @dataclass(frozen=True)
 class _Mapping:
-    """How a release's row maps to a question cell, which rows the extra filters keep, the catalogue levels used."""
+    """How a release's row maps to a question cell, and the catalogue levels used."""
 
     keys_of: Callable[[dict[str, Any]], tuple[Any, ...] | None]
-    selected: Callable[[dict[str, Any]], bool]
     levels: tuple[str, ...]  # "service -> department" for each catalogue level rolled up
 
 
-def _mapping(ctx: QueryContext, stored: QueryContext, extra: list[Any], parents: Parents) -> _Mapping | None:
+def _mapping(ctx: QueryContext, stored: QueryContext, parents: Parents) -> _Mapping | None:
     """How the release's rows give the question's cells (None if they do not)."""
     fine = [g.name for g in stored.group_by]
     plain = [g.name for g in stored.group_by if g.bucket is None]
     sources: dict[str, tuple[str, dict[Any, Any] | None]] = {}  # question column -> (release column, parents)
-    for name in [g.name for g in ctx.group_by] + [_name(f) for f in extra]:
-        if name in sources:
-            continue
+    for name in [g.name for g in ctx.group_by]:
         if name in fine:
             sources[name] = (name, None)
             continue
@@ -287,8 +312,8 @@ def _mapping(ctx: QueryContext, stored: QueryContext, extra: list[Any], parents:
         if level is None:
             return None
         sources[name] = level
-    if any(f.values is None for f in extra) or not set(fine) <= {col for col, _ in sources.values()}:
-        return None  # a time range beyond the release's, or a grouping that would be summed away
+    if not set(fine) <= {col for col, _ in sources.values()}:
+        return None  # a grouping that would be summed away
 
     def value(row: dict[str, Any], name: str) -> Any:
         column, level = sources[name]
@@ -296,13 +321,10 @@ def _mapping(ctx: QueryContext, stored: QueryContext, extra: list[Any], parents:
 
     def keys_of(row: dict[str, Any]) -> tuple[Any, ...] | None:
         key = tuple(value(row, g.name) for g in ctx.group_by)
-        return None if _MISSING in key or any(value(row, _name(f)) is _MISSING for f in extra) else key
-
-    def selected(row: dict[str, Any]) -> bool:
-        return all(value(row, _name(f)) in f.values for f in extra)
+        return None if _MISSING in key else key
 
     levels = tuple(f"{column} -> {name}" for name, (column, level) in sources.items() if level is not None)
-    return _Mapping(keys_of, selected, levels)
+    return _Mapping(keys_of, levels)
 
 
 class _Missing:
@@ -311,43 +333,6 @@ class _Missing:
 
 
 _MISSING = _Missing()
-
-
-def _name(row_filter: Any) -> str:
-    return f"{row_filter.column}:{row_filter.bucket}" if row_filter.bucket else row_filter.column
-
-
-def _mechanism(ctx: QueryContext, body: dict[str, Any], role: str) -> LaplaceVector | GaussianVector | None:
-    """The release's one noise mechanism, rebuilt from its public description (None if not a plain one)."""
-    rows = body.get("mechanisms") or []
-    if len(rows) != 1 or rows[0].get("role") != role or rows[0].get("mechanism") not in _NOISES:
-        return None
-    row = rows[0]
-    if row["mechanism"] == LaplaceVector.name:
-        return LaplaceVector(int(row["sensitivity"]), float(row["scale"]))
-    return GaussianVector(float(row["sensitivity"]), float(row["scale"]), ctx.metadata.accounting.delta)
-
-
-def _half(mechanism: LaplaceVector | GaussianVector, cells: int, alpha: float) -> float:
-    """Half-width that the sum of ``cells`` independent noises exceeds with probability at most ``alpha``."""
-    if cells == 0:
-        return 0.0
-    if cells == 1:
-        return mechanism.accuracy(alpha)
-    noise = _NOISES[mechanism.name]
-    # The computed tail needs memory growing with the scale for Gaussian noise (it is not put on a lattice)
-    # and with the cells for either: beyond these, the closed-form Chernoff bound (sound, somewhat wider).
-    computed = cells <= _COMPUTED_CELLS and (noise == "laplace" or mechanism.scale <= _COMPUTED_GAUSSIAN_SCALE)
-    bound = accuracy.sum_tail_threshold if computed else accuracy.chernoff_threshold
-    # P(S >= t) <= alpha/2 per side, the noise symmetric: |S| <= t - 1 with probability >= 1 - alpha.
-    return float(bound(noise, mechanism.scale, (1, 1), (cells, 0), alpha / 2) - 1)
-
-
-def _interval_text(mechanism: LaplaceVector | GaussianVector, cells: int) -> str:
-    noise = f"{mechanism.name} noise of scale {mechanism.scale:g} per cell, independent"
-    if cells <= 1:
-        return f"the release's own half-width ({noise})"
-    return f"a tail bound of a sum of up to {cells} independent noises ({noise}), alpha/2 per side"
 
 
 def _predicted(plan: Plan) -> dict[str, Any]:
@@ -359,20 +344,17 @@ def _resolution(ctx: QueryContext, aggregate: str) -> float:
     return 1 if aggregate == "count" else ctx.column.value_resolution  # type: ignore[union-attr]
 
 
-def _within(totals: _Totals, resolution: float, target: float) -> bool:
-    """At least as accurate as asked: no cell wider than ``target`` (answer units)."""
-    widest = max(totals.halves, default=0.0) * resolution
-    return widest <= target * (1 + _TOLERANCE)
-
-
 def _answer(ctx: QueryContext, parts: list[_Totals], columns: dict[str, list[Any]], how: str) -> Derived:
     table = output(ctx, columns)
     mechanisms = [{**row, "release_id": part.release.id} for part in parts for row in part.release.body["mechanisms"]]
     notes = [f"derived from stored releases, no new privacy loss: {how}"]
     notes += [n for n in parts[0].release.body.get("notes", []) if n.startswith("at most ")]
     if any(part.levels for part in parts):
-        notes.append("a roll-up counts the rows of the finer keys the public catalogue assigns to each coarser "
-                     "key; rows whose own coarser column disagrees with the catalogue are counted by it")
+        notes.append("a roll-up answers the public catalogue's grouping: each coarser key gets the released cells "
+                     "of the finer keys the catalogue assigns to it, and its interval covers that sum. A fresh "
+                     "answer groups by the data's own coarser column instead: the two differ by the rows whose "
+                     "coarser column disagrees with the catalogue, or whose finer key is missing or outside its "
+                     "declared keys")
     body = {"columns": table.columns, "rows": table.to_dicts(), "loss": {"epsilon": 0.0, "delta": 0.0},
             "contributions": ctx.contributions, "confidence": ctx.spec.confidence, "mechanisms": mechanisms,
             "notes": notes, "tables": {}}

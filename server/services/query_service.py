@@ -186,7 +186,7 @@ class QueryService:
                     refusal = self._precheck(session, row, scopes, plan)
             if stored is not None:
                 return self._cached(caller, stored)
-            # Post-processing of stored releases (a roll-up, a subset, a ratio) is free: answered before any charge.
+            # Post-processing of stored releases (a roll-up, a ratio) is free: answered before any charge.
             found = None if pending else derived.find(self.db, self.policies, caller, plan, row)
             if found is not None:
                 return derived.answer(self.db, caller, row, found, canonical, query_hash,

@@ -1,7 +1,8 @@
 """The test dataset with a public catalogue (service -> department), for the derived-answer tests.
 
-Services A and B belong to department D1, C to D2; D3 is declared but has no service. Every
-event's ``department`` column agrees with the catalogue, so a roll-up is the true answer.
+Services A and B belong to department D1, C to D2 (``empty_department=True`` also declares D3,
+which has no service). Every event's ``department`` column agrees with the catalogue, so a
+roll-up is the true answer.
 """
 
 from __future__ import annotations
@@ -18,23 +19,25 @@ from civicdp.queries.spec import parse_spec
 from tests.conftest import base_metadata, events_frame, write_dataset
 
 DEPARTMENT = {"A": "D1", "B": "D1", "C": "D2"}
-DEPARTMENTS = ["D1", "D2", "D3"]
+DEPARTMENTS = ["D1", "D2"]
 
 
-def catalogue_metadata(version: str = "1", zcdp: bool = False) -> dict[str, Any]:
+def catalogue_metadata(version: str = "1", zcdp: bool = False, empty_department: bool = False) -> dict[str, Any]:
     metadata = base_metadata()
     metadata["version"] = version
     if zcdp:
         metadata["accounting"] = {"mode": "zcdp", "delta": 1e-9}
-    metadata["tables"]["events"]["columns"]["department"] = {"type": "str", "keys": DEPARTMENTS}
+    metadata["tables"]["events"]["columns"]["department"] = {"type": "str",
+                                                          "keys": DEPARTMENTS + ["D3"] * empty_department}
     metadata["catalogue"] = {"path": "services.parquet"}
     return metadata
 
 
-def write_catalogue_dataset(folder: Path, version: str = "1", zcdp: bool = False) -> Path:
+def write_catalogue_dataset(folder: Path, version: str = "1", zcdp: bool = False,
+                            empty_department: bool = False) -> Path:
     """The 50-person test dataset with a department column and the catalogue file."""
     frame = events_frame().with_columns(pl.col("service").replace_strict(DEPARTMENT).alias("department"))
-    write_dataset(folder, frame, catalogue_metadata(version, zcdp))
+    write_dataset(folder, frame, catalogue_metadata(version, zcdp, empty_department))
     pl.DataFrame({"service": list(DEPARTMENT), "department": list(DEPARTMENT.values()),
                   "target_hours": [24.0, 48.0, 72.0]}).write_parquet(folder / "services.parquet")
     return folder
