@@ -10,9 +10,12 @@ decision ``derived`` records the sources, how, and the hash of the answer sent, 
 ledger is not touched. The derived answer is not stored: the same sources give the same
 answer again (sources are taken oldest first).
 
-A source is used only if the caller may run its question too (the same policy check,
-objects and epsilon as the caller's own question): a roll-up from services reads the
-service column even when the question names departments.
+A source is used only if the caller may run its question too: the policy check of a query
+of its columns (a roll-up from services reads the service column even when the question
+names departments) at the larger of the caller's epsilon and the source's own (the epsilon
+its answer was released at). A per-query cap is therefore never passed through a derived
+answer: a caller refused the source question on the cached path is refused its derivations
+too. A mean's sum and count are each checked.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def find(db: DbEngine, policies: PolicyStore, caller: Caller, plan: Any, row: An
     parents = derivation.catalogue_parents(registry.metadata_of(row), Path(row.path))
     pairs = spec.aggregate == "mean"  # a mean needs a sum and a count: keep what was read
     read: list[tuple[Release, derivation.StoredRelease]] = []
+    judged: dict[Any, Any] = {}  # each release judged once, however many are read after it
     with Session(reader(db)) as session:
         heads = session.execute(
             select(Release.id, Release.query_hash, Release.canonical_query)
@@ -81,15 +85,19 @@ def find(db: DbEngine, policies: PolicyStore, caller: Caller, plan: Any, row: An
             .order_by(Release.id).limit(MAX_SOURCES)).all()  # type: ignore[arg-type]
         for ident, query_hash, canonical in heads:
             stored = _spec(ident, query_hash, canonical)
+            # Checked at the stated epsilon before reading, then at the released one (an accuracy target's).
             if (stored is None or not derivation.usable(plan, stored, parents)
-                    or not _may_run(policies, caller, row.name, stored, epsilon)):
+                    or not _may_run(policies, caller, row.name, stored, max(epsilon, stored.epsilon or 0.0))):
                 continue
             release = session.get(Release, ident)
             if release is None:
                 continue
-            read.append((release, derivation.StoredRelease(ident, stored, json.loads(release.result_json))))
+            body = json.loads(release.result_json)
+            if not _may_run(policies, caller, row.name, stored, max(epsilon, _released_epsilon(body))):
+                continue
+            read.append((release, derivation.StoredRelease(ident, stored, body)))
             tried = read if pairs else read[-1:]
-            derived = derivation.derive(plan, [r for _, r in tried], parents)
+            derived = derivation.derive(plan, [r for _, r in tried], parents, judged)
             if derived is not None:
                 by_id = {int(r.id or 0): r for r, _ in tried}
                 return Found(derived, tuple(by_id[i] for i in derived.sources))
@@ -156,8 +164,16 @@ def _spec(ident: int, query_hash: str, canonical: str) -> QuerySpec | None:
     return spec
 
 
+def _released_epsilon(body: dict[str, Any]) -> float:
+    """The epsilon a stored answer was released at (its body's ``loss``)."""
+    try:
+        return float(body["loss"]["epsilon"])
+    except (KeyError, TypeError, ValueError):
+        return float("inf")  # no stated loss: only a caller allowed any epsilon may use it
+
+
 def _may_run(policies: PolicyStore, caller: Caller, dataset: str, spec: QuerySpec, epsilon: float) -> bool:
-    """Whether the caller may run the stored question (dataset, then each column it reads)."""
+    """Whether the caller may run the stored question at ``epsilon`` (dataset, then each column it reads)."""
     columns = {spec.column, *(g.partition(":")[0] for g in spec.group_by),
                *(f.column.partition(":")[0] for f in spec.filters)} - {None}
     objects = [f"dataset:{dataset}", *(f"column:{dataset}/{c}" for c in sorted(columns))]  # type: ignore[type-var]

@@ -1,8 +1,9 @@
 """Derived answers through the API (issue 18): free, marked, audited like a cached answer, never stale.
 
 Each test would fail if a derived answer were charged, stored as a release, served without
-its entry, served from another dataset or version, or served for a question that is no
-function of the stored release (then it must be charged as usual).
+its entry, served from another dataset or version, served for a question that is no
+function of the stored release (then it must be charged as usual), or served from a
+release the caller's per-query cap would not let them ask.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from civicdp.server.state.db import session_scope
 from civicdp.server.state.models import Release
 from tests.queries.derivation_data import DEPARTMENT, write_catalogue_dataset
 from tests.server.api_fixtures import (  # noqa: F401
-    ANALYST, DATASET, STEWARD, Api, api, assert_charged,
+    ANALYST, DATASET, OTHER_ANALYST, STEWARD, Api, api, assert_charged,
 )
 
 BY_SERVICE = {"dataset": DATASET, "aggregate": "count", "group_by": ["service", "channel"], "epsilon": 0.5}
@@ -159,3 +160,53 @@ def test_an_altered_source_is_not_served_and_nothing_is_charged(api: Api) -> Non
     assert response.status_code == 503 and "integrity" in response.text
     assert api.spent_micro(ANALYST) == before
     assert api.records("query.run")[-1].decision == "refused"
+
+
+def _raise_cap_of(api: Api, account: str, epsilon: float) -> None:
+    """Let ``account`` (only) ask public columns of the dataset at up to ``epsilon`` per query (and 5 a month)."""
+    api.set_cap("analyst", account, 5.0)
+    api.state.policies.allow(f"account:{account}", "*", "colset:*/public", "query.run", epsilon)
+    api.state.policies.allow(f"account:{account}", "*", "dataset:*", "query.run", epsilon)
+
+
+def test_a_release_above_the_callers_cap_is_not_derived_from(api: Api) -> None:
+    """The review's repro: ana-transport (cap 0.5) is refused ana-health's epsilon-1.0 release on the cached
+    path, so must not get a roll-up of it free either (asking at 0.1 must not let it qualify)."""
+    _raise_cap_of(api, ANALYST, 2.0)
+    source = _ok(api.query(ANALYST, {**BY_SERVICE, "epsilon": 1.0}))
+    assert api.query(OTHER_ANALYST, {**BY_SERVICE, "epsilon": 1.0}).status_code == 403
+    assert _ok(api.query(ANALYST, BY_DEPARTMENT))["derived"]["from"] == [source["release_id"]]  # ana-health may
+    before = api.spent_micro(OTHER_ANALYST)
+    estimate = _ok(api.post(OTHER_ANALYST, "/v1/queries/estimate", json=BY_DEPARTMENT))
+    assert estimate["derived"] is None
+    answer = _ok(api.query(OTHER_ANALYST, BY_DEPARTMENT))
+    assert answer["derived"] is None
+    assert_charged(api, OTHER_ANALYST, before, answer)
+
+
+def test_a_release_within_the_callers_cap_is_derived_from_for_another_analyst(api: Api) -> None:
+    source = _ok(api.query(ANALYST, BY_SERVICE))  # at 0.5: both analysts' cap
+    before = api.spent_micro(OTHER_ANALYST)
+    answer = _ok(api.query(OTHER_ANALYST, BY_DEPARTMENT))
+    assert answer["derived"]["from"] == [source["release_id"]] and api.spent_micro(OTHER_ANALYST) == before
+
+
+def test_a_source_released_for_an_accuracy_target_is_checked_at_its_released_epsilon(api: Api) -> None:
+    _raise_cap_of(api, ANALYST, 2.0)
+    target = {key: value for key, value in BY_SERVICE.items() if key != "epsilon"}
+    source = _ok(api.query(ANALYST, {**target, "accuracy": 10}))
+    assert 0.5 < source["loss"]["epsilon"] < 2.0  # the spec states no epsilon: its body's loss is above the cap
+    assert _ok(api.query(ANALYST, BY_DEPARTMENT))["derived"]["from"] == [source["release_id"]]
+    assert _ok(api.query(OTHER_ANALYST, BY_DEPARTMENT))["derived"] is None
+
+
+def test_a_mean_needs_both_sources_within_the_callers_cap(api: Api) -> None:
+    _raise_cap_of(api, ANALYST, 2.0)
+    wait = {"dataset": DATASET, "column": "waiting_minutes", "group_by": ["service"]}
+    _ok(api.query(ANALYST, {**wait, "aggregate": "sum", "epsilon": 1.0}))
+    count = _ok(api.query(ANALYST, {**wait, "aggregate": "count", "epsilon": 0.5}))
+    mean = {**wait, "aggregate": "mean", "epsilon": 0.1}
+    assert _ok(api.query(ANALYST, mean))["derived"] is not None  # derivable for the analyst allowed both
+    answer = _ok(api.query(OTHER_ANALYST, mean))
+    assert answer["derived"] is None  # the sum is above the cap, though the count is not
+    assert count["release_id"] > 0
