@@ -5,6 +5,7 @@ and a failed audit-log integrity check shown as a console page, not JSON or a 50
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from sqlmodel import Session, select
 from civicdp.server.state.feed_models import FeedRelease
 from civicdp.server.state.models import Account, ApiKey
 from tests.server.api_fixtures import ANALYST, DATASET, OVERSIGHT, STEWARD, Api, api, dataset_folder  # noqa: F401
-from tests.server.http.console.console_fixtures import csrf_of, sign_in
+from tests.server.http.console.console_fixtures import browser_of, csrf_of, sign_in
 
 FEED_NAME = "console-weekly"
 
@@ -147,9 +148,9 @@ def _delete_a_read_entry(api: Api) -> None:
     assert api.get(OVERSIGHT, "/v1/audit/checkpoint").status_code == 503  # the alarm is raised
 
 
-@pytest.mark.parametrize("who, method, path", [(STEWARD, "GET", "/console/steward"),
-                                               (OVERSIGHT, "GET", "/console/audit"),
-                                               (STEWARD, "POST", "/console/steward/cap")])
+@pytest.mark.parametrize("who, method, path", [
+    (STEWARD, "GET", "/console/steward"), (OVERSIGHT, "GET", "/console/audit"), (ANALYST, "GET", "/console/analyst"),
+    (STEWARD, "POST", "/console/steward/cap")])
 def test_a_failed_integrity_check_is_a_console_page_saying_why(api: Api, who: str, method: str, path: str) -> None:
     client = sign_in(api, who)
     form: dict[str, Any] = {"csrf": csrf_of(client), "dataset": DATASET, "scope": "agency", "subject": "health",
@@ -161,3 +162,13 @@ def test_a_failed_integrity_check_is_a_console_page_saying_why(api: Api, who: st
     assert 'id="refusal"' in answer.text and "the audit log failed its integrity check" in answer.text
     assert "no longer stored" in answer.text
     assert api.records("budget.set_cap") == []
+
+
+def test_signing_in_while_the_log_is_failed_is_the_same_page(api: Api) -> None:
+    _delete_a_read_entry(api)
+    client = browser_of(api)
+    pre = re.search(r'name="pre" value="([^"]+)"', client.get("/console/sign-in").text)
+    assert pre is not None
+    answer = client.post("/console/session", data={"key": api.keys[ANALYST], "pre": pre[1]})
+    assert answer.status_code == 503 and "the audit log failed its integrity check" in answer.text
+    assert not any(k == "set-cookie" and v.startswith("civicdp_console=") for k, v in answer.headers.multi_items())
