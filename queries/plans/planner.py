@@ -127,7 +127,7 @@ def _context(index: int, part: PlanPart, bound: int, metadata: DatasetMetadata, 
         query = query.model_copy(update={"confidence": part.accuracy.confidence})
     try:
         ctx = resolve(query, metadata, dataset_dir, limits)
-        KINDS[query.aggregate].check(ctx) if query.aggregate != "mean" else KINDS["sum"].check(ctx)
+        KINDS[query.aggregate].check(ctx)
         if part.accuracy is not None:
             targets.needs(ctx, part.accuracy)
     except QueryError as exc:

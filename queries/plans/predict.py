@@ -38,14 +38,12 @@ def predicted(part: PartPlan, group: Group) -> dict[str, Any]:
     else:
         out = {**KINDS[ctx.spec.aggregate].predicted(group.plan.context, calibration), "confidence": confidence}
     if target is not None:
-        out["target_met"] = _meets(out, target)
+        out["target_met"] = _meets(out, target, part)
     return out
 
 
-def _meets(out: dict[str, Any], target: Any) -> bool:
+def _meets(out: dict[str, Any], target: Any, part: PartPlan) -> bool:
     if target.rank_half_width is not None:
         return all(v <= target.rank_half_width * (1 + 1e-9) for v in out["rank_half_width"].values())
-    wanted = target.half_width if target.half_width is not None else None
-    if wanted is None:  # a relative mean target: the planner converted it
-        return bool(out.get("half_width", float("inf")) < float("inf"))
+    wanted = target.half_width if target.relative is None else targets.mean_target(part.context, target)
     return bool(out.get("half_width", float("inf")) <= wanted * (1 + 1e-9))
