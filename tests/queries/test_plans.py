@@ -146,14 +146,15 @@ def test_targets_are_met_at_their_confidence(demo: Path) -> None:
     """200 releases with noise on. Counts are calibrated to miss 5% of cells: the bound
     [0.93, 0.975] over 200 x (channels 5, services 300) cells fails with probability below
     0.1% per run (binomial), and fails if the noise is removed or halved (rate ~100%).
-    Means, quantiles and roll-ups are conservative: at least 0.95, flake rate below 0.1%."""
+    Means, quantiles and roll-ups are conservative (union bounds, worst-case locations; 99-100%
+    observed at scale S, docs/benchmarks.md W8): held to 0.93, a flake rate far below 0.1%."""
     from bench.plans import met_rates  # noqa: PLC0415 - the benchmark's own judge of releases
 
     rates = met_rates(plan(demo), 200)
     for name in ("by_service", "by_channel"):
         assert 0.93 <= rates[name] <= 0.975, (name, rates[name])
     for name in ("by_department", "duration", "median", "p90"):
-        assert rates[name] >= 0.95, (name, rates[name])
+        assert rates[name] >= 0.93, (name, rates[name])
 
 
 def test_a_zcdp_dataset_is_planned_in_rho(demo: Path, tmp_path: Path) -> None:
