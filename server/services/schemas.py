@@ -54,7 +54,8 @@ class SharePublished(BaseModel):
     kind: Literal["dropped_keys", "undeclared_nulls", "clipped", "open_cases"]
     table: str
     column: str | None
-    share: float = Field(description="Share of the table's rows it touches")
+    share: float = Field(description="Share of the table's rows it touches, to the whole percent; 0.01 stands "
+                                      "for anything up to 1%")
     accepted: bool = Field(description="Accepted at registration instead of fixed")
 
 

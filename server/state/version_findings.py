@@ -71,10 +71,18 @@ def of_version(session: Session, dataset: str, version: str, path: str | None = 
 def published(session: Session, dataset: str, version: str) -> list[dict[str, object]] | None:
     """The shares analysts may see for a version: only if its steward published them (else None).
 
-    An analyst sees the share of each finding and whether it was accepted, rounded to 0.1 %."""
+    An analyst sees the share of each finding and whether it was accepted, to the whole percent."""
     row = of_version(session, dataset, version)
     if row is None or not row.published:
         return None
-    # Rounded to 0.1 %: the steward publishes a share, not an exact count of rows.
-    return [{"kind": f["kind"], "table": f["table"], "column": f["column"], "share": round(float(f["share"]), 3),
+    return [{"kind": f["kind"], "table": f["table"], "column": f["column"], "share": published_share(float(f["share"])),
              "accepted": f["kind"] in row.accepted} for f in row.findings]
+
+
+def published_share(share: float) -> float:
+    """A share to the whole percent, anything up to 1 % shown as 0.01.
+
+    The steward publishes a share, not a count of rows: finer steps (0.1 %) would tell a
+    single row apart in a table of a few thousand rows; at 1 % one row of a table of
+    more than 100 rows is not told apart from none."""
+    return max(0.01, round(share, 2))

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pytest
 
 from civicdp.server.state.models import Dataset
+from civicdp.server.state import version_findings
 from civicdp.server.state.version_findings import DatasetFindings
 from tests.conftest import base_metadata, events_frame, write_dataset
 from tests.server.api_fixtures import ANALYST, OVERSIGHT, STEWARD, Api, api, dataset_folder  # noqa: F401 - fixtures
@@ -80,8 +82,15 @@ def test_published_shares_are_shown_to_analysts_rounded_without_counts(api: Api,
     assert answer.status_code == 201, answer.text
     shown = api.get(ANALYST, f"/v1/datasets/{NAME}").json()["accepted_shares"]
     assert {"kind": "dropped_keys", "table": "events", "column": "channel",
-            "share": round(_outside(frame) / frame.height, 3), "accepted": True} in shown
+            "share": max(0.01, round(_outside(frame) / frame.height, 2)), "accepted": True} in shown
     assert all("rows" not in s and "total" not in s for s in shown)
+
+
+@pytest.mark.parametrize(("rows", "of", "shown"), [(1, 400, 0.01), (0, 400, 0.01), (3, 400, 0.01), (40, 400, 0.1),
+                                                    (479, 1000, 0.48)])
+def test_a_published_share_does_not_tell_one_row_apart(rows: int, of: int, shown: float) -> None:
+    assert version_findings.published_share(rows / of) == shown
+    assert version_findings.published_share(1 / 400) == version_findings.published_share(2 / 400)
 
 
 def test_clipped_values_and_open_cases_register_with_warnings(api: Api, tmp_path: Path) -> None:  # noqa: F811
