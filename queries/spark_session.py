@@ -12,12 +12,15 @@ Whatever is configured, three settings are fixed because answers depend on them:
 SQL (a cast that cannot succeed is refused at planning, and ``try_cast`` gives null
 instead of a made-up value), the UTC session time zone (hours and days of timestamps
 are the same as the Polars backend's), and no web UI unless asked for (it would show
-query plans with the literal values of filters to anyone on the port).
+query plans with the literal values of filters to anyone on the port). A local master's
+Python workers run this process's interpreter (``PYSPARK_PYTHON``), unless set: the
+workers hash rows with Polars and Arrow, which the first ``python3`` on PATH may lack.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -89,6 +92,8 @@ def session() -> Any:
 def _build(where: str, conf: dict[str, str]) -> Any:
     from pyspark.sql import SparkSession  # imported here: servers without Spark datasets never load it
 
+    if where.startswith("local") and not os.environ.get("PYSPARK_PYTHON"):
+        os.environ["PYSPARK_PYTHON"] = sys.executable  # read by the context when it starts its workers
     builder = SparkSession.builder.appName("civicdp")
     builder = builder.remote(where) if where.startswith("sc://") else builder.master(where)
     for key, value in conf.items():
