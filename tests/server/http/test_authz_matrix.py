@@ -84,6 +84,14 @@ EXPECTED_TABLE: dict[str, tuple[int, int, int, int, int, int]] = {
     "POST /v1/datasets":                                  (201,    403,        403,           403,       403,  401),
     "GET /v1/datasets/{name}/preparation":                (200,    403,        403,           403,       403,  401),
     "GET /v1/datasets/{name}/findings":                   (200,    403,        403,           403,       403,  401),
+    # Plans are analysts' questions, each part checked as the query it is. A stored plan is its agency's: outside
+    # it (ana-transport; steward and oversight, whose accounts are another agency's) no plan has that id (404); health's
+    # feed consumer is refused the plan's queries (403).
+    "POST /v1/plans [shared]":                            (403,    200,        200,           403,       403,  401),
+    "POST /v1/plans [health-only]":                       (403,    200,        403,           403,       403,  401),
+    "POST /v1/plans [transport-only]":                    (403,    403,        200,           403,       403,  401),
+    "GET /v1/plans/{plan_id}":                            (404,    200,        404,           404,       403,  401),
+    "POST /v1/plans/{plan_id}/run":                       (404,    200,        404,           404,       403,  401),
     "GET /v1/audit/entries":                              (403,    403,        403,           200,       403,  401),
     "GET /v1/audit/ledger":                               (403,    403,        403,           200,       403,  401),
     "GET /v1/audit/checkpoint":                           (403,    403,        403,           200,       403,  401),
@@ -138,6 +146,7 @@ class Matrix:
     api: Api
     releases: dict[str, int]
     folder: Path
+    plan: str  # a plan of health's analyst on the shared dataset
 
 
 def _register_for_one_agency(api: Api, folder: Path, agency: str) -> None:
@@ -173,10 +182,18 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
         # A monitor of health's, which health's analyst follows.
         _new_monitor(api, MONITOR_NAME)
         assert api.post(ANALYST, f"/v1/monitors/{MONITOR_NAME}/subscriptions", json={}).status_code == 201
-        yield Matrix(api, releases, folder)
+        created = api.post(ANALYST, "/v1/plans", json=_plan(SHARED))
+        assert created.status_code == 200, created.text
+        yield Matrix(api, releases, folder, created.json()["id"])
 
 
 MONITOR_NAME = "matrix-monitor"
+
+
+def _plan(dataset: str) -> dict[str, Any]:
+    return {"dataset": dataset, "contributions": 5,
+            "parts": [{"name": "by_service", "aggregate": "count", "group_by": ["service"],
+                       "accuracy": {"half_width": 2000}}]}
 
 
 def _monitor_spec(name: str) -> dict[str, Any]:
@@ -294,6 +311,9 @@ REQUESTS: dict[str, Callable[[Matrix], Request]] = {
     "POST /v1/feeds [a column sensitive for consumers]": lambda m: _sensitive_feed(m),
     "PUT /v1/datasets/{name}/columns/{column}/class": lambda m: ("PUT", f"/v1/datasets/{SHARED}/columns/remark/class",
                                                                  {"json": {"class": "public"}}),
+    **{f"POST /v1/plans [{d}]": lambda m, d=d: ("POST", "/v1/plans", {"json": _plan(DATASETS[d])}) for d in DATASETS},
+    "GET /v1/plans/{plan_id}": lambda m: ("GET", f"/v1/plans/{m.plan}", {}),
+    "POST /v1/plans/{plan_id}/run": lambda m: ("POST", f"/v1/plans/{m.plan}/run", {}),
 }
 assert set(REQUESTS) == set(EXPECTED_TABLE), set(REQUESTS) ^ set(EXPECTED_TABLE)
 
