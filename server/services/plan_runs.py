@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, select
 
 from civicdp.policies.actions import Action
 from civicdp.privacy.loss import compose
@@ -109,6 +109,15 @@ def _charge(service: PlanService, caller: Caller, planned: WorkloadPlan, row: An
     return claimed
 
 
+def _stored_meanwhile(session: Session, row: Any, question_hash: str) -> Release | None:
+    """The release of a group stored by another run (of another plan sharing it) after this one was charged.
+
+    Storing ours would break the release's uniqueness and roll back every group of this run, whose
+    charge stays: the run answers with the stored release instead (this run paid for it too)."""
+    return session.exec(select(Release).where(Release.dataset == row.name, Release.dataset_version == row.version,
+                                              Release.query_hash == question_hash)).first()
+
+
 def _compute(service: PlanService, caller: Caller, planned: WorkloadPlan, row: Any, fresh: list[int],
              claimed: computations.Claim, run_hash: str) -> dict[int, tuple[int, str]]:
     """Read the data for each fresh group and store its release; on any failure the charge stays."""
@@ -126,6 +135,11 @@ def _compute(service: PlanService, caller: Caller, planned: WorkloadPlan, row: A
         with session_scope(service.db) as session:
             for i, body in bodies.items():
                 group = planned.groups[i]
+                stored = _stored_meanwhile(session, row, group.question_hash)
+                if stored is not None:  # another plan's run released this group since ours looked: keep theirs
+                    releases[i] = (int(stored.id or 0), stored.result_json)
+                    first = first if i != fresh[0] else stored
+                    continue
                 document = canonical_json(body)
                 release = Release(dataset=row.name, dataset_version=row.version, query_hash=group.question_hash,
                                   canonical_query=group.question,

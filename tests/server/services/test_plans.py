@@ -150,3 +150,35 @@ def test_plans_are_authorised_part_by_part_and_kept_to_their_agency(api: Api) ->
     with Session(api.state.db) as session:
         assert session.exec(select(Release)).first() is None
         assert session.exec(select(AuditEntry).where(AuditEntry.action == "plan.create")).first() is not None
+
+
+def test_a_group_released_meanwhile_by_another_plan_does_not_lose_the_run(api: Api, monkeypatch: Any) -> None:
+    """Two plans share a group; the other plan's run charges and stores it after this run was charged and
+    before it stored its own. This run still answers every part, stores its other groups (a later run is
+    free) and keeps the one release of the shared group."""
+    from civicdp.server.services import plan_runs
+
+    by_channel = {"name": "by_channel", "aggregate": "count", "group_by": ["channel"], "accuracy": {"half_width": 40}}
+    by_service = {"name": "by_service", "aggregate": "count", "group_by": ["service"], "accuracy": {"half_width": 40}}
+    mine = api.post(ANALYST, "/v1/plans", json={"dataset": DATASET, "parts": [by_channel, by_service]}).json()
+    theirs = api.post(OTHER_ANALYST, "/v1/plans", json={"dataset": DATASET, "parts": [by_channel]}).json()
+    original = plan_runs._compute
+    interleaved: list[Any] = []
+
+    def compute_after_theirs(*args: Any) -> Any:
+        if not interleaved:  # mine is charged: theirs runs to the end before mine reads (theirs calls this too)
+            interleaved.append(None)
+            interleaved[0] = api.post(OTHER_ANALYST, f"/v1/plans/{theirs['id']}/run")
+        return original(*args)
+
+    monkeypatch.setattr(plan_runs, "_compute", compute_after_theirs)
+    answer = api.post(ANALYST, f"/v1/plans/{mine['id']}/run")
+    assert interleaved[0].status_code == 200, interleaved[0].text
+    assert answer.status_code == 200, answer.text
+    parts = {p["name"]: p for p in answer.json()["parts"]}
+    assert set(parts) == {"by_channel", "by_service"}
+    assert parts["by_channel"]["release_id"] == interleaved[0].json()["parts"][0]["release_id"]  # the one release
+    monkeypatch.setattr(plan_runs, "_compute", original)
+    spent = api.spent_micro(ANALYST)["analyst"]
+    again = api.post(ANALYST, f"/v1/plans/{mine['id']}/run")
+    assert again.status_code == 200 and api.spent_micro(ANALYST)["analyst"] == spent  # every group stored: free
