@@ -38,6 +38,10 @@ DONE = {
     "role_revoked": "Role revoked (recorded in the audit log).",
     "account_created": "Account created (recorded in the audit log). Grant it a role and issue it a key below.",
     "feed_released": "Feed release produced and signed (recorded in the audit log).",
+    "rule_added": "Policy rule added (recorded in the audit log as policy.add).",
+    "feed_defined": "Feed defined (recorded in the audit log as feed.define).",
+    "monitor_defined": "Monitor defined; its whole horizon's loss is charged (recorded in the audit log).",
+    "monitor_stopped": "Monitor stopped (recorded in the audit log).",
 }
 
 
@@ -63,10 +67,11 @@ def overview(request: Request, state: StateDep, session: ReadSession, signed: Si
                 datasets=datasets_api.list_datasets(caller, state, session), versions=_versions(state, session, signed),
                 accounts=admin_api.list_accounts(caller, state, session), keys=_keys(state, session, signed),
                 caps=budgets_api.list_caps(caller, state, session), feeds=feeds_api.overview(caller, state),
-                monitors=monitors_api.list_monitors(caller, state), role_names=[r.value for r in Role])
+                monitors=monitors_api.list_monitors(caller, state), role_names=[r.value for r in Role],
+                action_names=[a.value for a in Action])
 
 
-def _done(code: str) -> RedirectResponse:
+def redirect_done(code: str) -> RedirectResponse:
     return RedirectResponse(f"/console/steward?{urlencode({'done': code})}", status_code=303)
 
 
@@ -75,14 +80,14 @@ def set_cap(state: StateDep, session: WriteSession, signed: SignedDep, form: For
     body = BudgetCapSet(dataset=form.get("dataset", ""), scope=form.get("scope", ""),
                         subject=form.get("subject") or "*", epsilon=form.get("epsilon", ""))  # type: ignore[arg-type]
     budgets_api.set_cap(body, signed.caller, state, session)
-    return _done("cap_set")
+    return redirect_done("cap_set")
 
 
 @router.post("/keys/revoke")
 def revoke_key(state: StateDep, session: WriteSession, signed: SignedDep, form: FormDep) -> RedirectResponse:
     prefix = form.get("prefix", "")[:32]
     admin_api.revoke_key(prefix, signed.caller, state, session)
-    return _done("key_revoked")
+    return redirect_done("key_revoked")
 
 
 @router.post("/roles/grant")
@@ -90,7 +95,7 @@ def grant_role(state: StateDep, session: WriteSession, signed: SignedDep, form: 
     name = form.get("account", "")[:100]
     grant = RoleGrant(role=form.get("role", ""), agency=form.get("agency", ""))  # type: ignore[arg-type]
     admin_api.grant_role(name, grant, signed.caller, state, session)
-    return _done("role_granted")
+    return redirect_done("role_granted")
 
 
 @router.post("/roles/revoke")
@@ -98,14 +103,14 @@ def revoke_role(state: StateDep, session: WriteSession, signed: SignedDep, form:
     name, agency = form.get("account", "")[:100], form.get("agency", "")[:100]
     role = RoleGrant(role=form.get("role", ""), agency=agency or "*").role  # type: ignore[arg-type]
     admin_api.revoke_role(name, role, agency, signed.caller, state, session)
-    return _done("role_revoked")
+    return redirect_done("role_revoked")
 
 
 @router.post("/accounts")
 def create_account(state: StateDep, session: WriteSession, signed: SignedDep, form: FormDep) -> RedirectResponse:
     body = AccountCreate(name=form.get("name", ""), agency=form.get("agency", ""))
     admin_api.create_account(body, signed.caller, state, session)
-    return _done("account_created")
+    return redirect_done("account_created")
 
 
 @router.post("/keys", response_class=HTMLResponse)
@@ -121,4 +126,4 @@ def issue_key(request: Request, state: StateDep, session: WriteSession, signed: 
 @router.post("/feeds/release")
 def release_feed(state: StateDep, signed: SignedDep, form: FormDep) -> RedirectResponse:
     feeds_api.trigger(form.get("name", "")[:100], signed.caller, state)
-    return _done("feed_released")
+    return redirect_done("feed_released")
