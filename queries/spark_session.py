@@ -104,6 +104,15 @@ def _build(where: str, conf: dict[str, str]) -> Any:
     return spark
 
 
+def stop() -> None:
+    """Stop the process's session, if any; readiness then reports none (the next use starts one afresh)."""
+    global _session, _status
+    with _lock:
+        if _session is not None:
+            _session.stop()
+        _session, _status = None, SessionStatus()
+
+
 def status() -> dict[str, Any]:
     """The session's state for readiness: not started yet, started (and how long that took), or failed."""
     return _status.as_dict()

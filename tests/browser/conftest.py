@@ -144,7 +144,7 @@ def stop_live_server(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     """One demo server for the whole session (tests that change its state must say so, or start
     their own with :func:`start_live_server`)."""
@@ -155,7 +155,7 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer
         stop_live_server(process)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
     """Debian's chromium, headless, shared by every browser test of the session."""
     if not CHROMIUM.exists():

@@ -1,4 +1,4 @@
-"""One Spark session (local[2]) for every Spark test of the run, and the data they share.
+"""One Spark session (local[2]) for the Spark tests, stopped after them, and the data they share.
 
 Spark starts in ~10-20 s and each job costs a second or more, so the tests use small data,
 ask for many aggregates per job, and share datasets across modules (session-scoped).
@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.filterwarnings("ignore::ResourceWarning"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def spark() -> Iterator[Any]:
     """The process's Spark session (the one the server's Spark backend uses too), local[2]."""
     from civicdp.queries import spark_session
@@ -35,6 +35,7 @@ def spark() -> Iterator[Any]:
     os.environ["CIVICDP_SPARK_CONF"] = "spark.sql.shuffle.partitions=2;spark.default.parallelism=2"
     os.environ.pop("CIVICDP_SPARK_REMOTE", None)
     yield spark_session.session()
+    spark_session.stop()  # the session is the process's: later tests' servers have no Spark dataset
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -42,7 +43,7 @@ def spark() -> Iterator[Any]:
             os.environ[key] = value
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def spark_backend(spark: Any) -> SparkBackend:
     return SparkBackend(spark)
 
